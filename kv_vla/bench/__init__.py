@@ -1,0 +1,1 @@
+"""bench room of kv_vla (see docs/CONTRACTS.md)."""

@@ -1,0 +1,1 @@
+"""eval room of kv_vla (see docs/CONTRACTS.md)."""

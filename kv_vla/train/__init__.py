@@ -1,0 +1,1 @@
+"""train room of kv_vla (see docs/CONTRACTS.md)."""
