@@ -1,0 +1,204 @@
+"""Asymmetric group-wise integer quantisation of KV tensors (KIVI / ZipCache style).
+
+Keys have a few channels with large outliers that persist across tokens, so they are quantised
+*per channel*: each group holds ``group_size`` consecutive tokens of one channel and gets its own
+scale and zero point. Values have no such channel structure and are multiplied by attention
+weights token by token, so they are quantised *per token*: each group holds ``group_size``
+consecutive channels of one token (KIVI, Liu et al. 2024; ZipCache, He et al. 2024).
+
+Scales and zero points are stored in a 16-bit float (``float16`` by default). They are rounded
+*outwards* (zero down, scale up) before the codes are computed, so the stored grid still covers
+the group's ``[min, max]`` and the reconstruction error stays within half a (stored) step:
+``|x - dequantize(q)| <= scale / 2`` where ``scale ~= (max - min) / (2**bits - 1)``.
+
+A group that does not fill up (the token or channel count is not a multiple of ``group_size``) is
+padded by repeating its last element, which leaves its min and max unchanged; the padded codes are
+stored and therefore counted in :attr:`QuantizedTensor.nbytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kv_vla.cache.quant.packing import SUPPORTED_BITS, pack_codes, unpack_codes
+
+KEY_AXIS = -2  # keys [..., tokens, channels]: groups run along the token axis, one per channel
+VALUE_AXIS = -1  # values [..., tokens, channels]: groups run along the channel axis, one per token
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor stored as packed integer codes plus per-group scales and zero points.
+
+    ``data`` holds the packed codes of the grouped layout ``[*rest, n_groups, group_size]`` where
+    ``rest`` is the original shape without ``axis`` (the axis that groups run along).
+    """
+
+    data: torch.Tensor  # uint8, flat, packed codes
+    scale: torch.Tensor  # [*rest, n_groups, 1], scale_dtype
+    zero: torch.Tensor  # [*rest, n_groups, 1], scale_dtype
+    shape: tuple[int, ...]  # original shape
+    dtype: torch.dtype  # original dtype, restored by dequantize
+    bits: int
+    group_size: int
+    axis: int  # negative axis that groups run along
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held: packed codes (incl. padding) plus scales and zero points."""
+        return (
+            self.data.numel() * self.data.element_size()
+            + self.scale.numel() * self.scale.element_size()
+            + self.zero.numel() * self.zero.element_size()
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        """A copy on ``device`` (the codes are not touched)."""
+        return QuantizedTensor(
+            self.data.to(device),
+            self.scale.to(device),
+            self.zero.to(device),
+            self.shape,
+            self.dtype,
+            self.bits,
+            self.group_size,
+            self.axis,
+        )
+
+
+def _step_16bit(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """The neighbouring representable value of a finite float16/bfloat16 tensor (up or down)."""
+    bits = x.view(torch.int16).to(torch.int32)
+    negative = bits < 0  # sign bit set (the magnitude lives in the low 15 bits)
+    is_zero = (bits & 0x7FFF) == 0
+    toward_larger_magnitude = negative ^ up
+    stepped = torch.where(toward_larger_magnitude, bits + 1, bits - 1)
+    # +-0 has no smaller magnitude: the next value is the smallest subnormal of the requested sign.
+    smallest = torch.full_like(bits, 1 if up else -32767)  # int16 view of +min / -min subnormal
+    stepped = torch.where(is_zero, smallest, stepped)
+    return stepped.to(torch.int16).view(x.dtype)
+
+
+def _round_outward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """``x`` (float32) in ``dtype``, rounded so the result is ``>= x`` (up) or ``<= x`` (down)."""
+    y = x.to(dtype)
+    if dtype == torch.float32:
+        return y
+    wrong = y.float() < x if up else y.float() > x
+    return torch.where(wrong, _step_16bit(y, up), y)
+
+
+def _grouped(x: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
+    """``x`` with ``axis`` moved last, padded by edge repetition and split into groups."""
+    moved = x.movedim(axis, -1)
+    n = moved.shape[-1]
+    pad = (-n) % group_size
+    if pad:
+        moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], dim=-1)
+    return moved.reshape(*moved.shape[:-1], -1, group_size)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    axis: int,
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedTensor:
+    """Asymmetric ``bits``-bit quantisation with groups of ``group_size`` along ``axis``.
+
+    Computation runs in float32 whatever the input dtype (float32, bfloat16, float16).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if x.dim() == 0:
+        raise ValueError("cannot quantise a scalar")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating tensor, got {x.dtype}")
+    axis = axis if axis < 0 else axis - x.dim()
+    if not -x.dim() <= axis < 0:
+        raise ValueError(f"axis {axis} out of range for a {x.dim()}-d tensor")
+    levels = (1 << bits) - 1
+    g = _grouped(x.float(), group_size, axis)
+    lo = g.amin(dim=-1, keepdim=True)
+    hi = g.amax(dim=-1, keepdim=True)
+    zero = _round_outward(lo, scale_dtype, up=False)
+    scale = _round_outward((hi - zero.float()) / levels, scale_dtype, up=True)
+    s = scale.float()
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.round((g - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
+    return QuantizedTensor(
+        data=pack_codes(codes, bits),
+        scale=scale,
+        zero=zero,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        bits=bits,
+        group_size=group_size,
+        axis=axis,
+    )
+
+
+def quantize_keys(
+    k: torch.Tensor, bits: int, group_size: int = 32, scale_dtype: torch.dtype = torch.float16
+) -> QuantizedTensor:
+    """Per-channel key quantisation: ``k`` is ``[..., tokens, channels]``; groups span tokens."""
+    return quantize(k, bits, group_size, KEY_AXIS, scale_dtype)
+
+
+def quantize_values(
+    v: torch.Tensor, bits: int, group_size: int = 32, scale_dtype: torch.dtype = torch.float16
+) -> QuantizedTensor:
+    """Per-token value quantisation: ``v`` is ``[..., tokens, channels]``; groups span channels."""
+    return quantize(v, bits, group_size, VALUE_AXIS, scale_dtype)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reconstruct the tensor (in ``dtype``, default its original dtype) from its codes."""
+    moved_shape = list(q.shape)
+    n = moved_shape.pop(q.axis)
+    moved_shape.append(n)
+    n_groups = q.scale.shape[-2]
+    grouped_shape = (*moved_shape[:-1], n_groups, q.group_size)
+    numel = 1
+    for s in grouped_shape:
+        numel *= s
+    codes = unpack_codes(q.data, q.bits, numel).reshape(grouped_shape)
+    x = codes.float() * q.scale.float() + q.zero.float()
+    x = x.reshape(*moved_shape[:-1], n_groups * q.group_size)[..., :n]
+    return x.movedim(-1, q.axis).to(dtype or q.dtype)
+
+
+def quantized_nbytes(
+    shape: tuple[int, ...],
+    bits: int,
+    group_size: int,
+    axis: int,
+    scale_dtype: torch.dtype = torch.float16,
+) -> int:
+    """Bytes :func:`quantize` would hold for a tensor of ``shape``, without quantising it."""
+    from kv_vla.cache.quant.packing import packed_numel
+
+    dims = list(shape)
+    n = dims.pop(axis)
+    n_groups = -(-n // group_size)
+    rest = 1
+    for s in dims:
+        rest *= s
+    scale_bytes = torch.empty((), dtype=scale_dtype).element_size()
+    return packed_numel(rest * n_groups * group_size, bits) + 2 * rest * n_groups * scale_bytes
