@@ -1,0 +1,455 @@
+"""The chunked episode KV cache: a ``transformers.Cache`` that lives for a whole control episode.
+
+Semantics (see DESIGN.md, "Cache semantics that must hold"):
+
+* Keys are cached already rotated. Evicting a token just drops its column; survivors keep their
+  original positions and new tokens continue the episode's position counter, so
+  ``get_seq_length()`` is the number of tokens *seen* in the episode (HF derives new position ids
+  from it), while ``get_mask_sizes`` reports ``kv_length = kept + new`` with
+  ``kv_offset = seen - kept``: every kept token then lies before the first query (all visible) and
+  the new block stays causal within itself.
+* Tokens are grouped into chunks of ``chunk_size`` consecutive positions, counted from the end of
+  the pinned prefix plus the sink tokens. The prefix (``pin_prefix``), the sinks, the
+  ``recent_chunks`` newest complete chunks and the open (incomplete) chunk are never evicted.
+* Decisions are shared by all layers (one chunk timeline) and causal: they only look at complete
+  chunks. A forward that completes a chunk leaves a *pending* decision, applied at the next access
+  that depends on it: the start of the next forward (``get_mask_sizes`` / the first layer's
+  ``update``), ``stats()``, ``kept_positions()`` or an explicit ``maybe_evict()`` (which the
+  runtime calls after each step to free memory at once). Deciding lazily, rather than inside the
+  last layer's ``update``, lets the decision use everything the completing forward produced,
+  including the last layer's attention probe, and never changes tensors a running forward holds.
+* ``max_tokens`` is a hard budget on kept tokens between forward calls (a forward's own new block
+  is held while it runs).
+
+Storage: per layer, ``keys``/``values`` tensors ``[B, H, kept, D]`` in position order plus one
+shared index of the kept positions; eviction is an ``index_select`` of the kept columns. Per-chunk
+metadata (:class:`Chunk`) carries ``precision`` so that a low-precision store can later swap how a
+chunk's columns are held by subclassing :class:`EpisodeLayer` (``layer_cls``) and reporting its
+packed bytes through :meth:`EpisodeLayer.nbytes`.
+
+Limits: batches must not be padded (a 2-D attention mask must be all ones), and sliding-window
+attention layers are refused (their mask is built from logical indices, wrong once chunks are gone).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kv_vla.cache import probe
+from kv_vla.cache.chunks import CacheStats, Chunk
+from kv_vla.cache.config import EpisodeCacheConfig
+from kv_vla.cache.policies import POLICIES, ChunkPolicy, GatedPolicy, PolicyContext
+from kv_vla.cache.summary import chunk_summary, layer_summary
+
+
+class EpisodeLayer(CacheLayerMixin):
+    """One layer's kept keys and values, ``[B, H, kept, D]`` in episode-position order.
+
+    All bookkeeping (positions, chunks, decisions) lives in the owning :class:`EpisodeCache`; a
+    layer only stores, appends, selects and reports bytes, which is the surface a low-precision
+    subclass overrides.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: EpisodeCache, layer_idx: int):
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new block and return everything this forward attends to."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def held_tokens(self) -> int:
+        """Columns currently stored (kept tokens, plus the running forward's block)."""
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the columns in ``index`` (ascending, on the layer's device)."""
+        if self.keys is not None:
+            self.keys = self.keys.index_select(2, index)
+            self.values = self.values.index_select(2, index)
+
+    def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of columns ``[start, end)`` (full precision), e.g. for a chunk summary."""
+        return self.keys[:, :, start:end], self.values[:, :, start:end]
+
+    def truncate(self, n: int) -> None:
+        """Drop columns past ``n`` (rolls back a forward that raised midway)."""
+        if self.keys is not None and self.keys.shape[-2] > n:
+            self.keys = self.keys[:, :, :n]
+            self.values = self.values[:, :, :n]
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors actually held (a quantised store reports packed bytes + scales)."""
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def get_seq_length(self) -> int:
+        return self.owner.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner._mask_sizes(query_length)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("EpisodeCache does not support crop (assisted decoding / rollback)")
+
+
+def _text_config(model_config: Any) -> Any:
+    getter = getattr(model_config, "get_text_config", None)
+    return getter(decoder=True) if callable(getter) else model_config
+
+
+def _check_no_sliding_window(cfg: Any) -> None:
+    layer_types = getattr(cfg, "layer_types", None) or []
+    sliding = any("sliding" in str(t) or "chunked" in str(t) for t in layer_types)
+    if not layer_types and getattr(cfg, "sliding_window", None) is not None:
+        sliding = True
+    if sliding:
+        raise ValueError(
+            "model_config: sliding-window attention is not supported by EpisodeCache (its mask is built "
+            "from logical indices, wrong once chunks are evicted); allowed values: sliding_window=None "
+            "and only full-attention layer_types"
+        )
+
+
+class EpisodeCache(Cache):
+    """Chunked KV cache for a whole episode, with pluggable chunk eviction (see module docstring).
+
+    Args:
+        config: validated cache configuration.
+        model_config: the HF decoder's config (text config of a multimodal model is found).
+        policy: optional policy instance overriding ``config.policy`` (e.g. with non-default fields).
+        layer_cls: storage class per layer (extension point for low-precision chunk storage).
+        record_summaries: compute every completed chunk's summary (always on for ``gated``), so a
+            trainer can read :meth:`chunk_summaries` after recording an episode.
+    """
+
+    def __init__(
+        self,
+        config: EpisodeCacheConfig,
+        model_config: Any,
+        policy: ChunkPolicy | None = None,
+        layer_cls: type[EpisodeLayer] = EpisodeLayer,
+        record_summaries: bool = False,
+    ):
+        cfg = _text_config(model_config)
+        _check_no_sliding_window(cfg)
+        self.model_config = cfg
+        self.num_layers = int(cfg.num_hidden_layers)
+        super().__init__(layers=[layer_cls(self, i) for i in range(self.num_layers)])
+        self.config = config.validate()
+        self.record_summaries = record_summaries
+        self._gate = None
+        self.policy = policy if policy is not None else self._make_policy(config)
+        self._clear()
+
+    # ------------------------------------------------------------------ episode state
+    def _clear(self) -> None:
+        self._seen = 0
+        self._pinned = 0  # length of the pinned prefix
+        self._positions = torch.empty(0, dtype=torch.long)  # kept positions, ascending (CPU)
+        self._attn = None  # accumulated attention mass per kept column (device), or None
+        self._chunks: list[Chunk] = []
+        self._new_chunks: list[Chunk] = []  # completed, not yet seen by a decision
+        self._open_start = self.config.effective_sink_tokens
+        self._evicted_tokens = 0
+        self._decisions = 0
+        self._in_forward = False
+
+    def reset(self) -> None:
+        """Start a new episode: drop every tensor and all chunk/policy state (keeps config and gate)."""
+        for layer in self.layers:
+            layer.reset()
+        self.policy.reset()
+        self._clear()
+
+    def _make_policy(self, config: EpisodeCacheConfig) -> ChunkPolicy:
+        cls = POLICIES[config.policy]
+        policy = cls(seed=config.seed) if "seed" in getattr(cls, "__dataclass_fields__", {}) else cls()
+        if isinstance(policy, GatedPolicy):
+            if self._gate is None:
+                from kv_vla.cache.gate import ChunkGate
+
+                self._gate = ChunkGate.for_model(self.model_config, seed=config.seed)
+            policy.gate = self._gate
+        return policy
+
+    def set_gate(self, gate: Any) -> None:
+        """Use ``gate`` (a :class:`kv_vla.cache.gate.ChunkGate`) for the ``gated`` policy."""
+        self._gate = gate
+        if isinstance(self.policy, GatedPolicy):
+            self.policy.gate = gate
+            self.policy.reset()
+
+    @property
+    def gate(self) -> Any:
+        """The gate in use (``gated`` policy), or None."""
+        return self._gate
+
+    def update_config(self, **changes: Any) -> EpisodeCacheConfig:
+        """Apply validated ``changes``; they take effect at the next eviction decision.
+
+        A new ``max_tokens`` is checked against the pinned prefix at once; a new ``policy`` starts
+        from the chunks as they are (utilities of the old policy are kept until re-scored).
+        """
+        new = self.config.replace(**changes)
+        new.check_budget(self._pinned)
+        old_policy = self.config.policy
+        self.config = new
+        if new.policy != old_policy:
+            self.policy = self._make_policy(new)
+        return new
+
+    def pin_prefix(self) -> int:
+        """Pin everything cached so far (the instruction prompt): never evicted. Returns its length.
+
+        Call it right after the prompt's forward, before any access that would apply a decision.
+        """
+        if self._evicted_tokens:
+            raise RuntimeError(
+                "pin_prefix must be called before any chunk was evicted (right after the prompt)"
+            )
+        self.config.check_budget(self._seen)
+        self._pinned = self._seen
+        self._chunks = []
+        self._new_chunks = []
+        self._open_start = self._pinned + self.config.effective_sink_tokens
+        self.policy.reset()
+        return self._pinned
+
+    # ------------------------------------------------------------------ HF Cache API
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen in this episode (not kept tokens): new position ids continue from here."""
+        return self._seen
+
+    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        """``(kept + new, seen - kept)``: all kept tokens precede the queries, the new block is causal.
+
+        Accepts the query length (transformers >= 5.x) or a ``cache_position`` tensor (older 5.x).
+        """
+        if isinstance(query_length, torch.Tensor):
+            query_length = int(query_length.shape[-1])
+        return self._mask_sizes(int(query_length))
+
+    def _mask_sizes(self, query_length: int) -> tuple[int, int]:
+        self._start_forward()
+        kept = int(self._positions.numel())
+        return kept + query_length, self._seen - kept
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a block to layer ``layer_idx``; the last layer's update commits it to the timeline."""
+        if layer_idx == 0:
+            self._start_forward()
+            self._in_forward = True
+        keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        probe.announce(self, layer_idx)
+        if layer_idx == self.num_layers - 1:
+            self._commit(int(key_states.shape[-2]))
+        return keys, values
+
+    def _start_forward(self) -> None:
+        if self._in_forward:  # the previous forward raised midway: drop its partial block
+            self._rollback_incomplete_forward()
+            self._in_forward = False
+        self._apply_pending()
+
+    def _rollback_incomplete_forward(self) -> None:
+        kept = int(self._positions.numel())
+        for layer in self.layers:
+            if layer.held_tokens() > kept:
+                layer.truncate(kept)
+        if self._attn is not None and self._attn.numel() > kept:
+            self._attn = self._attn[:kept]
+
+    # ------------------------------------------------------------------ timeline
+    def _commit(self, n_new: int) -> None:
+        self._in_forward = False
+        new = torch.arange(self._seen, self._seen + n_new, dtype=torch.long)
+        self._positions = torch.cat([self._positions, new])
+        self._seen += n_new
+        self._pad_attention()
+        cs = self.config.chunk_size
+        while self._seen - self._open_start >= cs:
+            chunk = Chunk(index=len(self._chunks), start=self._open_start, length=cs)
+            self._chunks.append(chunk)
+            self._new_chunks.append(chunk)
+            self._open_start += cs
+
+    def _pad_attention(self) -> None:
+        n = int(self._positions.numel())
+        if self._attn is not None and self._attn.numel() < n:
+            self._attn = torch.nn.functional.pad(self._attn, (0, n - self._attn.numel()))
+
+    def record_attention(self, layer_idx: int, mass: torch.Tensor) -> None:
+        """Add attention mass received per kv column (``[kv_len]``, kept + new) from one layer.
+
+        Called by the attention probe (``probe.py``); averaged over layers.
+        """
+        mass = mass.detach().float() / self.num_layers
+        if self._attn is None:
+            self._attn = torch.zeros(mass.shape[0], device=mass.device)
+        elif self._attn.numel() < mass.shape[0]:
+            self._attn = torch.nn.functional.pad(self._attn, (0, mass.shape[0] - self._attn.numel()))
+        self._attn[: mass.shape[0]] += mass
+
+    def _chunk_columns(self, chunk: Chunk) -> tuple[int, int]:
+        a = int(torch.searchsorted(self._positions, chunk.start))
+        b = int(torch.searchsorted(self._positions, chunk.end))
+        return a, b
+
+    def _chunk_attention(self, chunk: Chunk) -> float:
+        a, b = self._chunk_columns(chunk)
+        if self._attn is None or b <= a:
+            return 0.0
+        return float(self._attn[a:b].mean())
+
+    def _chunk_summary(self, chunk: Chunk) -> torch.Tensor:
+        if chunk.summary is None:
+            a, b = self._chunk_columns(chunk)
+            per_layer = [layer_summary(*layer.columns(a, b)) for layer in self.layers]
+            mass = self._chunk_attention(chunk) if self._attn is not None else None
+            chunk.summary = chunk_summary(per_layer, mass, chunk.index)
+        return chunk.summary
+
+    def _context(self) -> PolicyContext:
+        return PolicyContext(
+            config=self.config,
+            seen_tokens=self._seen,
+            attention_mass=self._chunk_attention if self._attn is not None else None,
+            summary=self._chunk_summary,
+        )
+
+    def maybe_evict(self) -> list[Chunk]:
+        """Apply a pending decision now (if a chunk completed since the last one). Returns evicted chunks."""
+        return self._apply_pending()
+
+    def _apply_pending(self) -> list[Chunk]:
+        if not self._new_chunks or self._in_forward:
+            return []  # nothing completed, or called from inside a forward: decide later
+        ctx = self._context()
+        if self.record_summaries or isinstance(self.policy, GatedPolicy):
+            for chunk in self._new_chunks:
+                self._chunk_summary(chunk)
+        for chunk in self._new_chunks:
+            self.policy.observe(chunk, ctx)
+        self._new_chunks = []
+        self._decisions += 1
+        return self._decide(ctx)
+
+    def _decide(self, ctx: PolicyContext) -> list[Chunk]:
+        recent = self.config.effective_recent_chunks
+        protected = {c.index for c in self._chunks[len(self._chunks) - recent :]} if recent else set()
+        candidates = [c for c in self._chunks if not c.evicted and c.index not in protected]
+        if not candidates:
+            return []
+        utilities = [float(u) for u in self.policy.score(candidates, ctx)]
+        keep = self.policy.keep(candidates, utilities, ctx)
+        evict = [c for c, k in zip(candidates, keep) if not k]
+        budget = self.config.max_tokens
+        if budget is not None:
+            kept_after = int(self._positions.numel()) - sum(c.length for c in evict)
+            survivors = sorted(
+                (i for i, k in enumerate(keep) if k), key=lambda i: (utilities[i], candidates[i].index)
+            )
+            for i in survivors:
+                if kept_after <= budget:
+                    break
+                evict.append(candidates[i])
+                kept_after -= candidates[i].length
+        if evict:
+            self._evict(evict)
+        return evict
+
+    def _evict(self, chunks: list[Chunk]) -> None:
+        keep = torch.ones(self._positions.numel(), dtype=torch.bool)
+        for chunk in chunks:
+            a, b = self._chunk_columns(chunk)
+            keep[a:b] = False
+            chunk.evicted = True
+            self._evicted_tokens += b - a
+        index = keep.nonzero().squeeze(1)
+        self._positions = self._positions[index]
+        device_index: dict[torch.device, torch.Tensor] = {}
+        for layer in self.layers:
+            if layer.keys is None:
+                continue
+            dev = layer.keys.device
+            if dev not in device_index:
+                device_index[dev] = index.to(dev)
+            layer.select(device_index[dev])
+        if self._attn is not None:
+            self._attn = self._attn.index_select(0, index.to(self._attn.device))
+
+    # ------------------------------------------------------------------ introspection
+    def kept_positions(self) -> torch.Tensor:
+        """Absolute episode positions still held (ascending, CPU LongTensor copy)."""
+        self._apply_pending()
+        return self._positions.clone()
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        """Every completed chunk of the episode, in order (evicted ones flagged)."""
+        return list(self._chunks)
+
+    @property
+    def pinned_tokens(self) -> int:
+        """Tokens never evicted at the start: the pinned prefix plus the sink tokens seen so far."""
+        return min(self._seen, self._pinned + self.config.effective_sink_tokens)
+
+    def chunk_summaries(self) -> torch.Tensor:
+        """``[T_chunks, F]`` summaries of the completed chunks (needs ``gated`` or ``record_summaries``)."""
+        self._apply_pending()
+        rows = [c.summary for c in self._chunks if c.summary is not None]
+        if not rows:
+            return torch.empty(0, 0)
+        return torch.stack(rows)
+
+    def stats(self) -> CacheStats:
+        """Token/chunk counts and bytes actually held per layer (applies a pending decision first)."""
+        self._apply_pending()
+        per_layer = [int(layer.nbytes()) for layer in self.layers]
+        evicted_chunks = sum(c.evicted for c in self._chunks)
+        return CacheStats(
+            seen_tokens=self._seen,
+            kept_tokens=int(self._positions.numel()),
+            evicted_tokens=self._evicted_tokens,
+            kept_chunks=len(self._chunks) - evicted_chunks,
+            evicted_chunks=evicted_chunks,
+            pinned_tokens=self.pinned_tokens,
+            kv_bytes=sum(per_layer),
+            kv_bytes_per_layer=per_layer,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"EpisodeCache(policy={self.config.policy!r}, seen={self._seen}, kept={self._positions.numel()})"
+        )

@@ -1,0 +1,146 @@
+"""The recurrent chunk gate: reads chunk summaries in episode order and writes a utility per chunk.
+
+Interface for online use (the cache's ``gated`` policy) and for training (issue 5):
+
+* ``gate.step(summary[F], state) -> (utility, state)``: one recurrent step per completed chunk.
+* ``gate(summaries[T, F]) -> utilities[T]`` (or ``[B, T, F] -> [B, T]``): the same computation over
+  a recorded episode, differentiable; ``EpisodeCache.chunk_summaries()`` gives the ``[T, F]`` input.
+
+Each utility is written once, when its chunk completes, from the state after reading that chunk
+(a causal write gate; older chunks are not re-scored). Summaries are those of
+:mod:`kv_vla.cache.summary`: per layer, mean and std of the chunk's keys and values (``4 * head_dim``
+numbers), plus the attention mass the chunk received (when probed) and its index in the episode.
+A shared per-layer projection keeps the gate small for deep models (a 7B model's 32 layers give
+16 386 input numbers, projected to ``32 * proj_dim``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kv_vla.cache.summary import N_EXTRA, head_dim_of, summary_dim
+
+
+@dataclass
+class GateConfig:
+    """Shape of a :class:`ChunkGate` (saved as JSON beside the weights)."""
+
+    num_layers: int
+    head_dim: int
+    hidden_size: int = 64
+    proj_dim: int = 16
+    cell: str = "gru"
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("gru", "lstm"):
+            raise ValueError(f"cell: unknown recurrent cell {self.cell!r}; allowed values: ['gru', 'lstm']")
+        for name in ("num_layers", "head_dim", "hidden_size", "proj_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {value!r} is not allowed; allowed values: an integer >= 1")
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of one chunk summary."""
+        return summary_dim(self.num_layers, self.head_dim)
+
+
+class ChunkGate(nn.Module):
+    """GRU/LSTM gate over chunk summaries producing utilities in [0, 1] (see module docstring)."""
+
+    def __init__(self, config: GateConfig):
+        super().__init__()
+        self.config = config
+        per_layer = 4 * config.head_dim
+        self.norm = nn.LayerNorm(per_layer)
+        self.layer_proj = nn.Linear(per_layer, config.proj_dim)
+        rnn_cls = nn.GRU if config.cell == "gru" else nn.LSTM
+        self.rnn = rnn_cls(
+            config.num_layers * config.proj_dim + N_EXTRA, config.hidden_size, batch_first=True
+        )
+        self.head = nn.Linear(config.hidden_size, 1)
+
+    @classmethod
+    def for_model(cls, model_config: Any, seed: int = 0, **kwargs: Any) -> ChunkGate:
+        """A freshly (seeded) initialised gate whose ``feature_dim`` matches ``model_config``."""
+        getter = getattr(model_config, "get_text_config", None)
+        cfg = getter(decoder=True) if callable(getter) else model_config
+        gate_cfg = GateConfig(num_layers=int(cfg.num_hidden_layers), head_dim=head_dim_of(cfg), **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(gate_cfg)
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of the summary vector this gate reads."""
+        return self.config.feature_dim
+
+    def encode(self, summaries: torch.Tensor) -> torch.Tensor:
+        """``[..., F] -> [..., num_layers * proj_dim + extras]`` (per-layer normalise + project)."""
+        if summaries.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"summaries: last dimension {summaries.shape[-1]} does not match the gate's feature_dim "
+                f"{self.feature_dim}"
+            )
+        param = self.layer_proj.weight
+        x = summaries.to(device=param.device, dtype=param.dtype)
+        n_layer_feats = self.config.num_layers * 4 * self.config.head_dim
+        per_layer = x[..., :n_layer_feats].unflatten(-1, (self.config.num_layers, 4 * self.config.head_dim))
+        projected = self.layer_proj(self.norm(per_layer)).flatten(-2)
+        return torch.cat([projected, x[..., n_layer_feats:]], dim=-1)
+
+    def forward(self, summaries: torch.Tensor, state: Any = None) -> torch.Tensor:
+        """Utilities for a whole episode: ``[T, F] -> [T]`` or ``[B, T, F] -> [B, T]`` (differentiable)."""
+        unbatched = summaries.dim() == 2
+        x = self.encode(summaries.unsqueeze(0) if unbatched else summaries)
+        out, _ = self.rnn(x, state)
+        utilities = torch.sigmoid(self.head(out)).squeeze(-1)
+        return utilities.squeeze(0) if unbatched else utilities
+
+    @torch.no_grad()
+    def step(self, summary: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """One recurrent step for one completed chunk: ``([F], state) -> (utility scalar, state)``."""
+        x = self.encode(summary.reshape(1, 1, -1))
+        out, state = self.rnn(x, state)
+        return torch.sigmoid(self.head(out)).reshape(()), state
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path`` (safetensors weights) and ``path`` with suffix ``.json`` (config), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        text = json.dumps(asdict(self.config), indent=2)
+        _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ChunkGate:
+        """Inverse of :meth:`save`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = GateConfig(**json.loads(path.with_suffix(".json").read_text()))
+        gate = cls(config)
+        gate.load_state_dict(load_file(str(path), device=str(device)))
+        return gate.to(device).eval()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

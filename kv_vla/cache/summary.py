@@ -1,0 +1,46 @@
+"""Per-chunk summaries the gate reads: cheap statistics of a chunk's keys and values per layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def head_dim_of(model_config: object) -> int:
+    """Key/value head dimension of a HF decoder config."""
+    head_dim = getattr(model_config, "head_dim", None)
+    if head_dim:
+        return int(head_dim)
+    return int(model_config.hidden_size // model_config.num_attention_heads)
+
+
+def summary_dim(num_layers: int, head_dim: int) -> int:
+    """Length of :func:`chunk_summary`'s output: 4 statistics of ``head_dim`` per layer + 2 extras."""
+    return num_layers * 4 * head_dim + N_EXTRA
+
+
+N_EXTRA = 2  # attention mass received (0 when not probed), log1p(chunk index) / 8
+
+
+def layer_summary(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean and std over batch, heads and tokens of a chunk's keys and values: ``[4 * head_dim]``.
+
+    ``keys``/``values``: ``[B, H, T, D]`` (the chunk's columns of one layer), any float dtype.
+    """
+    k = keys.float().transpose(1, 2).reshape(-1, keys.shape[-1])
+    v = values.float().transpose(1, 2).reshape(-1, values.shape[-1])
+    k_std = k.std(0, unbiased=False)
+    v_std = v.std(0, unbiased=False)
+    return torch.cat([k.mean(0), k_std, v.mean(0), v_std])
+
+
+def chunk_summary(
+    per_layer: list[torch.Tensor], attention_mass: float | None, chunk_index: int
+) -> torch.Tensor:
+    """Concatenate per-layer summaries and the extras into the gate's input vector (float32, CPU)."""
+    extras = torch.tensor(
+        [0.0 if attention_mass is None else float(attention_mass), math.log1p(chunk_index) / 8.0],
+        dtype=torch.float32,
+    )
+    return torch.cat([t.detach().float().cpu() for t in per_layer] + [extras])
