@@ -1,0 +1,464 @@
+"""The compact built-in VLA: a tiny SigLIP vision encoder, an MLP projector and a Llama decoder.
+
+It follows OpenVLA's recipe at toy scale so that everything downstream (episode cache, runtime,
+ROS node) is exercised on a real vision-language-action model that trains on a CPU:
+
+* vision: ``SiglipVisionModel`` on 64x64 frames, patch 8 -> 8x8 = 64 patch features;
+* projector: 2x2 space-to-depth pooling (64 -> 16 tokens, nothing averaged away, so small cues
+  such as a lit lamp survive) followed by LayerNorm + 2-layer MLP into the decoder width;
+* decoder: ``LlamaForCausalLM`` (GQA) whose vocabulary is a small word vocabulary followed by the
+  256 OpenVLA action tokens (the last 256 ids).
+
+Token layout of an episode (what the cache holds and what :meth:`CompactVLA.forward_episode`
+trains on)::
+
+    <s> In : What action should the robot take to {instruction} ? Out :     <- pinned prompt prefix
+    [img_1 ... img_N] [act_1 ... act_D]                                     <- control step 1
+    [img_1 ... img_N] [act_1 ... act_D]                                     <- control step 2 ...
+
+with ``N = num_image_tokens`` (16 by default) and ``D = action_dim`` (4). Action token ``d`` of a
+step is predicted from the logits at the position just before it (the last image token for
+``d = 0``). One control step is ``N + D`` tokens, the default cache chunk size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
+
+try:  # transformers >= 5 spells it PreTrainedConfig; PretrainedConfig stays as an alias
+    from transformers import PreTrainedConfig
+except ImportError:  # pragma: no cover - older transformers
+    from transformers import PretrainedConfig as PreTrainedConfig
+
+from kv_vla.model.action_tokenizer import ActionTokenizer, identity_norm_stats
+from kv_vla.model.image import frames_to_pixel_values
+from kv_vla.model.text_tokenizer import DEFAULT_WORDS, build_text_tokenizer, build_word_list, vocab_size_for
+
+NORM_STATS_FILE = "norm_stats.json"
+DEFAULT_UNNORM_KEY = "kv_vla_sim"
+
+
+class CompactVLAConfig(PreTrainedConfig):
+    """Hyper-parameters of :class:`CompactVLA` (flat, so ``config.json`` stays readable)."""
+
+    model_type = "kv_vla_compact"
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        patch_size: int = 8,
+        vision_hidden_size: int = 96,
+        vision_intermediate_size: int = 256,
+        vision_num_layers: int = 2,
+        vision_num_heads: int = 4,
+        pool: int = 2,
+        hidden_size: int = 192,
+        intermediate_size: int = 512,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 6,
+        num_key_value_heads: int = 2,
+        max_position_embeddings: int = 8192,
+        rope_theta: float = 10000.0,
+        action_dim: int = 4,
+        n_action_bins: int = 256,
+        words: Sequence[str] | None = None,
+        attn_implementation_lm: str = "sdpa",
+        **kwargs: Any,
+    ) -> None:
+        self.image_size = int(image_size)
+        self.patch_size = int(patch_size)
+        self.vision_hidden_size = int(vision_hidden_size)
+        self.vision_intermediate_size = int(vision_intermediate_size)
+        self.vision_num_layers = int(vision_num_layers)
+        self.vision_num_heads = int(vision_num_heads)
+        self.pool = int(pool)
+        self.hidden_size = int(hidden_size)
+        self.intermediate_size = int(intermediate_size)
+        self.num_hidden_layers = int(num_hidden_layers)
+        self.num_attention_heads = int(num_attention_heads)
+        self.num_key_value_heads = int(num_key_value_heads)
+        self.max_position_embeddings = int(max_position_embeddings)
+        self.rope_theta = float(rope_theta)
+        self.action_dim = int(action_dim)
+        self.n_action_bins = int(n_action_bins)
+        self.words = build_word_list(DEFAULT_WORDS if words is None else words)
+        self.attn_implementation_lm = attn_implementation_lm
+        super().__init__(**kwargs)
+        self._check()
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> CompactVLAConfig:
+        """A very small configuration for unit tests (same token layout as the default)."""
+        kw: dict[str, Any] = dict(
+            vision_hidden_size=32,
+            vision_intermediate_size=64,
+            vision_num_layers=1,
+            vision_num_heads=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def _check(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
+        grid = self.image_size // self.patch_size
+        if self.pool < 1 or grid % self.pool:
+            raise ValueError(f"pool {self.pool} must divide the patch grid {grid}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.action_dim < 1:
+            raise ValueError(f"action_dim must be >= 1, got {self.action_dim}")
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Vocabulary of the decoder: specials + words + action bins."""
+        return vocab_size_for(self.words, self.n_action_bins)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per frame after pooling."""
+        return (self.image_size // self.patch_size // self.pool) ** 2
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens one control step adds to the cache (the default chunk size)."""
+        return self.num_image_tokens + self.action_dim
+
+    def vision_config(self) -> SiglipVisionConfig:
+        return SiglipVisionConfig(
+            hidden_size=self.vision_hidden_size,
+            intermediate_size=self.vision_intermediate_size,
+            num_hidden_layers=self.vision_num_layers,
+            num_attention_heads=self.vision_num_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            vision_use_head=False,
+        )
+
+    def text_config(self) -> LlamaConfig:
+        cfg = LlamaConfig(
+            vocab_size=self.text_vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            tie_word_embeddings=False,
+        )
+        cfg._attn_implementation = self.attn_implementation_lm
+        return cfg
+
+
+class SpaceToDepthProjector(nn.Module):
+    """Patch grid ``[B, g*g, C]`` -> ``[B, (g/p)^2, D]``: concatenate p x p neighbours, then LN + MLP."""
+
+    def __init__(self, in_dim: int, out_dim: int, grid: int, pool: int) -> None:
+        super().__init__()
+        self.grid, self.pool = grid, pool
+        cat = in_dim * pool * pool
+        self.norm = nn.LayerNorm(cat)
+        self.fc1 = nn.Linear(cat, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        b, _, c = patches.shape
+        g, p = self.grid, self.pool
+        x = (
+            patches.reshape(b, g // p, p, g // p, p, c)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(b, (g // p) ** 2, p * p * c)
+        )
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+@dataclass
+class EpisodeOutput:
+    """Result of :meth:`CompactVLA.forward_episode`.
+
+    Attributes:
+        loss: mean cross-entropy over the 256 action bins of every valid action token (or None).
+        action_logits: ``[B, T, action_dim, n_bins]`` logits over the action slice of the vocabulary.
+        accuracy: fraction of valid action tokens whose argmax bin equals the label (or None).
+    """
+
+    loss: torch.Tensor | None
+    action_logits: torch.Tensor
+    accuracy: torch.Tensor | None = None
+
+
+class CompactVLA(PreTrainedModel):
+    """The compact VLA; implements :class:`kv_vla.model.base.VLABackbone`."""
+
+    config_class = CompactVLAConfig
+    base_model_prefix = "compact_vla"
+    main_input_name = "pixel_values"
+    _supports_sdpa = True
+
+    def __init__(self, config: CompactVLAConfig, norm_stats: Mapping[str, Any] | None = None) -> None:
+        super().__init__(config)
+        self.vision = SiglipVisionModel(config.vision_config())
+        grid = config.image_size // config.patch_size
+        self.projector = SpaceToDepthProjector(
+            config.vision_hidden_size, config.hidden_size, grid, config.pool
+        )
+        self.language_model = LlamaForCausalLM(config.text_config())
+        self.tokenizer = build_text_tokenizer(config.words, config.n_action_bins)
+        self.action_tokenizer = ActionTokenizer(config.text_vocab_size, n_bins=config.n_action_bins)
+        self.norm_stats: dict[str, Any] = (
+            dict(norm_stats)
+            if norm_stats is not None
+            else {DEFAULT_UNNORM_KEY: identity_norm_stats(config.action_dim)}
+        )
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, SpaceToDepthProjector):
+            for lin in (module.fc1, module.fc2):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+            nn.init.ones_(module.norm.weight)
+            nn.init.zeros_(module.norm.bias)
+
+    # ---- VLABackbone -------------------------------------------------------------------------
+    @property
+    def action_dim(self) -> int:
+        return self.config.action_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    @property
+    def position_offset(self) -> int:
+        return 0
+
+    def prompt_ids(self, text: str) -> torch.Tensor:
+        """Token ids ``[1, T]`` of a formatted prompt (BOS first)."""
+        ids = self.tokenizer(text).input_ids
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def embed_prompt(self, text: str) -> torch.Tensor:
+        return self.embed_tokens(self.prompt_ids(text))
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(ids.to(self.device))
+
+    def pixel_values(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``[..., H, W, 3]`` -> ``[B, 3, S, S]`` in the model's dtype and device."""
+        return frames_to_pixel_values(frames, self.config.image_size, device=self.device, dtype=self.dtype)
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> projected visual tokens ``[B, N, H]``."""
+        patches = self.vision(pixel_values=pixel_values).last_hidden_state
+        return self.projector(patches)
+
+    def embed_image(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, np.ndarray) or (isinstance(image, torch.Tensor) and image.dtype == torch.uint8):
+            image = self.pixel_values(image)
+        return self.encode_pixels(image)
+
+    # ---- training path -----------------------------------------------------------------------
+    def forward_episode(
+        self,
+        prompt_ids: Sequence[torch.Tensor] | torch.Tensor,
+        frames: np.ndarray | torch.Tensor,
+        action_ids: torch.Tensor,
+        step_valid: torch.Tensor | None = None,
+        step_keep: torch.Tensor | None = None,
+    ) -> EpisodeOutput:
+        """Teacher-forced pass over whole episodes in one sequence each (the runtime's token layout).
+
+        Args:
+            prompt_ids: per episode a 1-D LongTensor of prompt ids (lengths may differ; prompts are
+                left-padded and their positions restart at 0, exactly as the runtime sees them), or
+                a ``[B, P]`` tensor of equal-length prompts.
+            frames: uint8 ``[B, T, H, W, 3]`` frames (resized like the runtime does), or already
+                preprocessed pixels ``[B, T, 3, S, S]``.
+            action_ids: ``[B, T, action_dim]`` action token ids (``action_tokenizer.encode`` of the
+                normalised actions); these are both the inputs (teacher forcing) and the labels.
+            step_valid: optional bool ``[B, T]``; False marks padding steps at the end of shorter
+                episodes (excluded from the loss; they come last so nothing real attends to them).
+            step_keep: optional bool ``[B, T]`` (step ``j``'s tokens are visible to later steps iff
+                True) or ``[B, T, T]`` (step ``i`` sees step ``j < i`` iff ``[b, i, j]``). It mimics
+                chunk eviction through the attention mask: a step always sees itself and the prompt.
+
+        Returns:
+            :class:`EpisodeOutput` with the loss over the action bins and ``[B, T, D, n_bins]`` logits.
+        """
+        cfg = self.config
+        device = self.device
+        if isinstance(prompt_ids, torch.Tensor) and prompt_ids.ndim == 2:
+            prompts = list(prompt_ids)
+        else:
+            prompts = [torch.as_tensor(p) for p in prompt_ids]
+        bsz = len(prompts)
+        action_ids = torch.as_tensor(action_ids, device=device, dtype=torch.long)
+        if action_ids.ndim != 3 or action_ids.shape[0] != bsz or action_ids.shape[2] != cfg.action_dim:
+            raise ValueError(
+                f"action_ids must be [B={bsz}, T, {cfg.action_dim}], got {tuple(action_ids.shape)}"
+            )
+        n_steps = action_ids.shape[1]
+        frames_t = torch.as_tensor(frames, device=device)
+        if frames_t.shape[:2] != (bsz, n_steps):
+            raise ValueError(f"frames must start with [B={bsz}, T={n_steps}], got {tuple(frames_t.shape)}")
+        if frames_t.dtype == torch.uint8:
+            pix = self.pixel_values(frames_t)
+        else:
+            pix = frames_t.reshape(-1, *frames_t.shape[2:]).to(self.dtype)
+        n_img, n_act = cfg.num_image_tokens, cfg.action_dim
+        img = self.encode_pixels(pix).reshape(bsz, n_steps, n_img, -1)
+        act = self.embed_tokens(action_ids)  # [B, T, D, H]
+        steps = torch.cat([img, act], dim=2).reshape(bsz, n_steps * (n_img + n_act), -1)
+
+        lens = [int(p.numel()) for p in prompts]
+        p_max = max(lens)
+        pad_id = self.config.text_config().pad_token_id
+        pids = torch.full((bsz, p_max), pad_id, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            pids[b, p_max - lens[b] :] = p.to(device)
+        embeds = torch.cat([self.embed_tokens(pids), steps], dim=1)
+        seq = embeds.shape[1]
+
+        # group id per token: -2 padding, -1 prompt, t for control step t
+        step_group = torch.arange(n_steps, device=device).repeat_interleave(n_img + n_act)
+        group = torch.empty((bsz, seq), dtype=torch.long, device=device)
+        pos = torch.empty((bsz, seq), dtype=torch.long, device=device)
+        for b in range(bsz):
+            pad = p_max - lens[b]
+            group[b, :pad] = -2
+            group[b, pad:p_max] = -1
+            group[b, p_max:] = step_group
+            pos[b, :pad] = 0
+            pos[b, pad:] = torch.arange(seq - pad, device=device)
+
+        mask = self._episode_mask(group, n_steps, step_keep)
+        out = self.language_model.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False
+        )
+        hidden = out.last_hidden_state
+        # logits predicting action d of step t sit one position before that action token
+        base = p_max + torch.arange(n_steps, device=device) * (n_img + n_act) + n_img - 1
+        idx = (base[:, None] + torch.arange(n_act, device=device)[None, :]).reshape(-1)
+        h = hidden[:, idx]  # [B, T*D, H]
+        begin = self.action_tokenizer.action_token_begin_idx
+        w = self.language_model.lm_head.weight[begin:]
+        logits = (h @ w.T).reshape(bsz, n_steps, n_act, -1).float()
+
+        labels = action_ids - begin
+        if (labels < 0).any():
+            raise ValueError("action_ids contain ids outside the action range (last n_bins vocabulary ids)")
+        valid = (
+            torch.ones((bsz, n_steps), dtype=torch.bool, device=device)
+            if step_valid is None
+            else step_valid.to(device)
+        )
+        sel = valid[:, :, None].expand(-1, -1, n_act)
+        loss = acc = None
+        if sel.any():
+            loss = F.cross_entropy(logits[sel], labels[sel])
+            acc = (logits[sel].argmax(-1) == labels[sel]).float().mean()
+        return EpisodeOutput(loss=loss, action_logits=logits, accuracy=acc)
+
+    def _episode_mask(
+        self, group: torch.Tensor, n_steps: int, step_keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Additive 4-D mask ``[B, 1, L, L]`` for :meth:`forward_episode` (see its ``step_keep``)."""
+        bsz, seq = group.shape
+        device = group.device
+        causal = torch.ones((seq, seq), dtype=torch.bool, device=device).tril()
+        gq, gk = group[:, :, None], group[:, None, :]
+        allowed = causal[None] & (gk != -2)
+        if step_keep is not None:
+            keep = step_keep.to(device=device, dtype=torch.bool)
+            if keep.shape == (bsz, n_steps):
+                vis = keep[:, None, :].expand(bsz, n_steps, n_steps)
+            elif keep.shape == (bsz, n_steps, n_steps):
+                vis = keep
+            else:
+                raise ValueError(f"step_keep must be [B, T] or [B, T, T], got {tuple(keep.shape)}")
+            qi = gq.clamp(min=0).expand(bsz, seq, seq)
+            ki = gk.clamp(min=0).expand(bsz, seq, seq)
+            step_vis = torch.gather(vis.reshape(bsz, -1), 1, (qi * n_steps + ki).reshape(bsz, -1)).reshape(
+                bsz, seq, seq
+            )
+            # a step query sees: the prompt, itself, and earlier steps it keeps
+            ok = (gk == -1) | (gk == gq) | (gq < 0) | step_vis
+            allowed = allowed & ok
+        eye = torch.eye(seq, dtype=torch.bool, device=device)[None]
+        allowed = allowed | (eye & (gq == -2))  # padding rows attend to themselves (no NaN)
+        zero = torch.zeros((), dtype=self.dtype, device=device)
+        neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=device)
+        return torch.where(allowed, zero, neg)[:, None]
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:  # type: ignore[override]
+        """Write weights (safetensors), config, tokenizer and ``norm_stats.json`` atomically.
+
+        Everything goes to a temporary sibling folder first, which then replaces ``save_directory``,
+        so a crash never leaves a half-written checkpoint behind.
+        """
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / NORM_STATS_FILE).write_text(json.dumps(self.norm_stats, indent=2, sort_keys=True))
+            old = None
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
+    ) -> CompactVLA:  # type: ignore[override]
+        """Load a folder written by :meth:`save_pretrained` (local only: nothing is fetched from a hub)."""
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no compact VLA checkpoint folder at {path}")
+        kwargs.setdefault("local_files_only", True)
+        model = super().from_pretrained(path, *args, **kwargs)
+        stats_file = path / NORM_STATS_FILE
+        if stats_file.exists():
+            model.norm_stats = json.loads(stats_file.read_text())
+        if (path / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            model.tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        return model

@@ -1,0 +1,272 @@
+"""The episode runtime: one VLA, one KV cache that lives for the whole episode.
+
+``reset(instruction)`` prefills OpenVLA's prompt and pins it; every ``step(image)`` prefills the
+frame's visual tokens into the *same* cache at the episode's next absolute positions, greedily
+decodes ``action_dim`` action tokens (argmax restricted to the 256 action ids, each fed back so the
+step's tokens end up in the cache), lets the cache policy evict old chunks, and returns the
+un-normalised action with timings and cache statistics.
+
+The runtime drives the language model itself (``inputs_embeds``, ``past_key_values``, explicit
+``position_ids``): a model's stock ``forward``/``generate`` cannot continue an episode cache, and
+OpenVLA's silently ignores the image on newer transformers.
+
+Per-step token layout (what one chunk of the default size holds)::
+
+    [image tokens (N)] [action tokens (action_dim)]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kv_vla.model.action_tokenizer import action_stats, unnormalize_actions
+from kv_vla.model.base import VLABackbone
+from kv_vla.model.image import validate_image
+from kv_vla.model.prompt import build_prompt
+
+
+@dataclass
+class StepResult:
+    """What one control step returns.
+
+    Attributes:
+        action: float32 ``[action_dim]``, un-normalised and clipped.
+        timings_ms: wall time of ``vision``, ``prefill``, ``decode``, ``cache`` (eviction) and ``total``.
+        cache_stats: the cache's own :class:`kv_vla.cache.CacheStats` after this step's eviction.
+        action_token_ids: int64 ``[action_dim]`` vocabulary ids that were decoded.
+        normalized_action: float32 ``[action_dim]`` bin centres in ``[-1, 1]`` before un-normalisation.
+        step_index: 0-based index of this step in the episode.
+    """
+
+    action: np.ndarray
+    timings_ms: dict[str, float]
+    cache_stats: Any
+    action_token_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    normalized_action: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    step_index: int = 0
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class EpisodeRuntime:
+    """Runs a :class:`~kv_vla.model.base.VLABackbone` step by step over one episode cache."""
+
+    def __init__(
+        self,
+        model: VLABackbone,
+        cache_config: Any = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        unnorm_key: str | None = None,
+        gate: Any = None,
+    ) -> None:
+        """
+        Args:
+            model: the VLA (compact model, HF adapter or OpenVLA wrapper); moved to ``device``/``dtype``.
+            cache_config: an ``EpisodeCacheConfig``; None means the ``full`` policy with one control
+                step per chunk.
+            device: torch device; ``dtype`` defaults to bf16 on CUDA and float32 elsewhere.
+            unnorm_key: which dataset's statistics un-normalise actions (may be omitted when the
+                model carries a single dataset, as in OpenVLA).
+            gate: a trained ``ChunkGate`` for the ``gated`` policy (None: the cache's default gate).
+        """
+        from kv_vla.cache import EpisodeCacheConfig
+
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype is not None else _default_dtype(self.device)
+        if isinstance(model, torch.nn.Module):
+            model = model.to(device=self.device, dtype=self.dtype)
+            model.eval()
+        self.model = model
+        self.step_tokens = int(model.num_image_tokens + model.action_dim)
+        if cache_config is None:
+            cache_config = EpisodeCacheConfig(policy="full", chunk_size=self.step_tokens)
+        self.cache_config = cache_config.validate()
+        self.unnorm_key = unnorm_key
+        self._stats = action_stats(model.norm_stats, unnorm_key)
+        if self._stats["q01"].shape[0] != model.action_dim:
+            raise ValueError(
+                f"norm_stats have {self._stats['q01'].shape[0]} dims, model has {model.action_dim}"
+            )
+        lo = np.where(self._stats["mask"], np.minimum(self._stats["q01"], self._stats["q99"]), -1.0)
+        hi = np.where(self._stats["mask"], np.maximum(self._stats["q01"], self._stats["q99"]), 1.0)
+        self.action_low, self.action_high = lo.astype(np.float32), hi.astype(np.float32)
+        self.gate = gate
+        self.cache: Any = None
+        self.instruction: str | None = None
+        self.step_index = 0
+        self._broken: str | None = None
+        self._probe_on = False
+        #: ``[action_dim, n_bins]`` float32 logits over the action bins of the last step's decoded dims.
+        self.last_action_logits: torch.Tensor | None = None
+        tok = model.action_tokenizer
+        self._act_begin = tok.action_token_begin_idx
+        self._act_end = tok.vocab_size
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        cache_config: Any = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        gate_path: str | Path | None = None,
+        unnorm_key: str | None = None,
+    ) -> EpisodeRuntime:
+        """Load a compact VLA folder (and optionally a trained gate) into a runtime."""
+        from kv_vla.model.compact_vla import CompactVLA
+
+        model = CompactVLA.from_pretrained(path)
+        gate = None
+        if gate_path is not None:
+            from kv_vla.cache import ChunkGate
+
+            gate = ChunkGate.load(gate_path)
+        return cls(
+            model, cache_config=cache_config, device=device, dtype=dtype, unnorm_key=unnorm_key, gate=gate
+        )
+
+    # ---- episode --------------------------------------------------------------------------------
+    def _sync_attention_probe(self) -> None:
+        """Attention-scored policies need the probing attention (same outputs as SDPA); others don't."""
+        from kv_vla.cache import POLICIES, disable_attention_probe, enable_attention_probe
+
+        needs = bool(POLICIES[self.cache_config.policy].needs_attention)
+        if needs != self._probe_on:
+            lm = self.model.language_model
+            (enable_attention_probe if needs else disable_attention_probe)(lm)
+            self._probe_on = needs
+
+    def _new_cache(self) -> Any:
+        from kv_vla.cache import EpisodeCache
+
+        self._sync_attention_probe()
+        cache = EpisodeCache(self.cache_config, self.model.language_model.config)
+        if self.gate is not None and hasattr(cache, "set_gate") and self.cache_config.policy == "gated":
+            cache.set_gate(self.gate)
+        return cache
+
+    def _positions(self, n: int) -> torch.Tensor:
+        start = self.model.position_offset + self.cache.get_seq_length()
+        return torch.arange(start, start + n, device=self.device, dtype=torch.long)[None]
+
+    def _lm(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Append ``embeds`` to the cache at the next absolute positions; last position's action logits."""
+        out = self.model.language_model(
+            inputs_embeds=embeds.to(self.dtype),
+            position_ids=self._positions(embeds.shape[1]),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[0, -1, self._act_begin : self._act_end].float()
+
+    @torch.inference_mode()
+    def reset(self, instruction: str) -> None:
+        """Start an episode: fresh cache, prefill the prompt, pin it (never evicted)."""
+        prompt = build_prompt(instruction)  # validates before the old episode is dropped
+        self.cache = self._new_cache()
+        self.instruction = instruction
+        self.step_index = 0
+        self.last_action_logits = None
+        self._broken = None
+        emb = self.model.embed_prompt(prompt)
+        self._lm(emb)
+        self.cache.pin_prefix()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def step(self, image: np.ndarray) -> StepResult:
+        """One control step on an RGB frame (uint8 ``HxWx3``; ``HxWx4`` drops alpha, ``HxW`` is grey).
+
+        A frame that fails validation raises ValueError before anything is written to the cache, so
+        the episode continues as if the call never happened.
+        """
+        if self.cache is None:
+            raise RuntimeError("call reset(instruction) before step(image)")
+        if self._broken is not None:
+            raise RuntimeError(f"episode is unusable after an internal error ({self._broken}); call reset()")
+        frame = validate_image(image)
+        timings: dict[str, float] = {}
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            img = self.model.embed_image(frame)
+            self._sync()
+            t1 = time.perf_counter()
+            logits = self._lm(img)
+            self._sync()
+            t2 = time.perf_counter()
+            n_act = self.model.action_dim
+            all_logits = torch.empty((n_act, self._act_end - self._act_begin), dtype=torch.float32)
+            ids = torch.empty((n_act,), dtype=torch.long)
+            for d in range(n_act):
+                all_logits[d] = logits.cpu()
+                tok = int(torch.argmax(logits)) + self._act_begin
+                ids[d] = tok
+                emb = self.model.embed_tokens(torch.tensor([[tok]], device=self.device))
+                logits = self._lm(emb)  # the last one only writes the final action token into the cache
+            self._sync()
+            t3 = time.perf_counter()
+            self._end_step()
+            self._sync()
+            t4 = time.perf_counter()
+        except Exception as exc:
+            self._broken = f"{type(exc).__name__}: {exc}"
+            raise
+        normalized = self.model.action_tokenizer.decode(ids.numpy())
+        action = unnormalize_actions(normalized[None], self.model.norm_stats, self.unnorm_key)[0]
+        action = np.clip(action, self.action_low, self.action_high).astype(np.float32)
+        self.last_action_logits = all_logits
+        timings.update(
+            vision=(t1 - t0) * 1e3,
+            prefill=(t2 - t1) * 1e3,
+            decode=(t3 - t2) * 1e3,
+            cache=(t4 - t3) * 1e3,
+            total=(time.perf_counter() - t0) * 1e3,
+        )
+        res = StepResult(
+            action=action,
+            timings_ms=timings,
+            cache_stats=self.cache.stats(),
+            action_token_ids=ids.numpy(),
+            normalized_action=normalized.astype(np.float32),
+            step_index=self.step_index,
+        )
+        self.step_index += 1
+        return res
+
+    def _end_step(self) -> None:
+        """Let the cache policy act on the chunks completed by this step."""
+        evict = getattr(self.cache, "maybe_evict", None)
+        if callable(evict):
+            evict()
+
+    def update_cache_config(self, **changes: Any) -> None:
+        """Validate and apply cache options; they govern the next eviction decision and later episodes.
+
+        Raises ValueError (naming the field and the allowed values) and changes nothing if refused.
+        """
+        new_cfg = self.cache_config.replace(**changes)
+        if self.cache is not None and hasattr(self.cache, "update_config"):
+            self.cache.update_config(**changes)
+        self.cache_config = new_cfg
+        if self.cache is not None:
+            self._sync_attention_probe()
+
+    @property
+    def norm_stats(self) -> Mapping[str, Any]:
+        return self.model.norm_stats

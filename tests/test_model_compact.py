@@ -1,0 +1,133 @@
+"""The compact VLA: construction, tokenizer, save/load, and the whole-episode training path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kv_vla.model import CompactVLA, CompactVLAConfig, build_prompt
+from kv_vla.model.text_tokenizer import DEFAULT_WORDS, build_text_tokenizer
+
+
+def make_model(seed: int = 0, **overrides) -> CompactVLA:
+    torch.manual_seed(seed)
+    return CompactVLA(CompactVLAConfig.tiny(**overrides)).eval()
+
+
+def frames(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
+
+
+def test_default_size_and_layout():
+    torch.manual_seed(0)
+    m = CompactVLA(CompactVLAConfig())
+    n_params = sum(p.numel() for p in m.parameters())
+    assert n_params < 5_000_000
+    assert m.num_image_tokens == 16 and m.action_dim == 4 and m.config.step_tokens == 20
+    # action ids = last 256 ids of the decoder vocabulary
+    vocab = m.language_model.config.vocab_size
+    assert m.action_tokenizer.action_token_begin_idx == vocab - 256
+    assert len(m.tokenizer) == vocab
+    assert m.embed_image(frames(1, 0)[0]).shape == (1, 16, 192)
+
+
+def test_tokenizer_covers_prompt_and_instructions():
+    tok = build_text_tokenizer(DEFAULT_WORDS)
+    text = build_prompt("Touch the cube that was lit at the start, then push the blue one to the green zone")
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id
+    assert tok.unk_token_id not in ids
+    assert tok("frobnicate the cube").input_ids[1] == tok.unk_token_id
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    m = make_model(3)
+    m.norm_stats = {
+        "demo": {"action": {"q01": [-0.5] * 4, "q99": [0.5] * 4, "mask": [True, True, True, False]}}
+    }
+    m.save_pretrained(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "norm_stats.json"} <= files
+    assert json.loads((tmp_path / "ckpt" / "norm_stats.json").read_text()) == m.norm_stats
+    m2 = CompactVLA.from_pretrained(tmp_path / "ckpt").eval()
+    assert m2.norm_stats == m.norm_stats
+    sd1, sd2 = m.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    f = frames(1, 1)[0]
+    with torch.no_grad():
+        assert torch.equal(m.embed_image(f), m2.embed_image(f))
+    # saving again over an existing folder replaces it atomically
+    m2.save_pretrained(tmp_path / "ckpt")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        CompactVLA.from_pretrained(tmp_path / "nope")
+
+
+def _episode_inputs(m: CompactVLA, n_steps: int, seed: int, instruction: str = "touch the red cube"):
+    rng = np.random.default_rng(seed)
+    ids = m.prompt_ids(build_prompt(instruction))[0]
+    acts = rng.uniform(-1, 1, size=(n_steps, m.action_dim))
+    act_ids = torch.as_tensor(m.action_tokenizer.encode(acts))
+    return ids, frames(n_steps, seed), act_ids
+
+
+def test_forward_episode_loss_and_shapes():
+    m = make_model()
+    ids, fr, act = _episode_inputs(m, 3, 0)
+    out = m.forward_episode([ids], fr[None], act[None])
+    assert out.action_logits.shape == (1, 3, 4, 256)
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+    out.loss.backward()
+    assert m.vision.embeddings.patch_embedding.weight.grad is not None
+
+
+def test_forward_episode_batch_with_different_prompt_lengths_matches_single():
+    m = make_model()
+    a = _episode_inputs(m, 3, 0, "touch the red cube")
+    b = _episode_inputs(m, 3, 1, "push the blue cube to the green zone then touch the yellow cube")
+    assert a[0].numel() != b[0].numel()
+    with torch.no_grad():
+        batch = m.forward_episode([a[0], b[0]], np.stack([a[1], b[1]]), torch.stack([a[2], b[2]]))
+        one_a = m.forward_episode([a[0]], a[1][None], a[2][None])
+        one_b = m.forward_episode([b[0]], b[1][None], b[2][None])
+    torch.testing.assert_close(batch.action_logits[0], one_a.action_logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch.action_logits[1], one_b.action_logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_forward_episode_step_keep_masks_only_later_steps():
+    m = make_model()
+    ids, fr, act = _episode_inputs(m, 4, 2)
+    with torch.no_grad():
+        ref = m.forward_episode([ids], fr[None], act[None]).action_logits
+        same = m.forward_episode([ids], fr[None], act[None], step_keep=torch.ones(1, 4, dtype=torch.bool))
+        keep = torch.tensor([[True, False, True, True]])
+        dropped = m.forward_episode([ids], fr[None], act[None], step_keep=keep).action_logits
+    assert torch.equal(same.action_logits, ref)
+    # steps 0 and 1 cannot see step 1 from the past anyway: unchanged; steps 2, 3 lose it: changed
+    torch.testing.assert_close(dropped[:, :2], ref[:, :2], atol=1e-6, rtol=1e-6)
+    assert (dropped[:, 2:] - ref[:, 2:]).abs().max() > 1e-4
+
+
+def test_forward_episode_step_valid_excludes_padding_from_loss():
+    m = make_model()
+    ids, fr, act = _episode_inputs(m, 3, 4)
+    with torch.no_grad():
+        short = m.forward_episode([ids], fr[None, :2], act[None, :2])
+        padded = m.forward_episode([ids], fr[None], act[None], step_valid=torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(padded.loss, short.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_episode_rejects_bad_shapes():
+    m = make_model()
+    ids, fr, act = _episode_inputs(m, 2, 0)
+    with pytest.raises(ValueError):
+        m.forward_episode([ids], fr[None], act[None, :, :3])
+    with pytest.raises(ValueError):
+        m.forward_episode([ids], fr[None, :1], act[None])
