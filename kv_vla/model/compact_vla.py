@@ -294,6 +294,7 @@ class CompactVLA(PreTrainedModel):
         action_ids: torch.Tensor,
         step_valid: torch.Tensor | None = None,
         step_keep: torch.Tensor | None = None,
+        step_bias: torch.Tensor | None = None,
     ) -> EpisodeOutput:
         """Teacher-forced pass over whole episodes in one sequence each (the runtime's token layout).
 
@@ -310,6 +311,9 @@ class CompactVLA(PreTrainedModel):
             step_keep: optional bool ``[B, T]`` (step ``j``'s tokens are visible to later steps iff
                 True) or ``[B, T, T]`` (step ``i`` sees step ``j < i`` iff ``[b, i, j]``). It mimics
                 chunk eviction through the attention mask: a step always sees itself and the prompt.
+            step_bias: optional float ``[B, T, T]`` added to the attention logits of step ``i``'s
+                queries on step ``j``'s keys (``j < i``); ``log u_j`` softly dims chunk ``j`` by a
+                factor ``u_j``, which makes a learned keep/evict gate trainable (see kv_vla.train.gate).
 
         Returns:
             :class:`EpisodeOutput` with the loss over the action bins and ``[B, T, D, n_bins]`` logits.
@@ -361,6 +365,8 @@ class CompactVLA(PreTrainedModel):
             pos[b, pad:] = torch.arange(seq - pad, device=device)
 
         mask = self._episode_mask(group, n_steps, step_keep)
+        if step_bias is not None:
+            mask = mask + self._step_bias_mask(group, n_steps, step_bias.to(device=device, dtype=mask.dtype))
         out = self.language_model.model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False
         )
