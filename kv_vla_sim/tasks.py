@@ -1,0 +1,369 @@
+"""Task definitions: layout sampling, language templates, success and failure predicates.
+
+Every predicate is a pure function of an :class:`EpisodeSpec` (what the episode is about, fixed at
+reset) and a :class:`SceneState` (where things are now, plus the touch log), so it can be tested
+on hand-made states without running physics.
+
+Two families (see DESIGN.md, "The experiment that proves the method"):
+
+* no memory needed - ``reach``, ``push``, ``pick_place``: the current frame and the instruction
+  say everything; a memoryless policy can solve them.
+* memory needed - ``cued_reach``, ``cued_pick``: three identical grey cubes, one lit (yellow) for
+  the first :data:`CUE_STEPS` frames only; the arm is held still until a lamp lights up (white) at least
+  :data:`MIN_CUE_GAP` control steps after the cue went out; then the robot must act on the cube
+  that was lit. ``touch_sequence``: "touch the red cube, then the blue cube"; touching leaves no
+  trace and the expert returns home in between, so the frame before the second reach looks like
+  the first frame of the episode.
+
+Chance levels (``Task.chance``) are for a policy that sees only the current frame and the
+instruction and does not write state into the world (e.g. by parking the arm somewhere); on the
+no-memory tasks the number given is that of a policy that picks an object at random, not a bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# --- geometry (metres, world frame; table top at z = 0, robot base at the origin) -------------
+CUBE_HALF = 0.025  # 5 cm cubes
+ZONE_HALF = 0.05  # 10 cm square zones / target pad (flat, visual only)
+X_RANGE = (0.40, 0.68)  # where objects are placed
+Y_RANGE = (-0.20, 0.20)
+MIN_SEPARATION = 0.12  # between object centres (cubes and zones)
+HOME = np.array([0.35, 0.0, 0.25])  # end-effector home (between the fingertips)
+TRAVEL_Z = 0.15  # height at which the expert travels above objects
+TOUCH_Z = 0.07  # expert's touch height: fingertips ~1 cm above a cube's top, no contact
+TOUCH_XY = 0.035  # touching = end effector within this horizontal distance of a cube centre
+TOUCH_DZ = 0.04  #   and less than this above the cube's top face
+LIFT_Z = 0.08  # a cube centre above this height counts as lifted (resting: 0.025)
+RESTING_Z = 0.04  # a cube centre below this height rests on the table (or a zone)
+
+# --- cue timing (control steps) -----------------------------------------------------------------
+CUE_STEPS = 3  # the cue is visible in frames 0, 1, 2
+MIN_CUE_GAP = 30  # the go lamp turns on at least this many steps after the cue disappears
+GO_JITTER = 5  # go step = CUE_STEPS + MIN_CUE_GAP + U{0..GO_JITTER-1}
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """What one episode is about; fixed at reset and fully determined by (task, seed)."""
+
+    task: str
+    seed: int
+    instruction: str
+    cube_colours: tuple[str, ...]  # colour names; "grey" for the cued tasks
+    cube_xy: np.ndarray  # [N, 2]
+    zone_colours: tuple[str, ...] = ()
+    zone_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # [M, 2]
+    target: int = -1  # the cube the instruction (or the cue) designates
+    zone: int = -1  # the zone the target cube must end in
+    sequence: tuple[int, ...] = ()  # cubes to touch, in order (touch_sequence)
+    cue_steps: int = 0  # frames 0..cue_steps-1 show the cue on the target cube
+    go_step: int = 0  # the arm obeys actions from this step on; the lamp is green from then
+    max_steps: int = 40
+
+    def cue_visible(self, t: int) -> bool:
+        return t < self.cue_steps
+
+    def go(self, t: int) -> bool:
+        return t >= self.go_step
+
+
+@dataclass(frozen=True)
+class SceneState:
+    """The state predicates look at. ``t`` counts control steps taken so far."""
+
+    t: int
+    ee_pos: np.ndarray  # [3]
+    cube_pos: np.ndarray  # [N, 3]
+    grasped: int = -1  # index of the cube held by the gripper, -1 if none
+    gripper_closed: bool = False
+    touches: tuple[int, ...] = ()  # cube indices, one entry per touch onset, in order
+
+
+def touching(ee_pos: np.ndarray, cube_pos: np.ndarray) -> bool:
+    """The end effector is right above a cube (within reach of its top face)."""
+    dx, dy = ee_pos[0] - cube_pos[0], ee_pos[1] - cube_pos[1]
+    return bool(np.hypot(dx, dy) < TOUCH_XY and ee_pos[2] < cube_pos[2] + CUBE_HALF + TOUCH_DZ)
+
+
+def in_zone(cube_pos: np.ndarray, zone_xy: np.ndarray) -> bool:
+    """The cube's centre lies over the square zone."""
+    return bool(abs(cube_pos[0] - zone_xy[0]) <= ZONE_HALF and abs(cube_pos[1] - zone_xy[1]) <= ZONE_HALF)
+
+
+def _sample_points(
+    rng: np.random.Generator, n: int, taken: list[np.ndarray], min_sep: float = MIN_SEPARATION
+) -> list[np.ndarray]:
+    """Rejection-sample n points in the object region, min_sep apart from each other and `taken`."""
+    pts: list[np.ndarray] = []
+    while len(pts) < n:
+        p = np.array([rng.uniform(*X_RANGE), rng.uniform(*Y_RANGE)])
+        if all(np.linalg.norm(p - q) >= min_sep for q in [*taken, *pts]):
+            pts.append(p)
+    return pts
+
+
+def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    ab = b - a
+    s = float(np.clip(np.dot(p - a, ab) / max(np.dot(ab, ab), 1e-12), 0.0, 1.0))
+    return float(np.linalg.norm(p - (a + s * ab)))
+
+
+class Task:
+    """Base class: a task samples episodes and judges states. Subclasses set the class fields."""
+
+    name: str = ""
+    templates: tuple[str, ...] = ()
+    max_steps: int = 40
+    needs_memory: bool = False
+    chance: float = 0.0
+    chance_note: str = ""
+
+    def sample(self, seed: int) -> EpisodeSpec:
+        """The episode for this seed (deterministic)."""
+        raise NotImplementedError
+
+    def success(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        raise NotImplementedError
+
+    def failure(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        """An unrecoverable mistake (touching or grasping the wrong cube); ends the episode."""
+        return False
+
+    def _template(self, rng: np.random.Generator, **kw: str) -> str:
+        return self.templates[int(rng.integers(len(self.templates)))].format(**kw)
+
+
+_CUBE_COLOURS = ("red", "green", "blue")
+
+
+class Reach(Task):
+    name = "reach"
+    templates = ("reach the {c} cube", "touch the {c} cube", "move the gripper to the {c} cube")
+    max_steps = 30
+    chance = 1 / 3
+    chance_note = "no memory needed; 1/3 = touching one of the 3 cubes at random"
+
+    def sample(self, seed: int) -> EpisodeSpec:
+        rng = np.random.default_rng(seed)
+        xy = np.array(_sample_points(rng, 3, []))
+        colours = tuple(str(c) for c in rng.permutation(_CUBE_COLOURS))
+        target = int(rng.integers(3))
+        return EpisodeSpec(
+            task=self.name,
+            seed=seed,
+            instruction=self._template(rng, c=colours[target]),
+            cube_colours=colours,
+            cube_xy=xy,
+            target=target,
+            max_steps=self.max_steps,
+        )
+
+    def success(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        return len(state.touches) > 0 and state.touches[0] == spec.target
+
+    def failure(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        return len(state.touches) > 0 and state.touches[0] != spec.target
+
+
+class Push(Task):
+    name = "push"
+    templates = (
+        "push the {c} cube into the {z} zone",
+        "slide the {c} cube into the {z} zone",
+        "push the {c} cube onto the {z} square",
+    )
+    max_steps = 40
+    chance = 1 / 4
+    chance_note = "no memory needed; 1/4 = a random cube into a random zone"
+
+    def sample(self, seed: int) -> EpisodeSpec:
+        rng = np.random.default_rng(seed)
+        # The push runs roughly along x (the closed gripper's wide face), away from or toward
+        # the robot; the target cube, its zone and the pre-push point must fit the region.
+        while True:
+            sign = 1.0 if rng.uniform() < 0.5 else -1.0
+            ang = rng.uniform(-np.pi / 6, np.pi / 6)
+            dist = rng.uniform(0.13, 0.18)
+            d = sign * np.array([np.cos(ang), np.sin(ang)])
+            cube = np.array([rng.uniform(*X_RANGE), rng.uniform(*Y_RANGE)])
+            zone = cube + dist * d
+            pre = cube - 0.07 * d
+            ok = X_RANGE[0] <= zone[0] <= X_RANGE[1] and Y_RANGE[0] <= zone[1] <= Y_RANGE[1]
+            if ok and pre[0] >= 0.34:
+                break
+        while True:
+            other_cube, other_zone = _sample_points(rng, 2, [cube, zone])
+            if _segment_distance(other_cube, pre, zone) >= 0.10:
+                break
+        colours = tuple(str(c) for c in rng.permutation(_CUBE_COLOURS)[:2])
+        zone_colours = ("yellow", "purple") if rng.uniform() < 0.5 else ("purple", "yellow")
+        # Index 0 is the target cube / zone after a seeded swap, so the order carries no hint.
+        swap_c, swap_z = bool(rng.integers(2)), bool(rng.integers(2))
+        cubes = [other_cube, cube] if swap_c else [cube, other_cube]
+        zones = [other_zone, zone] if swap_z else [zone, other_zone]
+        target, tzone = int(swap_c), int(swap_z)
+        return EpisodeSpec(
+            task=self.name,
+            seed=seed,
+            instruction=self._template(rng, c=colours[target], z=zone_colours[tzone]),
+            cube_colours=colours,
+            cube_xy=np.array(cubes),
+            zone_colours=zone_colours,
+            zone_xy=np.array(zones),
+            target=target,
+            zone=tzone,
+            max_steps=self.max_steps,
+        )
+
+    def success(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        cube = state.cube_pos[spec.target]
+        return in_zone(cube, spec.zone_xy[spec.zone]) and cube[2] < RESTING_Z
+
+
+class PickPlace(Task):
+    name = "pick_place"
+    templates = (
+        "pick up the {c} cube and place it on the target",
+        "put the {c} cube on the target",
+        "move the {c} cube onto the target",
+    )
+    max_steps = 40
+    chance = 1 / 2
+    chance_note = "no memory needed; 1/2 = one of the 2 cubes at random"
+
+    def sample(self, seed: int) -> EpisodeSpec:
+        rng = np.random.default_rng(seed)
+        pts = _sample_points(rng, 3, [])
+        colours = tuple(str(c) for c in rng.permutation(_CUBE_COLOURS)[:2])
+        target = int(rng.integers(2))
+        return EpisodeSpec(
+            task=self.name,
+            seed=seed,
+            instruction=self._template(rng, c=colours[target]),
+            cube_colours=colours,
+            cube_xy=np.array(pts[:2]),
+            zone_colours=("cyan",),
+            zone_xy=np.array(pts[2:]),
+            target=target,
+            zone=0,
+            max_steps=self.max_steps,
+        )
+
+    def success(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        cube = state.cube_pos[spec.target]
+        return state.grasped != spec.target and in_zone(cube, spec.zone_xy[spec.zone]) and cube[2] < RESTING_Z
+
+
+class _Cued(Task):
+    """Three grey cubes, one lit at the start; the arm waits for the go lamp."""
+
+    needs_memory = True
+    chance = 1 / 3
+
+    def sample(self, seed: int) -> EpisodeSpec:
+        rng = np.random.default_rng(seed)
+        xy = np.array(_sample_points(rng, 3, []))
+        go = CUE_STEPS + MIN_CUE_GAP + int(rng.integers(GO_JITTER))
+        return EpisodeSpec(
+            task=self.name,
+            seed=seed,
+            instruction=self._template(rng),
+            cube_colours=("grey", "grey", "grey"),
+            cube_xy=xy,
+            target=int(rng.integers(3)),
+            cue_steps=CUE_STEPS,
+            go_step=go,
+            max_steps=self.max_steps,
+        )
+
+
+class CuedReach(_Cued):
+    name = "cued_reach"
+    templates = (
+        "touch the cube that was lit",
+        "wait for the lamp, then touch the cube that lit up",
+        "when the lamp lights up, touch the cube that was lit",
+    )
+    max_steps = 50
+    chance_note = "1/3: the cue is gone long before the arm may move; 3 identical cubes"
+
+    def success(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        return len(state.touches) > 0 and state.touches[0] == spec.target
+
+    def failure(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        return len(state.touches) > 0 and state.touches[0] != spec.target
+
+
+class CuedPick(_Cued):
+    name = "cued_pick"
+    templates = (
+        "pick up the cube that was lit",
+        "wait for the lamp, then pick up the cube that lit up",
+        "when the lamp lights up, lift the cube that was lit",
+    )
+    max_steps = 55
+    chance_note = "1/3: the cue is gone long before the arm may move; 3 identical cubes"
+
+    def success(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        return state.grasped == spec.target and state.cube_pos[spec.target][2] > LIFT_Z
+
+    def failure(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        return state.grasped not in (-1, spec.target)
+
+
+class TouchSequence(Task):
+    name = "touch_sequence"
+    templates = (
+        "touch the {a} cube, then the {b} cube",
+        "first touch the {a} cube and then the {b} cube",
+        "touch the {a} cube and after that the {b} cube",
+    )
+    max_steps = 45
+    needs_memory = True
+    chance = 1 / 4
+    chance_note = (
+        "1/4: back home after the first touch the frame equals the first frame, so a memoryless "
+        "policy goes to the first cube with some probability p either time: success p(1-p) <= 1/4 "
+        "(0 for a deterministic one); touching a cube out of order, or again, fails"
+    )
+
+    def sample(self, seed: int) -> EpisodeSpec:
+        rng = np.random.default_rng(seed)
+        xy = np.array(_sample_points(rng, 3, []))
+        colours = tuple(str(c) for c in rng.permutation(_CUBE_COLOURS))
+        first, second = (int(i) for i in rng.permutation(3)[:2])
+        return EpisodeSpec(
+            task=self.name,
+            seed=seed,
+            instruction=self._template(rng, a=colours[first], b=colours[second]),
+            cube_colours=colours,
+            cube_xy=xy,
+            sequence=(first, second),
+            target=second,
+            max_steps=self.max_steps,
+        )
+
+    def success(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        return tuple(state.touches[:2]) == spec.sequence
+
+    def failure(self, spec: EpisodeSpec, state: SceneState) -> bool:
+        n = len(state.touches)
+        return tuple(state.touches) != spec.sequence[:n] or n > len(spec.sequence)
+
+
+TASKS: dict[str, Task] = {
+    t.name: t for t in (Reach(), Push(), PickPlace(), CuedReach(), CuedPick(), TouchSequence())
+}
+MEMORY_TASKS = tuple(n for n, t in TASKS.items() if t.needs_memory)
+PLAIN_TASKS = tuple(n for n, t in TASKS.items() if not t.needs_memory)
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}") from None
