@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kv_vla_node.vla_node import RuntimeSettings
 
+GATE_FILE = "gate.safetensors"
+
 # node parameter name -> EpisodeCacheConfig field
 _FIELD = {
     "cache_policy": "policy",
@@ -23,11 +25,11 @@ _FIELD = {
 }
 
 
-def cache_kwargs(node_values: dict[str, Any]) -> dict[str, Any]:
+def cache_kwargs(node_values: dict[str, Any], step_tokens: int | None = None) -> dict[str, Any]:
     """Node parameter values -> ``EpisodeCacheConfig`` keyword arguments.
 
-    ``max_tokens`` 0 means unbounded (None); ``chunk_size`` 0 means the config's default (the tokens
-    of one control step), so the key is left out.
+    ``max_tokens`` 0 means unbounded (None); ``chunk_size`` 0 means the tokens of one control step
+    (``step_tokens``, the runtime's image + action tokens), or the config's default when unknown.
     """
     out: dict[str, Any] = {}
     for name, value in node_values.items():
@@ -36,19 +38,19 @@ def cache_kwargs(node_values: dict[str, Any]) -> dict[str, Any]:
         if name == "max_tokens" and value == 0:
             value = None
         if name == "chunk_size" and value == 0:
-            from kv_vla.cache import EpisodeCacheConfig
-
-            value = EpisodeCacheConfig.__dataclass_fields__["chunk_size"].default
+            if step_tokens is None:
+                continue
+            value = int(step_tokens)
         out[_FIELD[name]] = value
     return out
 
 
-def check_cache_values(node_values: dict[str, Any]) -> str | None:
+def check_cache_values(node_values: dict[str, Any], step_tokens: int | None = None) -> str | None:
     """Why this full set of cache parameters is not a valid ``EpisodeCacheConfig`` (None if it is)."""
     from kv_vla.cache import EpisodeCacheConfig
 
     try:
-        EpisodeCacheConfig(**cache_kwargs(node_values))
+        EpisodeCacheConfig(**cache_kwargs(node_values, step_tokens))
     except (ValueError, TypeError) as exc:
         return str(exc)
     return None
@@ -68,21 +70,24 @@ def resolve_model_path(path: str) -> str:
 
 
 def build_runtime(settings: RuntimeSettings) -> Any:
-    """Load the checkpoint at ``settings.model_path`` into an ``EpisodeRuntime``."""
+    """Load the checkpoint at ``settings.model_path`` into an ``EpisodeRuntime``.
+
+    The cache starts with the node's cache parameters; ``chunk_size`` 0 becomes the model's tokens per
+    control step. An empty ``gate_path`` uses ``<model_path>/gate.safetensors`` when it exists.
+    """
     import torch
 
     from kv_vla import runtime as kv_runtime
     from kv_vla.cache import EpisodeCacheConfig
 
-    config = EpisodeCacheConfig(**cache_kwargs(settings.cache))
+    model_path = resolve_model_path(settings.model_path)
+    gate_path = resolve_model_path(settings.gate_path) if settings.gate_path else None
+    if gate_path is None and (Path(model_path) / GATE_FILE).exists():
+        gate_path = str(Path(model_path) / GATE_FILE)
     runtime = kv_runtime.EpisodeRuntime.from_pretrained(
-        resolve_model_path(settings.model_path),
-        cache_config=config,
-        device=settings.device,
-        dtype=getattr(torch, settings.dtype),
+        model_path, device=settings.device, dtype=getattr(torch, settings.dtype), gate_path=gate_path
     )
-    if settings.gate_path:
-        from kv_vla.cache import ChunkGate
-
-        runtime.set_gate(ChunkGate.load(resolve_model_path(settings.gate_path)))
+    # Every field, so the node's values replace the runtime's defaults (validated, ValueError if not).
+    EpisodeCacheConfig(**cache_kwargs(settings.cache, runtime.step_tokens))
+    runtime.update_cache_config(**cache_kwargs(settings.cache, runtime.step_tokens))
     return runtime

@@ -164,6 +164,7 @@ class VLANode(Node):
         )
         t0 = time.perf_counter()
         self._runtime = (runtime_factory or default_runtime_factory)(settings)
+        self._step_tokens: int | None = getattr(self._runtime, "step_tokens", None)
         self.get_logger().info(
             f"loaded {settings.model_path} on {settings.device}/{settings.dtype} in {time.perf_counter() - t0:.1f} s"
         )
@@ -198,7 +199,7 @@ class VLANode(Node):
             with self._lock:
                 candidate = {k: self._values[k] for k in params.CACHE_KEYS}
             candidate.update(cache_changes)
-            reason = check_cache_values(candidate)
+            reason = check_cache_values(candidate, self._step_tokens)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
@@ -256,19 +257,24 @@ class VLANode(Node):
 
     # ------------------------------------------------------------------ episodes
     def _start_episode(self, instruction: str) -> None:
-        """Apply next-episode cache changes, reset the runtime (cache emptied to the prompt)."""
+        """Reset the runtime (cache emptied down to the pinned prompt), then apply next-episode changes.
+
+        The changes are applied to the fresh cache while it holds only the prompt, so a new chunk size
+        or budget never meets chunks cut under the old one; a change the cache refuses (e.g. a budget
+        smaller than this prompt) is reported and the previous value stays active.
+        """
         with self._lock:
             pending, self._pending_episode = self._pending_episode, {}
             pending.update(self._pending_now)
             self._pending_now = {}
             self._frame = None  # a frame from before the reset never answers into the new episode
+        self._runtime.reset(instruction)
         if pending:
             try:
-                self._runtime.update_cache_config(**cache_kwargs(pending))
+                self._runtime.update_cache_config(**cache_kwargs(pending, self._step_tokens))
                 self._active_cache.update(pending)
-            except ValueError as exc:  # e.g. a budget too small for this prompt: keep the old config
+            except ValueError as exc:
                 self._refuse("parameter", f"cache change {pending} refused at episode start: {exc}")
-        self._runtime.reset(instruction)
         self._instruction = instruction
         self._episode += 1
         self._episode_step = 0
@@ -335,7 +341,7 @@ class VLANode(Node):
             twist_scale = float(self._values["twist_scale"])
         if now_changes:
             try:
-                self._runtime.update_cache_config(**cache_kwargs(now_changes))
+                self._runtime.update_cache_config(**cache_kwargs(now_changes, self._step_tokens))
                 self._active_cache.update(now_changes)
             except ValueError as exc:
                 self._refuse("parameter", f"cache change {now_changes} refused: {exc}")
@@ -377,12 +383,21 @@ class VLANode(Node):
             "kv_bytes": str(int(getattr(stats, "kv_bytes", 0) or 0)),
             "peak_kv_bytes": str(self._peak_kv_bytes),
         }
-        for key in ("seen_tokens", "kept_tokens", "evicted_tokens", "kept_chunks", "evicted_chunks"):
+        for key in (
+            "seen_tokens",
+            "kept_tokens",
+            "pinned_tokens",
+            "evicted_tokens",
+            "kept_chunks",
+            "evicted_chunks",
+        ):
             out[key] = str(int(getattr(stats, key, 0) or 0))
         for key in ("vision", "prefill", "decode", "total"):
             out[f"latency_{key}_ms"] = f"{float(self._last_timings.get(key, 0.0)):.3f}"
         for key in params.CACHE_KEYS:
             out[key] = str(self._active_cache[key])
+        active_config = getattr(self._runtime, "cache_config", None)
+        out["chunk_size_tokens"] = str(getattr(active_config, "chunk_size", self._active_cache["chunk_size"]))
         out["pending_next_episode"] = ",".join(f"{k}={v}" for k, v in sorted(pending.items()))
         for key in (
             "action_clip",
@@ -431,15 +446,12 @@ def _policy_names() -> tuple[str, ...] | None:
 
 
 def _runtime_stats(runtime: Any) -> Any:
-    """Cache stats right after a reset (the runtime's own, when it exposes them)."""
-    for attr in ("cache_stats", "stats"):
-        fn = getattr(runtime, attr, None)
-        if callable(fn):
-            try:
-                return fn()
-            except Exception:
-                return None
-    return None
+    """The runtime's cache stats right after a reset (None when it exposes no cache)."""
+    cache = getattr(runtime, "cache", None)
+    try:
+        return cache.stats() if cache is not None else None
+    except Exception:
+        return None
 
 
 def main(args: list[str] | None = None) -> int:
