@@ -19,7 +19,8 @@ Semantics (see DESIGN.md, "Cache semantics that must hold"):
   last layer's ``update``, lets the decision use everything the completing forward produced,
   including the last layer's attention probe, and never changes tensors a running forward holds.
 * ``max_tokens`` is a hard budget on kept tokens between forward calls (a forward's own new block
-  is held while it runs).
+  is held while it runs): a decision evicts until the kept tokens *plus the room the open chunk
+  still needs to complete* fit, so the budget holds until the next decision.
 
 Storage: per layer, ``keys``/``values`` tensors ``[B, H, kept, D]`` in position order plus one
 shared index of the kept positions; eviction is an ``index_select`` of the kept columns. Per-chunk
@@ -376,7 +377,10 @@ class EpisodeCache(Cache):
         evict = [c for c, k in zip(candidates, keep) if not k]
         budget = self.config.max_tokens
         if budget is not None:
-            kept_after = int(self._positions.numel()) - sum(c.length for c in evict)
+            # leave room for the open chunk to fill up, so the budget holds until the next decision
+            open_tokens = max(0, self._seen - self._open_start)
+            headroom = max(0, self.config.chunk_size - open_tokens)
+            kept_after = int(self._positions.numel()) + headroom - sum(c.length for c in evict)
             survivors = sorted(
                 (i for i, k in enumerate(keep) if k), key=lambda i: (utilities[i], candidates[i].index)
             )

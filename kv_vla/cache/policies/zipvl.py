@@ -1,0 +1,224 @@
+"""``zipvl`` and ``gated_tiered``: mixed-precision chunk storage.
+
+``zipvl`` (He et al., 2024, "ZipVL: Efficient Large Vision-Language Models with Dynamic Token
+Sparsification", arXiv 2410.08584): per layer, the newest queries' normalised attention picks the
+smallest set of chunks holding a share ``tau`` of the attention mass; those stay at full precision
+and every other evictable chunk is stored at ``low_bits`` (keys per channel, values per token, as in
+KIVI and ZipCache). The ratio of important tokens therefore differs per layer and per step. zipvl
+evicts nothing itself; a ``max_tokens`` budget still evicts the least-attended chunks.
+
+``gated_tiered``: the recurrent gate's utility ``u`` of a chunk chooses one of three fates:
+full precision (``u >= full_threshold``), ``low_bits`` precision (``gate_threshold <= u <
+full_threshold``) or eviction (``u < gate_threshold``), the same in every layer.
+
+Options live in ``EpisodeCacheConfig.extra`` and are read at every decision (live updates apply at
+the next one): ``tau`` (zipvl, in (0, 1], default 0.9), ``low_bits`` (2, 4 or 8, default 4),
+``quant_group_size`` (default 32) and ``full_threshold`` (gated_tiered, in [gate_threshold, 1],
+default 0.75). Both policies swap the cache's layers for
+:class:`kv_vla.cache.quant.store.MixedPrecisionLayer` when attached, so memory is counted as packed
+codes plus scales. A low-precision chunk is never restored to full precision.
+
+Both need the cache to call ``policy.attach(cache)`` after it creates the policy, and ``zipvl``
+needs ``EpisodeCache.record_attention`` to hand each layer its own probe report
+(``layer.record_attention(mass)``); see the module docstring of ``kv_vla.cache.quant.store``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from kv_vla.cache.chunks import Chunk
+from kv_vla.cache.policies import register_policy
+from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext
+from kv_vla.cache.policies.gated import GatedPolicy
+
+if TYPE_CHECKING:
+    from kv_vla.cache.config import EpisodeCacheConfig
+
+DEFAULTS: dict[str, Any] = {"tau": 0.9, "low_bits": 4, "quant_group_size": 32, "full_threshold": 0.75}
+
+
+def option(config: EpisodeCacheConfig, name: str) -> Any:
+    """``config.extra[name]`` or its default."""
+    return config.extra.get(name, DEFAULTS[name])
+
+
+def _check_quant_options(config: EpisodeCacheConfig) -> None:
+    bits = option(config, "low_bits")
+    if isinstance(bits, bool) or bits not in (2, 4, 8):
+        raise ValueError(f"extra.low_bits: {bits!r} is not allowed; allowed values: 2, 4, 8")
+    group = option(config, "quant_group_size")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"extra.quant_group_size: {group!r} is not allowed; allowed values: an integer >= 1")
+
+
+def _number(config: EpisodeCacheConfig, name: str) -> float:
+    value = option(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"extra.{name}: must be a number; got {value!r}")
+    return float(value)
+
+
+class _MixedPrecisionMixin:
+    """Shared plumbing: attach to the cache, locate chunk columns, quantise a chunk in a layer."""
+
+    _cache: Any = None
+
+    def attach(self, cache: Any) -> None:
+        """Bind to ``cache`` and make every layer a :class:`MixedPrecisionLayer` (keeps its data)."""
+        from kv_vla.cache.quant.store import MixedPrecisionLayer
+
+        self._cache = cache
+        cache.layers = [MixedPrecisionLayer.adopt(layer) for layer in cache.layers]
+
+    def _cache_or_raise(self) -> Any:
+        if self._cache is None:
+            raise RuntimeError(
+                f"policy {self.name!r} stores chunks at low precision and must be attached to its cache "
+                "(EpisodeCache calls policy.attach(cache) after creating the policy)"
+            )
+        return self._cache
+
+    def _columns(self, chunks: list[Chunk]) -> list[tuple[int, int]]:
+        positions = self._cache_or_raise().kept_positions()
+        return [
+            (int(torch.searchsorted(positions, c.start)), int(torch.searchsorted(positions, c.end)))
+            for c in chunks
+        ]
+
+    def _store_low(self, layer: Any, chunk: Chunk, cols: tuple[int, int], config: EpisodeCacheConfig) -> bool:
+        """Quantise ``chunk`` in ``layer`` unless it already is; returns whether it changed."""
+        a, b = cols
+        if b <= a or layer.keys is None or layer.is_low_precision(a, b):
+            return False
+        layer.quantize_columns(a, b, int(option(config, "low_bits")), int(option(config, "quant_group_size")))
+        return True
+
+    def _mark(self, chunk: Chunk, layer_bits: list[int]) -> None:
+        chunk.meta["layer_bits"] = layer_bits
+        low = [b for b in layer_bits if b < 16]
+        chunk.precision = "full" if not low else (f"int{low[0]}" if len(low) == len(layer_bits) else "mixed")
+
+
+@register_policy
+@dataclass
+class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
+    """Layer-adaptive mixed precision (ZipVL); see the module docstring.
+
+    After every decision, ``last_ratios`` holds each layer's ratio ``p`` (tokens of the chunks kept
+    at full precision / tokens of the candidate chunks) and ``ratio_history`` all of them.
+    """
+
+    name: ClassVar[str] = "zipvl"
+    needs_attention: ClassVar[bool] = True
+    last_ratios: list[float] = field(default_factory=list)
+    ratio_history: list[list[float]] = field(default_factory=list)
+
+    @classmethod
+    def validate_config(cls, config: EpisodeCacheConfig) -> None:
+        super().validate_config(config)
+        _check_quant_options(config)
+        tau = _number(config, "tau")
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"extra.tau: {tau} is not allowed; allowed values: (0, 1]")
+
+    def reset(self) -> None:
+        self.last_ratios = []
+        self.ratio_history = []
+
+    def _layer_chunk_mass(self, layer: Any, cols: list[tuple[int, int]]) -> torch.Tensor | None:
+        scores = layer.normalized_scores()
+        if scores is None:
+            return None
+        return torch.tensor([float(scores[a:b].sum()) for a, b in cols])
+
+    def score(self, candidates: list[Chunk], ctx: PolicyContext) -> list[float]:
+        """Utility = the chunk's normalised attention, averaged over its tokens and the layers."""
+        if ctx.attention_mass is None:
+            raise RuntimeError(
+                "policy 'zipvl' needs the attention probe: call "
+                "kv_vla.cache.enable_attention_probe(model) before running the model"
+            )
+        cache = self._cache_or_raise()
+        cols = self._columns(candidates)
+        total = torch.zeros(len(candidates))
+        for layer in cache.layers:
+            mass = self._layer_chunk_mass(layer, cols)
+            if mass is not None:
+                total += mass
+        lengths = torch.tensor([max(1, b - a) for a, b in cols], dtype=torch.float32)
+        utilities = (total / lengths / max(1, len(cache.layers))).tolist()
+        for c, u in zip(candidates, utilities):
+            c.utility = u
+        return utilities
+
+    def keep(self, candidates: list[Chunk], utilities: list[float], ctx: PolicyContext) -> list[bool]:
+        from kv_vla.cache.quant.ratio import select_important
+
+        cache = self._cache_or_raise()
+        tau = _number(ctx.config, "tau")
+        cols = self._columns(candidates)
+        lengths = [b - a for a, b in cols]
+        n_tokens = max(1, sum(lengths))
+        bits_per_chunk = [[16] * len(cache.layers) for _ in candidates]
+        ratios = []
+        for li, layer in enumerate(cache.layers):
+            mass = self._layer_chunk_mass(layer, cols)
+            if mass is None or float(mass.sum()) <= 0:
+                important = set(range(len(candidates)))  # no evidence this window: change nothing
+            else:
+                important = set(select_important(mass, tau).indices.tolist())
+            ratios.append(sum(lengths[i] for i in important) / n_tokens)
+            for i, (chunk, c) in enumerate(zip(candidates, cols)):
+                if i not in important:
+                    self._store_low(layer, chunk, c, ctx.config)
+                if layer.is_low_precision(*c):
+                    bits_per_chunk[i][li] = int(option(ctx.config, "low_bits"))
+            layer.reset_attention()
+        for chunk, bits in zip(candidates, bits_per_chunk):
+            self._mark(chunk, bits)
+        self.last_ratios = ratios
+        self.ratio_history.append(ratios)
+        return [True] * len(candidates)
+
+
+@register_policy
+@dataclass
+class TieredGatedPolicy(_MixedPrecisionMixin, GatedPolicy):
+    """The gate's utility picks full precision, low precision or eviction; see the module docstring."""
+
+    name: ClassVar[str] = "gated_tiered"
+
+    @classmethod
+    def validate_config(cls, config: EpisodeCacheConfig) -> None:
+        super().validate_config(config)
+        _check_quant_options(config)
+        full = _number(config, "full_threshold")
+        if not float(config.gate_threshold) <= full <= 1.0:
+            raise ValueError(
+                f"extra.full_threshold: {full} is not allowed; allowed values: "
+                f"[gate_threshold={config.gate_threshold}, 1]"
+            )
+
+    def keep(self, candidates: list[Chunk], utilities: list[float], ctx: PolicyContext) -> list[bool]:
+        cache = self._cache_or_raise()
+        evict_below = float(ctx.config.gate_threshold)
+        full_from = _number(ctx.config, "full_threshold")
+        cols = self._columns(candidates)
+        keep = []
+        for chunk, u, c in zip(candidates, utilities, cols):
+            keep.append(u >= evict_below)
+            if evict_below <= u < full_from:
+                for layer in cache.layers:
+                    self._store_low(layer, chunk, c, ctx.config)
+            self._mark(
+                chunk,
+                [
+                    int(option(ctx.config, "low_bits")) if ly.is_low_precision(*c) else 16
+                    for ly in cache.layers
+                ],
+            )
+        return keep

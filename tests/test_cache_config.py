@@ -1,0 +1,76 @@
+"""Invalid cache configurations are refused with a ValueError naming the field and allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from kv_vla.cache import POLICIES, EpisodeCache, EpisodeCacheConfig
+from kv_vla.cache.testing import tiny_config
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "allowed"),
+    [
+        (dict(chunk_size=0), "chunk_size", ">= 1"),
+        (dict(chunk_size=-3), "chunk_size", ">= 1"),
+        (dict(gate_threshold=1.5), "gate_threshold", "[0, 1]"),
+        (dict(gate_threshold=-0.1), "gate_threshold", "[0, 1]"),
+        (dict(policy="lru"), "policy", "'window'"),
+        (dict(recent_chunks=-1), "recent_chunks", ">= 0"),
+        (dict(sink_tokens=-1), "sink_tokens", ">= 0"),
+        (dict(max_tokens=0, policy="window"), "max_tokens", ">= 1"),
+        (dict(max_tokens=100), "max_tokens", "None"),  # policy 'full' never evicts
+        (dict(policy="sinks", sink_tokens=0), "sink_tokens", ">= 1"),
+    ],
+)
+def test_invalid_config_names_field_and_allowed_values(changes, field, allowed):
+    with pytest.raises(ValueError) as err:
+        EpisodeCacheConfig(**changes)
+    message = str(err.value)
+    assert message.startswith(field + ":")
+    assert allowed in message
+
+
+def test_replace_validates_and_rejects_unknown_fields():
+    cfg = EpisodeCacheConfig(policy="window", chunk_size=8)
+    assert cfg.replace(chunk_size=4).chunk_size == 4
+    assert cfg.chunk_size == 8
+    with pytest.raises(ValueError, match=r"^chunk_size:"):
+        cfg.replace(chunk_size=0)
+    with pytest.raises(ValueError, match=r"^colour:"):
+        cfg.replace(colour="red")
+
+
+def test_budget_smaller_than_pinned_prefix_is_refused_at_pin_time():
+    model_config = tiny_config("llama")
+    cfg = EpisodeCacheConfig(policy="window", chunk_size=4, recent_chunks=1, max_tokens=20)
+    cache = EpisodeCache(cfg, model_config)
+    import torch
+
+    k = torch.zeros(1, 2, 16, 8)
+    for layer in range(model_config.num_hidden_layers):
+        cache.update(k, k, layer)  # a 16-token prompt: 16 + (1 + 1) * 4 = 24 > 20
+    with pytest.raises(ValueError, match=r"^max_tokens: 20 .*allowed values: None or an int >= 24"):
+        cache.pin_prefix()
+    cache.update_config(max_tokens=24)
+    assert cache.pin_prefix() == 16
+    with pytest.raises(ValueError, match=r"^max_tokens:"):
+        cache.update_config(max_tokens=23)
+    assert cache.config.max_tokens == 24
+
+
+def test_none_forces_no_recent_chunks_and_window_no_sinks():
+    assert EpisodeCacheConfig(policy="none", recent_chunks=3).effective_recent_chunks == 0
+    assert EpisodeCacheConfig(policy="window", sink_tokens=4).effective_sink_tokens == 0
+    assert EpisodeCacheConfig(policy="sinks", sink_tokens=4).effective_sink_tokens == 4
+
+
+def test_registry_lists_every_policy():
+    assert {"full", "none", "window", "sinks", "attention", "random", "gated"} <= set(POLICIES)
+
+
+def test_sliding_window_models_are_refused():
+    with pytest.raises(ValueError, match=r"^model_config: sliding-window"):
+        from transformers import MistralConfig
+
+        EpisodeCache(EpisodeCacheConfig(), MistralConfig(num_hidden_layers=1, sliding_window=64))

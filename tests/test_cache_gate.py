@@ -1,0 +1,90 @@
+"""The recurrent chunk gate: save/load, causal step == sequence forward, live threshold changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kv_vla.cache import ChunkGate, EpisodeCache, EpisodeCacheConfig, GateConfig
+from kv_vla.cache.testing import run_episode, tiny_config
+
+CHUNK = 15
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_gate_save_load_round_trip(tmp_path, cell):
+    gate = ChunkGate.for_model(tiny_config("qwen2"), seed=4, cell=cell)
+    x = torch.randn(9, gate.feature_dim)
+    path = tmp_path / "gate" / "gate.safetensors"
+    gate.save(path)
+    assert path.exists() and path.with_suffix(".json").exists()
+    loaded = ChunkGate.load(path)
+    assert loaded.config == gate.config
+    assert torch.equal(loaded(x), gate(x))
+    assert not list((tmp_path / "gate").glob("*.tmp"))
+
+
+def test_gate_step_equals_differentiable_forward():
+    gate = ChunkGate.for_model(tiny_config("llama"), seed=1)
+    x = torch.randn(12, gate.feature_dim, requires_grad=True)
+    utilities = gate(x)
+    assert utilities.shape == (12,) and ((utilities > 0) & (utilities < 1)).all()
+    state, stepped = None, []
+    for row in x.detach():
+        u, state = gate.step(row, state)
+        stepped.append(u)
+    assert torch.allclose(torch.stack(stepped), utilities.detach(), atol=1e-6)
+    utilities.sum().backward()  # a trainer can backpropagate through a recorded episode
+    assert x.grad is not None and gate.layer_proj.weight.grad is not None
+    with pytest.raises(ValueError, match=r"^summaries:"):
+        gate(torch.randn(3, gate.feature_dim + 1))
+    with pytest.raises(ValueError, match=r"^cell:"):
+        GateConfig(num_layers=2, head_dim=8, cell="rnn")
+
+
+def test_feature_dim_follows_model_config():
+    cfg = tiny_config("gemma", hidden=64, layers=2)  # head_dim 16
+    gate = ChunkGate.for_model(cfg)
+    assert gate.feature_dim == 2 * 4 * 16 + 2
+
+
+def test_cache_utilities_are_the_gates_forward_over_chunk_summaries(tiny_models):
+    model = tiny_models("llama")
+    cfg = EpisodeCacheConfig(policy="gated", chunk_size=CHUNK, recent_chunks=2, gate_threshold=0.0)
+    cache = EpisodeCache(cfg, model.config)
+    run_episode(model, cache, list(range(10)), 8, 12, 3)
+    summaries = cache.chunk_summaries()
+    assert summaries.shape == (8, cache.gate.feature_dim)
+    expected = cache.gate(summaries)
+    got = torch.tensor([c.utility for c in cache.chunks])
+    assert torch.allclose(got, expected.detach(), atol=1e-6)
+
+
+def test_threshold_change_takes_effect_at_next_decision(tiny_models):
+    model = tiny_models("mistral")
+    cfg = EpisodeCacheConfig(policy="gated", chunk_size=CHUNK, recent_chunks=1, gate_threshold=0.0)
+    cache = EpisodeCache(cfg, model.config)
+    gate = ChunkGate.for_model(model.config, seed=7)
+    cache.set_gate(gate)
+    run_episode(model, cache, list(range(10)), 6, 12, 3)
+    assert cache.stats().evicted_chunks == 0  # threshold 0 keeps every chunk
+    cache.update_config(gate_threshold=1.0)
+    assert cache.stats().evicted_chunks == 0  # no decision yet
+    # one more step (a chunk completes): every old chunk is now under the threshold
+    gen_ids = [int(i) for i in torch.arange(12) + 20]
+    pos = cache.get_seq_length()
+    model(
+        input_ids=torch.tensor([gen_ids]),
+        position_ids=torch.arange(pos, pos + 12)[None],
+        past_key_values=cache,
+    )
+    assert cache.stats().evicted_chunks == 0  # chunk still open
+    pos += 12
+    model(
+        input_ids=torch.tensor([[1, 2, 3]]),
+        position_ids=torch.arange(pos, pos + 3)[None],
+        past_key_values=cache,
+    )
+    stats = cache.stats()
+    assert stats.evicted_chunks == 6 and stats.kept_chunks == 1
+    assert stats.kept_tokens == 10 + CHUNK
