@@ -394,6 +394,22 @@ class CompactVLA(PreTrainedModel):
             acc = (logits[sel].argmax(-1) == labels[sel]).float().mean()
         return EpisodeOutput(loss=loss, action_logits=logits, accuracy=acc)
 
+    @staticmethod
+    def _step_bias_mask(group: torch.Tensor, n_steps: int, step_bias: torch.Tensor) -> torch.Tensor:
+        """Expand a per-step ``[B, T, T]`` bias to tokens ``[B, 1, L, L]`` (zero for prompt/padding)."""
+        bsz, seq = group.shape
+        if step_bias.shape != (bsz, n_steps, n_steps):
+            raise ValueError(
+                f"step_bias must be [B, T, T] = {(bsz, n_steps, n_steps)}, got {tuple(step_bias.shape)}"
+            )
+        gq, gk = group[:, :, None], group[:, None, :]
+        qi = gq.clamp(min=0).expand(bsz, seq, seq)
+        ki = gk.clamp(min=0).expand(bsz, seq, seq)
+        flat = (qi * n_steps + ki).reshape(bsz, -1)
+        bias = torch.gather(step_bias.reshape(bsz, -1), 1, flat).reshape(bsz, seq, seq)
+        applies = (gq >= 0) & (gk >= 0) & (gk < gq)
+        return torch.where(applies, bias, torch.zeros_like(bias))[:, None]
+
     def _episode_mask(
         self, group: torch.Tensor, n_steps: int, step_keep: torch.Tensor | None
     ) -> torch.Tensor:

@@ -1,0 +1,265 @@
+"""Behaviour cloning of the compact VLA on whole episodes (``kv-vla train``).
+
+Why whole episodes: the policy must learn to *use* its episode history (the cue shown at the start,
+the first touch of a sequence), so each training sequence is exactly what the runtime's episode
+cache holds — prompt, then per step the frame's tokens and the action tokens — and the loss is on
+the action tokens only. Old steps are hidden at random (history dropout) so the policy still acts
+well when the cache has evicted chunks or keeps none (OpenVLA-style reset).
+
+Checkpoints (model, optimiser, step, RNG) are written atomically every ``checkpoint_every`` updates
+and training resumes from the latest one; the loss curve is saved as JSON and PNG beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kv_vla.train.data import EpisodeTensors, collate, sample_step_visibility, tokenize_episodes
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a behaviour-cloning run (saved beside the model as ``train_config.json``)."""
+
+    data: list[str]
+    out: str
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    drop_rates: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.3, 0.6, 1.0])
+    recent_choices: list[int] = field(default_factory=lambda: [2, 2, 2, 0])
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 200
+    max_per_task: int | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    max_steps: int | None = None  # stop after this many updates (tests, smoke runs)
+
+    def validate(self) -> TrainConfig:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not self.drop_rates or any(not 0.0 <= r <= 1.0 for r in self.drop_rates):
+            raise ValueError(f"drop_rates: each must lie in [0, 1], got {self.drop_rates}")
+        if not self.recent_choices or any(r < 0 for r in self.recent_choices):
+            raise ValueError(f"recent_choices: each must be >= 0, got {self.recent_choices}")
+        return self
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present (training then runs in bf16 autocast), else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(episodes: Sequence[Any], overrides: dict[str, Any], seed: int) -> Any:
+    """A fresh compact VLA whose vocabulary covers every instruction word and whose action
+    normalisation statistics (q01/q99; the binary gripper left un-normalised) come from the data."""
+    from kv_vla.model.action_tokenizer import compute_norm_stats
+    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.text_tokenizer import DEFAULT_WORDS
+
+    words = set(DEFAULT_WORDS)
+    for ep in episodes:
+        words.update(ep.instruction.lower().replace(",", " ").replace(".", " ").split())
+    actions = np.concatenate([np.asarray(ep.actions, dtype=np.float32) for ep in episodes])
+    mask = [True] * (actions.shape[1] - 1) + [False]
+    torch.manual_seed(seed)
+    config = CompactVLAConfig(words=sorted(words), action_dim=actions.shape[1], **overrides)
+    return CompactVLA(config, norm_stats={"kv_vla_sim": compute_norm_stats(actions, mask=mask)})
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def plot_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Loss (and accuracy, if logged) against update step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["loss"] for h in history], label="loss", color="tab:blue")
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    if "accuracy" in history[0]:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [h["accuracy"] for h in history], label="action-token accuracy", color="tab:orange")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+    ax.set_title(title)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _batches(data: list[EpisodeTensors], batch_size: int, rng: random.Random) -> list[list[EpisodeTensors]]:
+    """Length-bucketed batches (less padding), shuffled."""
+    order = sorted(range(len(data)), key=lambda i: (data[i].n_steps, rng.random()))
+    batches = [[data[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
+    """Train (or resume) and save the final model folder to ``cfg.out``; returns that path."""
+    from tqdm import tqdm
+
+    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.train.data import load_demonstrations
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if episodes is None:
+        episodes = load_demonstrations(cfg.data, cfg.max_per_task)
+    ckpt_path = out / CHECKPOINT
+    resume = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    if resume is not None:
+        model = CompactVLA.from_pretrained(out / "checkpoint_model")
+    else:
+        model = build_model(episodes, cfg.model_overrides, cfg.seed)
+    model.to(device)
+    data = tokenize_episodes(model, episodes)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total = (
+        steps_per_epoch * cfg.epochs
+        if cfg.max_steps is None
+        else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    )
+    step, history = 0, []
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        step, history = resume["step"], resume["history"]
+        rng.setstate(resume["epoch_rng"])  # replays the interrupted epoch's batch order
+        gen.set_state(resume["torch_rng"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    n_params = sum(p.numel() for p in model.parameters())
+    _atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+    start_epoch = step // steps_per_epoch
+    bar = tqdm(
+        total=total, initial=step, desc=f"bc ({n_params / 1e6:.2f}M params, {device.type})", unit="upd"
+    )
+    t_start = time.perf_counter()
+    model.train()
+    for _epoch in range(start_epoch, cfg.epochs):
+        # the batch order is drawn from the RNG state saved at the epoch's start, so a resumed run
+        # replays the same order and skips the batches it already did (none lost, none repeated)
+        epoch_rng = rng.getstate()
+        batches = _batches(data, cfg.batch_size, rng)
+        for batch in batches[step % steps_per_epoch :] if _epoch == start_epoch else batches:
+            if step >= total:
+                break
+            b = collate(batch)
+            recent = rng.choice(cfg.recent_choices)
+            vis = sample_step_visibility(len(batch), b["action_ids"].shape[1], recent, cfg.drop_rates, gen)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, total, cfg)
+            with autocast:
+                res = model.forward_episode(
+                    b["prompt_ids"], b["frames"], b["action_ids"], step_valid=b["step_valid"], step_keep=vis
+                )
+            opt.zero_grad(set_to_none=True)
+            res.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            history.append({"step": step, "loss": float(res.loss.detach()), "accuracy": float(res.accuracy)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(res.loss):.3f}", acc=f"{float(res.accuracy):.2f}")
+            if step % cfg.checkpoint_every == 0 or step == total:
+                _save_checkpoint(model, opt, step, history, epoch_rng, gen, out)
+        if step >= total:
+            break
+    bar.close()
+    model.eval()
+    final = out / "model"
+    model.save_pretrained(final)
+    meta = {
+        "updates": step,
+        "episodes": len(data),
+        "params": n_params,
+        "device": str(device),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+    }
+    _atomic_write_text(out / "loss.json", json.dumps({"meta": meta, "history": history}))
+    plot_curve(_smooth(history), out / "loss.png", "behaviour cloning (smoothed)")
+    return final
+
+
+def _save_checkpoint(
+    model: Any, opt: Any, step: int, history: list, epoch_rng: Any, gen: Any, out: Path
+) -> None:
+    model.save_pretrained(out / "checkpoint_model")
+    state = {
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "history": history,
+        "epoch_rng": epoch_rng,
+        "torch_rng": gen.get_state(),
+    }
+    _atomic_torch_save(state, out / CHECKPOINT)
+
+
+def _smooth(history: list[dict[str, float]], window: int = 20) -> list[dict[str, float]]:
+    out = []
+    for i in range(len(history)):
+        chunk = history[max(0, i - window + 1) : i + 1]
+        out.append(
+            {k: float(np.mean([h[k] for h in chunk])) for k in history[i]} | {"step": history[i]["step"]}
+        )
+    return out

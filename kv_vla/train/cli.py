@@ -1,0 +1,55 @@
+"""``kv-vla train``: behaviour-clone the compact VLA on recorded demonstrations (see :mod:`kv_vla.train.bc`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, nargs="+", help="one or more `kv-vla collect` output folders"
+    )
+    parser.add_argument(
+        "--out", required=True, help="run folder: checkpoints, loss curve, final model in OUT/model"
+    )
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="updates between checkpoints")
+    parser.add_argument("--max-per-task", type=int, default=None, help="use at most this many demos per task")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many updates")
+    parser.add_argument(
+        "--drop-rates",
+        default="0,0,0.3,0.6,1",
+        help="history-dropout rates, one drawn per episode (comma list)",
+    )
+    parser.add_argument(
+        "--model-config",
+        default="{}",
+        help="JSON overrides of CompactVLAConfig, e.g. '{\"hidden_size\": 128}'",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kv_vla.train.bc import TrainConfig, train_bc
+
+    cfg = TrainConfig(
+        data=list(args.data),
+        out=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        max_per_task=args.max_per_task,
+        max_steps=args.max_steps,
+        drop_rates=[float(x) for x in args.drop_rates.split(",")],
+        model_overrides=json.loads(args.model_config),
+    )
+    path = train_bc(cfg)
+    print(f"model saved to {path}")
+    return 0

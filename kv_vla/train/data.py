@@ -1,0 +1,106 @@
+"""Demonstration episodes as model-ready tensors, and the history-dropout masks used in training.
+
+Behaviour cloning here is on whole episodes: one sequence holds the prompt and then, per control
+step, the frame's tokens and the action tokens (the runtime's exact layout). To make the policy
+tolerate an evicted history, training hides random old steps from later ones through the attention
+mask (:func:`sample_step_visibility`), the same way the episode cache hides evicted chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EpisodeTensors:
+    """One demonstration, tokenised for :meth:`CompactVLA.forward_episode`."""
+
+    prompt_ids: torch.Tensor  # [P] int64
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    action_ids: torch.Tensor  # [T, D] int64
+    task: str
+    seed: int
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.action_ids.shape[0])
+
+
+def load_demonstrations(dirs: Sequence[str | Path], max_per_task: int | None = None) -> list[Any]:
+    """Successful demonstrations from one or more ``kv-vla collect`` output folders."""
+    from kv_vla_sim.demos import load_episodes
+
+    episodes: list[Any] = []
+    for d in dirs:
+        episodes.extend(ep for ep in load_episodes(d) if ep.success)
+    if not episodes:
+        raise ValueError(f"no successful demonstrations found in {list(map(str, dirs))}")
+    if max_per_task is not None:
+        by_task: dict[str, list[Any]] = {}
+        for ep in episodes:
+            by_task.setdefault(ep.task, []).append(ep)
+        episodes = [ep for eps in by_task.values() for ep in eps[:max_per_task]]
+    return episodes
+
+
+def tokenize_episodes(model: Any, episodes: Sequence[Any]) -> list[EpisodeTensors]:
+    """Prompt ids and action token ids (normalised with the model's statistics) per episode."""
+    from kv_vla.model.action_tokenizer import normalize_actions
+    from kv_vla.model.prompt import build_prompt
+
+    out = []
+    for ep in episodes:
+        prompt = model.prompt_ids(build_prompt(ep.instruction))[0].cpu()
+        norm = normalize_actions(np.asarray(ep.actions, dtype=np.float32), model.norm_stats)
+        ids = torch.as_tensor(model.action_tokenizer.encode(norm), dtype=torch.long)
+        out.append(EpisodeTensors(prompt, np.asarray(ep.frames), ids, ep.task, int(ep.seed)))
+    return out
+
+
+def collate(batch: Sequence[EpisodeTensors]) -> dict[str, Any]:
+    """Pad episodes to the longest one; padded steps are marked invalid (excluded from the loss)."""
+    n_max = max(e.n_steps for e in batch)
+    h, w = batch[0].frames.shape[1:3]
+    d = batch[0].action_ids.shape[1]
+    frames = np.zeros((len(batch), n_max, h, w, 3), dtype=np.uint8)
+    actions = torch.zeros((len(batch), n_max, d), dtype=torch.long)
+    valid = torch.zeros((len(batch), n_max), dtype=torch.bool)
+    for b, e in enumerate(batch):
+        frames[b, : e.n_steps] = e.frames
+        actions[b, : e.n_steps] = e.action_ids
+        actions[b, e.n_steps :] = e.action_ids[-1]  # any valid id; padding is masked out of the loss
+        valid[b, : e.n_steps] = True
+    return {
+        "prompt_ids": [e.prompt_ids for e in batch],
+        "frames": frames,
+        "action_ids": actions,
+        "step_valid": valid,
+    }
+
+
+def sample_step_visibility(
+    n_batch: int,
+    n_steps: int,
+    recent: int,
+    drop_rates: Sequence[float],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``[B, T, T]`` bool: step ``i`` sees step ``j < i`` iff ``i - j <= recent`` or ``j`` was kept.
+
+    Each episode draws one drop rate from ``drop_rates`` (rate 1.0 = only the recent window, like the
+    ``window`` policy; with ``recent=0`` it is OpenVLA's per-step reset) and then drops each old step
+    independently. This is eviction as the cache does it: a step dropped is gone for every later one.
+    """
+    rates = torch.tensor(drop_rates, dtype=torch.float32)
+    pick = torch.randint(len(drop_rates), (n_batch,), generator=generator)
+    keep = torch.rand((n_batch, n_steps), generator=generator) >= rates[pick][:, None]
+    i = torch.arange(n_steps)[:, None]
+    j = torch.arange(n_steps)[None, :]
+    recent_mask = (i - j <= recent) & (j <= i)
+    return recent_mask[None] | keep[:, None, :]

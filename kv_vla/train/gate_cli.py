@@ -1,0 +1,48 @@
+"""``kv-vla train-gate``: learn the chunk gate's utility for a trained model (see :mod:`kv_vla.train.gate`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="trained compact VLA folder")
+    parser.add_argument("--data", required=True, nargs="+", help="`kv-vla collect` output folders")
+    parser.add_argument(
+        "--out", required=True, help="folder for gate.safetensors, its config and the loss curve"
+    )
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--sparsity", type=float, default=0.05, help="weight of the mean-utility (memory) penalty"
+    )
+    parser.add_argument(
+        "--recent-chunks", type=int, default=2, help="chunks always kept (as in the cache config)"
+    )
+    parser.add_argument("--cell", choices=["gru", "lstm"], default="gru")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-per-task", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kv_vla.train.gate import GateTrainConfig, train_gate
+
+    cfg = GateTrainConfig(
+        model=args.model,
+        data=list(args.data),
+        out=args.out,
+        epochs=args.epochs,
+        lr=args.lr,
+        sparsity=args.sparsity,
+        recent_chunks=args.recent_chunks,
+        cell=args.cell,
+        seed=args.seed,
+        device=args.device,
+        max_per_task=args.max_per_task,
+        max_steps=args.max_steps,
+    )
+    path = train_gate(cfg)
+    print(f"gate saved to {path}")
+    return 0
