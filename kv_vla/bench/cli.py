@@ -1,0 +1,84 @@
+"""``kv-vla bench ...``: benchmarks. ``kv-vla bench cache`` measures the episode cache's policies."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("history lengths must be integers >= 1")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``bench`` sub-subcommands (kept free of heavy imports)."""
+    sub = parser.add_subparsers(dest="bench", required=True)
+    cache = sub.add_parser("cache", help="step latency and KV memory of every cache policy vs full")
+    cache.add_argument("--json", required=True, type=Path, help="where to write the JSON report (PNG beside)")
+    cache.add_argument("--preset", choices=["small", "openvla-7b"], default="small")
+    cache.add_argument(
+        "--obs-tokens", type=int, default=276, help="prefill tokens per step (256 image + prompt)"
+    )
+    cache.add_argument("--action-tokens", type=int, default=7, help="greedy decoded tokens per step")
+    cache.add_argument(
+        "--history", type=_int_list, default=[10, 20, 40, 80, 160], help="e.g. 10,20,40,80,160"
+    )
+    cache.add_argument("--policies", type=_str_list, default=None, help="comma-separated; default: all")
+    cache.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    cache.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    cache.add_argument("--repeats", type=int, default=3, help="timed steps per history point (median)")
+    cache.add_argument("--keep-steps", type=int, default=8, help="history the bounded policies keep (steps)")
+    cache.add_argument("--seed", type=int, default=0)
+    cache.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``kv-vla bench <name>``."""
+    if args.bench == "cache":
+        return _run_cache(args)
+    raise SystemExit(f"unknown benchmark {args.bench!r}")
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from kv_vla.bench.cache_bench import (
+        ALL_POLICIES,
+        BenchConfig,
+        format_table,
+        run_bench,
+        write_json,
+        write_plot,
+    )
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("kv-vla bench cache: --device cuda requested but no CUDA device is available")
+        return 2
+    cfg = BenchConfig(
+        preset=args.preset,
+        obs_tokens=args.obs_tokens,
+        action_tokens=args.action_tokens,
+        history=args.history,
+        policies=args.policies or list(ALL_POLICIES),
+        device=args.device,
+        dtype=args.dtype,
+        repeats=args.repeats,
+        keep_steps=args.keep_steps,
+        seed=args.seed,
+    )
+    report = run_bench(cfg, progress=not args.no_progress)
+    print(format_table(report))
+    path = write_json(report, args.json)
+    plot = write_plot(report, path.with_suffix(".png"))
+    print(f"wrote {path}" + (f" and {plot}" if plot else ""))
+    return 0
