@@ -1,0 +1,262 @@
+"""The OpenVLA loader's code path on a tiny random model with OpenVLA's module structure.
+
+The mirror below has the attributes the loader relies on (``vision_backbone`` returning patch
+features from a fused 6-channel input, ``projector``, ``language_model`` = ``LlamaForCausalLM``
+with a vocabulary padded by ``pad_to_multiple_of``, ``norm_stats`` in the config) and is written
+out as remote code so that ``load_openvla`` runs its ``trust_remote_code`` path for real.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers.dynamic_module_utils as dmu
+
+from kv_vla.cache import EpisodeCacheConfig
+from kv_vla.model import build_prompt, unnormalize_actions
+from kv_vla.model.openvla import OpenVLABackbone, load_openvla
+from kv_vla.model.text_tokenizer import DEFAULT_WORDS, build_text_tokenizer
+from kv_vla.runtime import EpisodeRuntime
+
+TOK = build_text_tokenizer(DEFAULT_WORDS)
+PAD = 64
+SUFFIX = TOK.convert_tokens_to_ids("</s>")  # stands in for OpenVLA's 29871 in this tiny vocabulary
+NORM_STATS = {
+    "bridge_orig": {
+        "action": {
+            "q01": [-0.1, -0.2, -0.3, 0.0],
+            "q99": [0.1, 0.2, 0.3, 1.0],
+            "mask": [True, True, True, False],
+        }
+    },
+    "kv_vla_sim": {"action": {"q01": [-1.0] * 4, "q99": [1.0] * 4, "mask": [True] * 4}},
+}
+
+CONFIG_SRC = """
+from transformers import PretrainedConfig
+
+
+class TinyPrismaticConfig(PretrainedConfig):
+    model_type = "tiny_prismatic"
+
+    def __init__(self, text_config=None, norm_stats=None, n_action_bins=256, pad_to_multiple_of=64,
+                 image_size=32, patch_size=8, vision_dim=24, use_fused_vision_backbone=True, **kwargs):
+        self.text_config = dict(text_config or {})
+        self.norm_stats = norm_stats
+        self.n_action_bins = n_action_bins
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.vision_dim = vision_dim
+        self.use_fused_vision_backbone = use_fused_vision_backbone
+        super().__init__(**kwargs)
+"""
+
+MODELING_SRC = '''
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from .configuration_tiny_prismatic import TinyPrismaticConfig
+
+
+class TinyVisionBackbone(nn.Module):
+    """Mirrors PrismaticVisionBackbone: fused DINO+SigLIP input (6 channels) -> patch features."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fused = cfg.use_fused_vision_backbone
+        self.featurizer = nn.Conv2d(3, cfg.vision_dim, cfg.patch_size, cfg.patch_size)
+        if self.fused:
+            self.fused_featurizer = nn.Conv2d(3, cfg.vision_dim, cfg.patch_size, cfg.patch_size)
+
+    def forward(self, pixel_values):
+        if not self.fused:
+            return self.featurizer(pixel_values).flatten(2).transpose(1, 2)
+        a, b = torch.split(pixel_values, [3, 3], dim=1)
+        pa = self.featurizer(a).flatten(2).transpose(1, 2)
+        pb = self.fused_featurizer(b).flatten(2).transpose(1, 2)
+        return torch.cat([pa, pb], dim=2)
+
+
+class TinyProjector(nn.Module):
+    """Mirrors PrismaticProjector (non-fused variant: fc1 -> GELU -> fc2)."""
+
+    def __init__(self, vision_dim, llm_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, llm_dim)
+        self.act_fn1 = nn.GELU()
+        self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x):
+        return self.fc2(self.act_fn1(self.fc1(x)))
+
+
+class TinyPrismaticForActionPrediction(PreTrainedModel):
+    config_class = TinyPrismaticConfig
+    base_model_prefix = "tiny_prismatic"
+
+    def __init__(self, config):
+        super().__init__(config)
+        text = LlamaConfig(**config.text_config)
+        vdim = config.vision_dim * (2 if config.use_fused_vision_backbone else 1)
+        self.vision_backbone = TinyVisionBackbone(config)
+        self.projector = TinyProjector(vdim, text.hidden_size)
+        self.language_model = LlamaForCausalLM(text)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=0.05)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the stock forward must never be used by the runtime")
+'''
+
+
+def _mirror_module(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_prismatic_src")
+    (d / "configuration_tiny_prismatic.py").write_text(CONFIG_SRC)
+    (d / "modeling_tiny_prismatic.py").write_text(
+        MODELING_SRC.replace("from .configuration", "from configuration")
+    )
+    sys.path.insert(0, str(d))
+    try:
+        import configuration_tiny_prismatic as c
+        import modeling_tiny_prismatic as m
+    finally:
+        sys.path.remove(str(d))
+    return c, m
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory):
+    return _mirror_module(tmp_path_factory)
+
+
+def make_prismatic(mirror, seed=0, fused=True):
+    c, m = mirror
+    torch.manual_seed(seed)
+    cfg = c.TinyPrismaticConfig(
+        text_config=dict(
+            vocab_size=len(TOK) + PAD,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        norm_stats=NORM_STATS,
+        pad_to_multiple_of=PAD,
+        use_fused_vision_backbone=fused,
+    )
+    return m.TinyPrismaticForActionPrediction(cfg).eval()
+
+
+def backbone(prismatic, fused=True):
+    means = [(0.485, 0.456, 0.406), (0.5, 0.5, 0.5)] if fused else [(0.5, 0.5, 0.5)]
+    stds = [(0.229, 0.224, 0.225), (0.5, 0.5, 0.5)] if fused else [(0.5, 0.5, 0.5)]
+    return OpenVLABackbone(prismatic, TOK, image_size=32, means=means, stds=stds, prompt_suffix_id=SUFFIX)
+
+
+def frames(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 40, 40, 3), dtype=np.uint8)
+
+
+def test_mapping_action_vocab_and_prompt_suffix(mirror):
+    vla = backbone(make_prismatic(mirror))
+    # action ids: last 256 ids of the UNPADDED vocabulary (text vocab - pad_to_multiple_of)
+    assert vla.action_tokenizer.vocab_size == len(TOK)
+    assert vla.action_tokenizer.action_token_begin_idx == len(TOK) - 256
+    assert vla.action_dim == 4 and vla.num_image_tokens == 16
+    ids = vla.prompt_ids(build_prompt("touch the red cube"))[0].tolist()
+    assert ids[0] == TOK.bos_token_id and ids[-1] == SUFFIX and ids[-2] != SUFFIX
+    assert vla.pixel_values(frames(1, 0)[0]).shape == (1, 6, 32, 32)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_runtime_step_matches_manual_composition(mirror, fused):
+    p = make_prismatic(mirror, fused=fused)
+    vla = backbone(p, fused=fused)
+    rt = EpisodeRuntime(vla, unnorm_key="bridge_orig")
+    rt.reset("touch the red cube")
+    f = frames(1, 1)[0]
+    res = rt.step(f)
+    with torch.no_grad():
+        prompt = vla.embed_prompt(build_prompt("touch the red cube"))
+        img = p.projector(p.vision_backbone(vla.pixel_values(f)))
+        logits = p.language_model(inputs_embeds=torch.cat([prompt, img], 1)).logits[0, -1]
+    begin = len(TOK) - 256
+    torch.testing.assert_close(rt.last_action_logits[0], logits[begin : len(TOK)], atol=1e-5, rtol=1e-5)
+    # un-normalisation with bridge_orig's q01/q99 and mask (gripper left as the bin centre)
+    expected = unnormalize_actions(
+        vla.action_tokenizer.decode(res.action_token_ids), NORM_STATS, "bridge_orig"
+    )
+    np.testing.assert_allclose(res.action, expected, atol=1e-6)
+    assert np.all(res.action[:3] <= np.array([0.1, 0.2, 0.3]) + 1e-6)
+
+
+def test_norm_stats_need_unnorm_key_when_several(mirror):
+    vla = backbone(make_prismatic(mirror))
+    with pytest.raises(ValueError, match="unnorm_key"):
+        EpisodeRuntime(vla)
+    with pytest.raises(ValueError, match="not in norm_stats"):
+        EpisodeRuntime(vla, unnorm_key="nope")
+
+
+def test_not_a_prismatic_model_is_refused():
+    with pytest.raises(ValueError, match="vision_backbone"):
+        OpenVLABackbone(torch.nn.Linear(2, 2), TOK)
+
+
+def test_load_openvla_from_a_remote_code_directory(mirror, tmp_path, monkeypatch):
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    p = make_prismatic(mirror, seed=4)
+    ckpt = tmp_path / "openvla-tiny"
+    p.save_pretrained(ckpt)
+    TOK.save_pretrained(ckpt)
+    (ckpt / "configuration_tiny_prismatic.py").write_text(CONFIG_SRC)
+    (ckpt / "modeling_tiny_prismatic.py").write_text(MODELING_SRC)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_tiny_prismatic.TinyPrismaticConfig",
+        "AutoModelForVision2Seq": "modeling_tiny_prismatic.TinyPrismaticForActionPrediction",
+    }
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    (ckpt / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "PrismaticImageProcessor",
+                "use_fused_vision_backbone": True,
+                "input_sizes": [[3, 32, 32], [3, 32, 32]],
+                "means": [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]],
+                "stds": [[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]],
+            }
+        )
+    )
+    loaded = load_openvla(ckpt, prompt_suffix_id=SUFFIX)
+    assert loaded.image_size == 32 and len(loaded.means) == 2
+    assert loaded.norm_stats == NORM_STATS
+    ref = backbone(p)
+    cc = EpisodeCacheConfig(policy="window", chunk_size=20, recent_chunks=1)
+    out = []
+    for vla in (ref, loaded):
+        rt = EpisodeRuntime(vla, cc, unnorm_key="kv_vla_sim")
+        rt.reset("push the blue cube")
+        logits = []
+        for f in frames(3, 5):
+            rt.step(f)
+            logits.append(rt.last_action_logits.clone())
+        out.append(torch.stack(logits))
+    assert torch.equal(out[0], out[1])
+
+
+def test_load_openvla_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_openvla(tmp_path)
