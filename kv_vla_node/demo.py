@@ -1,0 +1,219 @@
+"""``kv-vla demo``: the main job. The VLA node and the sim bridge run as separate processes and talk
+over DDS; a few closed-loop episodes per task; a table of success, peak KV memory and latency.
+
+Each run gets its own ROS_DOMAIN_ID with localhost-only discovery, so demos and tests running side by
+side never hear each other. Both children run in their own process groups and are stopped (SIGINT,
+then SIGKILL) on success, failure and Ctrl-C alike: the demo leaves no orphan processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TASKS = ("cued_reach", "touch_sequence", "reach", "push")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``kv-vla demo``."""
+    parser.add_argument("--model", default="models/compact-vla", help="checkpoint folder (the shipped model)")
+    parser.add_argument(
+        "--random-model", action="store_true", help="use a tiny random CompactVLA (plumbing check, no skill)"
+    )
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="kv_vla_sim task names")
+    parser.add_argument("--episodes", type=int, default=2, help="episodes per task")
+    parser.add_argument("--seed-offset", type=int, default=0, help="seed of each task's first episode")
+    parser.add_argument("--max-steps", type=int, default=0, help="step cap per episode; 0 = the task's own")
+    parser.add_argument("--policies", nargs="+", default=["gated"], help="cache policies, one node run each")
+    parser.add_argument("--chunk-size", type=int, default=0, help="0 = the tokens of one control step")
+    parser.add_argument("--gate-threshold", type=float, default=None, help="default: config/kv_vla.yaml")
+    parser.add_argument("--max-tokens", type=int, default=None, help="KV token budget (0 = unbounded)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--json", default="outputs/demo.json", help="where to write per-episode results")
+    parser.add_argument("--log-dir", default="outputs/demo_logs", help="the children's logs")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per policy run")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; 0 when every episode ran (success or not), 1 when the ROS graph failed."""
+    from tqdm import tqdm
+
+    from kv_vla_node.sim_bridge import write_json_atomic
+    from kv_vla_node.testing import (
+        CONFIG_FILE,
+        REPO_ROOT,
+        NodeProcess,
+        free_domain_id,
+        node_command,
+        ros_env,
+        save_random_model,
+    )
+
+    work = Path(tempfile.mkdtemp(prefix="kv_vla_demo_"))
+    if args.random_model:
+        model = save_random_model(work / "random-vla")
+    else:
+        model = Path(args.model)
+        if not model.is_absolute() and not model.exists():
+            model = REPO_ROOT / model
+        if not model.is_dir():
+            print(
+                f"kv-vla demo: no model at {args.model} (train one, or use --random-model)", file=sys.stderr
+            )
+            return 2
+    log_dir = Path(args.log_dir)
+    total = len(args.tasks) * args.episodes
+    records: list[dict[str, Any]] = []
+    failed = False
+    for policy in args.policies:
+        domain = free_domain_id()
+        env = ros_env(log_dir / "ros", domain)
+        node_params: dict[str, Any] = {
+            "model_path": str(model.resolve()),
+            "device": args.device,
+            "dtype": args.dtype,
+            "cache_policy": policy,
+            "chunk_size": args.chunk_size,
+            "control_rate_hz": 50.0,  # polls for new frames; steps only run on a new frame
+            "max_image_age_s": 30.0,  # a loaded 2-core machine must not turn frames stale
+        }
+        if args.gate_threshold is not None:
+            node_params["gate_threshold"] = args.gate_threshold
+        if args.max_tokens is not None:
+            node_params["max_tokens"] = args.max_tokens
+        results_path = work / f"results_{policy}.json"
+        bridge_params = {
+            "tasks": list(args.tasks),
+            "episodes_per_task": args.episodes,
+            "seed_offset": args.seed_offset,
+            "max_steps": args.max_steps,
+            "image_size": args.image_size,
+            "results_path": str(results_path),
+        }
+        print(f"[demo] policy={policy} ROS_DOMAIN_ID={domain} model={model} logs={log_dir}", flush=True)
+        node = bridge = None
+        try:
+            node = NodeProcess(
+                node_command("kv_vla_node.vla_node", node_params, CONFIG_FILE),
+                env,
+                log_dir / f"vla_node_{policy}.log",
+            )
+            bridge = NodeProcess(
+                node_command("kv_vla_node.sim_bridge", bridge_params),
+                env,
+                log_dir / f"sim_bridge_{policy}.log",
+            )
+            code = _follow(node, bridge, total, args.timeout, tqdm(total=total, desc=f"episodes ({policy})"))
+            if code != 0:
+                print(
+                    f"[demo] sim bridge failed ({code}); see {bridge.log_path} and {node.log_path}",
+                    file=sys.stderr,
+                )
+                failed = True
+                continue
+            for record in json.loads(results_path.read_text()):
+                records.append({**record, "policy": policy})
+        except KeyboardInterrupt:
+            print("\n[demo] interrupted; stopping the nodes", file=sys.stderr)
+            return 130
+        finally:
+            for proc in (bridge, node):
+                if proc is not None:
+                    proc.stop()
+
+    summary = summarize(records)
+    payload = {
+        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")} | {"model": str(model)},
+        "episodes": records,
+        "per_task": summary,
+    }
+    write_json_atomic(args.json, payload)
+    print(format_table(summary))
+    print(f"[demo] {len(records)} episodes; results in {args.json}")
+    return 1 if failed or not records else 0
+
+
+def _follow(node: Any, bridge: Any, total: int, timeout_s: float, bar: Any) -> int:
+    """Wait for the bridge, advancing ``bar`` per finished episode; fail fast if the node dies."""
+    deadline = time.monotonic() + timeout_s
+    done = 0
+    try:
+        while True:
+            code = bridge.poll()
+            finished = bridge.log_text().count("episode_result {")
+            if finished > done:
+                bar.update(finished - done)
+                done = finished
+            if code is not None:
+                return code
+            if node.poll() is not None:
+                print(
+                    f"[demo] the VLA node exited ({node.poll()}):\n{node.log_text()[-2000:]}", file=sys.stderr
+                )
+                return 1
+            if time.monotonic() > deadline:
+                print(f"[demo] timed out after {timeout_s:.0f} s", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    finally:
+        bar.close()
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (policy, task) aggregates: success rate, mean peak KV bytes, median latencies, steps."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r.get("policy", ""), r["task"]), []).append(r)
+    rows = []
+    for (policy, task), rs in groups.items():
+        kv = [r["peak_kv_bytes"] for r in rs if r.get("peak_kv_bytes") is not None]
+        lat = [
+            r["step_latency_ms_p50"]
+            for r in rs
+            if r.get("step_latency_ms_p50") == r.get("step_latency_ms_p50")
+        ]
+        rtt = [r["round_trip_ms_p50"] for r in rs if r.get("round_trip_ms_p50") == r.get("round_trip_ms_p50")]
+        rows.append(
+            {
+                "policy": policy,
+                "task": task,
+                "episodes": len(rs),
+                "success_rate": sum(bool(r["success"]) for r in rs) / len(rs),
+                "peak_kv_bytes_mean": statistics.fmean(kv) if kv else None,
+                "step_latency_ms_p50": statistics.median(lat) if lat else None,
+                "round_trip_ms_p50": statistics.median(rtt) if rtt else None,
+                "steps_mean": statistics.fmean(r["steps"] for r in rs),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table (one row per policy and task)."""
+    head = f"{'policy':<8} {'task':<16} {'eps':>3} {'success':>8} {'peak KV KiB':>12} {'step p50 ms':>12} {'rtt p50 ms':>11} {'steps':>6}"
+    lines = [head, "-" * len(head)]
+
+    def num(v: float | None, scale: float = 1.0) -> str:
+        return "-" if v is None else f"{v / scale:.1f}"
+
+    for r in rows:
+        lines.append(
+            f"{r['policy']:<8} {r['task']:<16} {r['episodes']:>3} {100 * r['success_rate']:>7.0f}% "
+            f"{num(r['peak_kv_bytes_mean'], 1024):>12} {num(r['step_latency_ms_p50']):>12} "
+            f"{num(r['round_trip_ms_p50']):>11} {r['steps_mean']:>6.1f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="kv-vla demo")
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))
