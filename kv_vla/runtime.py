@@ -123,10 +123,30 @@ class EpisodeRuntime:
         gate_path: str | Path | None = None,
         unnorm_key: str | None = None,
     ) -> EpisodeRuntime:
-        """Load a compact VLA folder (and optionally a trained gate) into a runtime."""
-        from kv_vla.model.compact_vla import CompactVLA
+        """Load a checkpoint folder (and optionally a trained gate) into a runtime.
 
-        model = CompactVLA.from_pretrained(path)
+        A compact VLA folder (``model_type`` ``kv_vla_compact``) loads natively; a folder with
+        remote code (``auto_map``, e.g. OpenVLA) goes through :func:`kv_vla.model.openvla.load_openvla`.
+        """
+        import json
+
+        from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+
+        cfg_file = Path(path) / "config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"no checkpoint (config.json) in {path}")
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("model_type") == CompactVLAConfig.model_type:
+            model: Any = CompactVLA.from_pretrained(path)
+        elif "auto_map" in meta:
+            from kv_vla.model.openvla import load_openvla
+
+            model = load_openvla(path, device=device, dtype=dtype)
+        else:
+            raise ValueError(
+                f"{path}: model_type {meta.get('model_type')!r} is neither a compact VLA nor a remote-code "
+                "(OpenVLA) checkpoint; wrap other Hugging Face VLMs with kv_vla.model.adapters.adapt()"
+            )
         gate = None
         if gate_path is not None:
             from kv_vla.cache import ChunkGate

@@ -131,3 +131,24 @@ def test_forward_episode_rejects_bad_shapes():
         m.forward_episode([ids], fr[None], act[None, :, :3])
     with pytest.raises(ValueError):
         m.forward_episode([ids], fr[None, :1], act[None])
+
+
+def test_forward_episode_step_bias_soft_mask():
+    m = make_model()
+    ids, fr, act = _episode_inputs(m, 4, 6)
+    with torch.no_grad():
+        ref = m.forward_episode([ids], fr[None], act[None]).action_logits
+        zero = m.forward_episode([ids], fr[None], act[None], step_bias=torch.zeros(1, 4, 4)).action_logits
+        keep = torch.tensor([[True, False, True, True]])
+        dropped = m.forward_episode([ids], fr[None], act[None], step_keep=keep).action_logits
+        hard = torch.zeros(1, 4, 4)
+        hard[:, :, 1] = -1e4  # dims step 1 for every later step to ~zero weight
+        soft = m.forward_episode([ids], fr[None], act[None], step_bias=hard).action_logits
+    assert torch.equal(zero, ref)
+    torch.testing.assert_close(soft, dropped, atol=1e-5, rtol=1e-5)
+    # differentiable w.r.t. the bias (the gate's utilities)
+    bias = torch.zeros(1, 4, 4, requires_grad=True)
+    out = m.forward_episode([ids], fr[None], act[None], step_bias=bias)
+    out.action_logits[:, 3].logsumexp(-1).sum().backward()
+    assert bias.grad is not None and bias.grad[0, 3, :3].abs().sum() > 0
+    assert bias.grad[0, 0].abs().sum() == 0  # step 0 has no earlier steps

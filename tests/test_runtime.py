@@ -242,3 +242,11 @@ def test_runtime_equals_full_sequence_forward(model, policy):
         ).action_logits[0]
     torch.testing.assert_close(rt_logits, ref, atol=2e-5, rtol=1e-4)
     assert torch.equal(rt_logits.argmax(-1), ref.argmax(-1))
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        EpisodeRuntime.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="adapters"):
+        EpisodeRuntime.from_pretrained(tmp_path)
