@@ -1,0 +1,240 @@
+"""Recording scripted-expert demonstrations, resumably, and reading them back.
+
+Layout of a demonstration directory::
+
+    DIR/index.json                 {"episodes": [{file, task, seed, steps, instruction}, ...],
+                                    "rejected": [{task, seed}, ...]}   (expert failures, skipped)
+    DIR/<task>-<seed>.npz          one compressed episode: frames uint8 [T,H,W,3] (the frame the
+                                    action was chosen on), actions float32 [T,4] (the clean expert
+                                    labels), proprio float32 [T,4], instruction, task, seed,
+                                    success, image_size, noise
+
+Only successful expert episodes are kept as demonstrations; a failed seed is listed under
+"rejected" and never retried (episodes are deterministic). Seeds start at
+:data:`DEMO_SEED_OFFSET` so they never overlap evaluation seeds (< 1_000_000).
+
+Every file is written to a temporary name and ``os.replace``d, so an interrupted run leaves either
+a complete episode or none. On restart the ``.npz`` files on disk are the truth: the index is
+rebuilt from them, finished seeds are skipped, and collection continues until the requested
+number of successful episodes per task exists - never more, never a duplicate.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing as mp
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from kv_vla_sim.tasks import TASKS
+
+DEMO_SEED_OFFSET = 1_000_000
+DEFAULT_NOISE = 0.1  # see experts.noisy: perturbs full-speed steps only, labels stay clean
+INDEX = "index.json"
+
+
+@dataclass
+class Episode:
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    actions: np.ndarray  # float32 [T, 4]
+    proprio: np.ndarray  # float32 [T, 4]
+    instruction: str
+    task: str
+    seed: int
+    success: bool
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def episode_file(task: str, seed: int) -> str:
+    return f"{task}-{seed}.npz"
+
+
+def _atomic_write_bytes(path: str, write) -> None:  # type: ignore[no-untyped-def]
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def save_episode(out_dir: str, ep: Episode, image_size: int, noise: float) -> str:
+    name = episode_file(ep.task, ep.seed)
+    arrays = {
+        "frames": ep.frames,
+        "actions": ep.actions.astype(np.float32),
+        "proprio": ep.proprio.astype(np.float32),
+        "instruction": np.array(ep.instruction),
+        "task": np.array(ep.task),
+        "seed": np.array(ep.seed, dtype=np.int64),
+        "success": np.array(ep.success),
+        "image_size": np.array(image_size),
+        "noise": np.array(noise, dtype=np.float32),
+    }
+    _atomic_write_bytes(os.path.join(out_dir, name), lambda f: np.savez_compressed(f, **arrays))
+    return name
+
+
+def load_episode(path: str) -> Episode:
+    with np.load(path, allow_pickle=False) as z:
+        return Episode(
+            frames=z["frames"],
+            actions=z["actions"],
+            proprio=z["proprio"],
+            instruction=str(z["instruction"]),
+            task=str(z["task"]),
+            seed=int(z["seed"]),
+            success=bool(z["success"]),
+        )
+
+
+def load_episodes(directory: str, tasks: Iterable[str] | None = None) -> list[Episode]:
+    """All episodes in ``directory`` (optionally only some tasks), sorted by (task, seed)."""
+    wanted = None if tasks is None else set(tasks)
+    out = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.npz"))):
+        task = os.path.basename(path).rsplit("-", 1)[0]
+        if wanted is None or task in wanted:
+            out.append(load_episode(path))
+    out.sort(key=lambda e: (e.task, e.seed))
+    return out
+
+
+def _read_index(out_dir: str) -> dict[str, list[dict[str, object]]]:
+    """The index, reconciled with the episode files actually on disk."""
+    path = os.path.join(out_dir, INDEX)
+    index: dict[str, list[dict[str, object]]] = {"episodes": [], "rejected": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            index = json.load(f)
+    on_disk = {os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.npz"))}
+    known = {str(e["file"]) for e in index["episodes"] if e["file"] in on_disk}
+    index["episodes"] = [e for e in index["episodes"] if e["file"] in on_disk]
+    for name in sorted(on_disk - known):  # written before an interruption hit the index
+        ep = load_episode(os.path.join(out_dir, name))
+        index["episodes"].append(
+            {"file": name, "task": ep.task, "seed": ep.seed, "steps": len(ep), "instruction": ep.instruction}
+        )
+    index["episodes"].sort(key=lambda e: (str(e["task"]), int(e["seed"])))  # type: ignore[call-overload]
+    return index
+
+
+# ---------------------------------------------------------------------- workers
+_ENVS: dict[tuple[str, int], object] = {}
+
+
+def _run_one(job: tuple[str, int, int, float, str]) -> dict[str, object]:
+    """Roll out one expert episode; save it if it succeeded. Runs in a worker or in-process."""
+    from kv_vla_sim.env import TabletopEnv
+    from kv_vla_sim.experts import run_expert_episode
+
+    task, seed, image_size, noise, out_dir = job
+    key = (task, image_size)
+    if key not in _ENVS:
+        _ENVS[key] = TabletopEnv(task, image_size=image_size)
+    env = _ENVS[key]
+    r = run_expert_episode(env, seed, noise=noise, record=True)  # type: ignore[arg-type]
+    meta: dict[str, object] = {"task": task, "seed": seed, "steps": r["steps"], "success": r["success"]}
+    if r["success"]:
+        ep = Episode(
+            frames=r["frames"],  # type: ignore[arg-type]
+            actions=r["actions"],  # type: ignore[arg-type]
+            proprio=r["proprio"],  # type: ignore[arg-type]
+            instruction=str(r["instruction"]),
+            task=task,
+            seed=seed,
+            success=True,
+        )
+        meta["file"] = save_episode(out_dir, ep, image_size, noise)
+        meta["instruction"] = ep.instruction
+    return meta
+
+
+def _map(jobs: list[tuple[str, int, int, float, str]], workers: int) -> Iterator[dict[str, object]]:
+    if workers <= 1:
+        for job in jobs:
+            yield _run_one(job)
+        return
+    ctx = mp.get_context("spawn")  # no fork: callers may hold torch threads or GPU handles
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap_unordered(_run_one, jobs)
+
+
+def collect(
+    task: str,
+    episodes: int,
+    out_dir: str,
+    seed_offset: int = DEMO_SEED_OFFSET,
+    image_size: int = 64,
+    noise: float = DEFAULT_NOISE,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Make sure ``out_dir`` holds ``episodes`` successful demonstrations of each task.
+
+    ``task`` is a task name or ``"all"``. Returns {task: number of demonstrations on disk}.
+    """
+    if seed_offset < DEMO_SEED_OFFSET:
+        raise ValueError(f"demonstration seeds must be >= {DEMO_SEED_OFFSET} (evaluation uses the rest)")
+    tasks = list(TASKS) if task == "all" else [task]
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; choose from {sorted(TASKS)} or 'all'")
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, ".tmp-*")):  # left by a killed writer
+        os.unlink(stale)
+    index = _read_index(out_dir)
+    write_json_atomic(os.path.join(out_dir, INDEX), index)
+    counts = {}
+    for t in tasks:
+        done = {int(e["seed"]) for e in index["episodes"] if e["task"] == t}  # type: ignore[call-overload]
+        rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == t}  # type: ignore[call-overload]
+        bar = tqdm(
+            total=episodes, initial=min(len(done), episodes), desc=f"collect {t}", disable=not progress
+        )
+        next_seed = seed_offset
+        while len(done) < episodes:
+            jobs = []
+            while len(jobs) < episodes - len(done):
+                if next_seed not in done and next_seed not in rejected:
+                    jobs.append((t, next_seed, image_size, noise, out_dir))
+                next_seed += 1
+            for k, meta in enumerate(_map(jobs, workers)):
+                if meta["success"]:
+                    done.add(int(meta["seed"]))  # type: ignore[call-overload]
+                    index["episodes"].append(
+                        {
+                            "file": meta["file"],
+                            "task": t,
+                            "seed": meta["seed"],
+                            "steps": meta["steps"],
+                            "instruction": meta["instruction"],
+                        }
+                    )
+                    bar.update(1)
+                else:
+                    rejected.add(int(meta["seed"]))  # type: ignore[call-overload]
+                    index["rejected"].append({"task": t, "seed": meta["seed"]})
+                if k % 10 == 9:
+                    write_json_atomic(os.path.join(out_dir, INDEX), index)
+            write_json_atomic(os.path.join(out_dir, INDEX), index)
+        bar.close()
+        counts[t] = len(done)
+    return counts
