@@ -1,0 +1,134 @@
+"""MixedPrecisionLayer: column bookkeeping under quantisation and eviction, honest byte counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kv_vla.cache import EpisodeCache, EpisodeCacheConfig
+from kv_vla.cache.quant import (
+    KEY_AXIS,
+    VALUE_AXIS,
+    dequantize,
+    quantize_keys,
+    quantize_values,
+    quantized_nbytes,
+)
+from kv_vla.cache.quant.store import MixedPrecisionLayer
+from kv_vla.cache.testing import tiny_config
+
+HEADS, DIM, CHUNK = 8, 64, 16
+
+
+def _cache(layers: int = 1) -> EpisodeCache:
+    cfg = tiny_config("llama", layers=layers)  # the layers store whatever shapes they are given
+    return EpisodeCache(
+        EpisodeCacheConfig(policy="full", chunk_size=CHUNK), cfg, layer_cls=MixedPrecisionLayer
+    )
+
+
+def _fill(
+    cache: EpisodeCache, n_chunks: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, HEADS, n_chunks * CHUNK, DIM, generator=g).to(dtype)
+    v = torch.randn(1, HEADS, n_chunks * CHUNK, DIM, generator=g).to(dtype)
+    for i in range(n_chunks):
+        sl = slice(i * CHUNK, (i + 1) * CHUNK)
+        for layer in range(cache.num_layers):
+            cache.update(k[:, :, sl], v[:, :, sl], layer)
+    return k, v
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bytes_drop_by_the_expected_factor(bits, dtype):
+    cache = _cache()
+    _fill(cache, 4, dtype)
+    layer = cache.layers[0]
+    dense = layer.nbytes()
+    per_token_dense = 2 * HEADS * DIM * torch.empty((), dtype=dtype).element_size()
+    assert dense == 4 * CHUNK * per_token_dense
+    for c in range(4):
+        layer.quantize_columns(c * CHUNK, (c + 1) * CHUNK, bits, 32)
+    shape = (1, HEADS, CHUNK, DIM)
+    per_chunk = quantized_nbytes(shape, bits, CHUNK, KEY_AXIS) + quantized_nbytes(shape, bits, 32, VALUE_AXIS)
+    assert layer.nbytes() == 4 * per_chunk
+    # Per token and kv head: codes 2 * DIM * bits / 8 bytes; key scales+zeros 2 * 2 * DIM / CHUNK;
+    # value scales+zeros 2 * 2 * DIM / 32 (float16).
+    per_token = 2 * DIM * bits / 8 + 4 * DIM / CHUNK + 4 * DIM / 32
+    assert layer.nbytes() == pytest.approx(4 * CHUNK * HEADS * per_token)
+    assert cache.stats().kv_bytes == layer.nbytes()
+    factor = dense / layer.nbytes()
+    expected = {8: 1.68, 4: 2.91, 2: 4.57}[bits] * (2 if dtype == torch.float32 else 1)
+    assert factor == pytest.approx(expected, rel=0.01)
+
+
+def test_columns_and_update_return_dequantized_chunks_in_order():
+    cache = _cache()
+    k, v = _fill(cache, 5, torch.float32, seed=3)
+    layer = cache.layers[0]
+    layer.quantize_columns(CHUNK, 2 * CHUNK, 4, 32)
+    layer.quantize_columns(3 * CHUNK, 4 * CHUNK, 2, 32)
+    expect_k, expect_v = k.clone(), v.clone()
+    for a, bits in ((CHUNK, 4), (3 * CHUNK, 2)):
+        sl = slice(a, a + CHUNK)
+        expect_k[:, :, sl] = dequantize(quantize_keys(k[:, :, sl], bits, CHUNK))
+        expect_v[:, :, sl] = dequantize(quantize_values(v[:, :, sl], bits, 32))
+    got_k, got_v = layer.columns(0, 5 * CHUNK)
+    assert torch.equal(got_k, expect_k) and torch.equal(got_v, expect_v)
+    assert torch.equal(layer.columns(CHUNK + 3, 3 * CHUNK + 5)[0], expect_k[:, :, CHUNK + 3 : 3 * CHUNK + 5])
+    # A new block is appended after everything, low-precision chunks dequantised in place.
+    new = torch.randn(1, HEADS, 3, DIM)
+    out_k, out_v = cache.update(new, -new, 0)
+    assert torch.equal(out_k, torch.cat([expect_k, new], dim=2))
+    assert torch.equal(out_v, torch.cat([expect_v, -new], dim=2))
+    assert layer.is_low_precision(CHUNK, 2 * CHUNK) and not layer.is_low_precision(0, CHUNK)
+    with pytest.raises(ValueError):
+        layer.quantize_columns(CHUNK, 2 * CHUNK, 4, 32)
+
+
+def test_eviction_keeps_the_right_columns_and_segments():
+    cache = _cache()
+    k, _ = _fill(cache, 5, torch.float32, seed=4)
+    layer = cache.layers[0]
+    layer.quantize_columns(CHUNK, 2 * CHUNK, 4, 32)
+    layer.quantize_columns(3 * CHUNK, 4 * CHUNK, 4, 32)
+    low_before = layer.columns(3 * CHUNK, 4 * CHUNK)[0].clone()
+    bytes_before = layer.nbytes()
+    # Evict chunk 1 (low) and chunk 2 (dense): keep chunks 0, 3, 4.
+    keep = torch.cat([torch.arange(0, CHUNK), torch.arange(3 * CHUNK, 5 * CHUNK)])
+    layer.select(keep)
+    assert layer.held_tokens() == 3 * CHUNK
+    got = layer.columns(0, 3 * CHUNK)[0]
+    assert torch.equal(got[:, :, :CHUNK], k[:, :, :CHUNK])
+    assert torch.equal(got[:, :, CHUNK : 2 * CHUNK], low_before)
+    assert torch.equal(got[:, :, 2 * CHUNK :], k[:, :, 4 * CHUNK :])
+    assert layer.is_low_precision(CHUNK, 2 * CHUNK)
+    assert layer.nbytes() < bytes_before
+    with pytest.raises(ValueError, match="as a whole"):
+        layer.select(torch.arange(CHUNK + 3))  # would split the low-precision chunk
+    layer.truncate(CHUNK)
+    assert layer.held_tokens() == CHUNK and not layer.segments
+
+
+def test_adopt_keeps_data_and_attention_scores_are_normalised():
+    cache = EpisodeCache(
+        EpisodeCacheConfig(policy="full", chunk_size=CHUNK, probe_queries=4), _cache().model_config
+    )
+    _fill(cache, 2, torch.float32)
+    plain = cache.layers[0]
+    mixed = MixedPrecisionLayer.adopt(plain)
+    assert mixed.keys is plain.keys and mixed.held_tokens() == 2 * CHUNK
+    # One forward of 4 new tokens: every probe query sees the 32 old columns, new ones causally.
+    block = torch.randn(1, HEADS, 4, DIM)
+    mixed.update(block, block)
+    mass = torch.full((36,), 1.0 / 36)
+    mixed.record_attention(mass)
+    scores = mixed.normalized_scores()
+    assert scores.shape == (36,)
+    # received = mass * 4 queries; visible counts 4 for old columns, then 4, 3, 2, 1 for the block
+    assert torch.allclose(scores[:33], torch.full((33,), 1.0 / 36))
+    assert torch.allclose(scores[33:], torch.tensor([4 / 3, 2.0, 4.0]) / 36)
+    mixed.reset_attention()
+    assert mixed.normalized_scores() is None

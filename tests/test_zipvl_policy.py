@@ -1,0 +1,190 @@
+"""``zipvl`` and ``gated_tiered`` on a tiny Llama: logits equal a reference over dequantised KV.
+
+The reference runs in lockstep with the episode cache: before every forward it takes the cache's
+decision (which chunks were evicted, which were stored at low precision in which layer), applies it
+to its own full-precision copy of the KV (dropping evicted columns, replacing low-precision chunks
+by ``dequantize(quantize(...))`` of its own tensors), and runs the same block through a plain
+``DynamicCache`` holding those tensors. Logits must agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kv_vla.cache.policies.zipvl  # noqa: F401  (registers zipvl and gated_tiered)
+from kv_vla.cache import EpisodeCache, EpisodeCacheConfig, disable_attention_probe, enable_attention_probe
+from kv_vla.cache.quant import dequantize, quantize_keys, quantize_values
+from kv_vla.cache.testing import run_episode
+
+PROMPT = list(range(3, 13))
+STEPS, OBS, DECODE = 30, 12, 3
+CHUNK = OBS + DECODE
+
+
+class LockstepReference:
+    """Full-precision KV mirror of an :class:`EpisodeCache`, quantised/evicted as the cache decides."""
+
+    def __init__(self, cache: EpisodeCache, bits: int, group: int):
+        self.cache, self.bits, self.group = cache, bits, group
+        self.keys: list[torch.Tensor] | None = None
+        self.values: list[torch.Tensor] | None = None
+        self.positions = torch.empty(0, dtype=torch.long)
+        self.low: set[tuple[int, int]] = set()  # (layer, chunk index) stored at low precision
+        self.max_change = 0.0  # largest |dequantised - original| written into the reference
+
+    def sync(self, kept: torch.Tensor) -> None:
+        if self.keys is None:
+            return
+        index = torch.isin(self.positions, kept).nonzero().squeeze(1)
+        assert torch.equal(self.positions[index], kept)
+        self.positions = self.positions[index]
+        self.keys = [k.index_select(2, index) for k in self.keys]
+        self.values = [v.index_select(2, index) for v in self.values]
+        for chunk in self.cache.chunks:
+            if chunk.evicted:
+                continue
+            a = int(torch.searchsorted(self.positions, chunk.start))
+            b = int(torch.searchsorted(self.positions, chunk.end))
+            for layer, bits in enumerate(chunk.meta.get("layer_bits", [])):
+                if bits < 16 and (layer, chunk.index) not in self.low:
+                    assert bits == self.bits
+                    self.low.add((layer, chunk.index))
+                    k, v = self.keys[layer], self.values[layer]
+                    dk = dequantize(quantize_keys(k[:, :, a:b], bits, min(self.group, b - a)))
+                    dv = dequantize(quantize_values(v[:, :, a:b], bits, min(self.group, v.shape[-1])))
+                    self.max_change = max(self.max_change, float((dk - k[:, :, a:b]).abs().max()))
+                    k[:, :, a:b], v[:, :, a:b] = dk, dv
+
+    def forward(self, model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        dc = DynamicCache()
+        if self.keys is not None:
+            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+                dc.update(k, v, layer)
+        out = model(input_ids=ids, position_ids=pos, past_key_values=dc, use_cache=True)
+        self.keys = [dc.layers[i].keys for i in range(len(dc.layers))]
+        self.values = [dc.layers[i].values for i in range(len(dc.layers))]
+        self.positions = torch.cat([self.positions, pos[0]])
+        return out.logits
+
+
+@torch.no_grad()
+def run_lockstep(model, cache: EpisodeCache, bits: int, group: int, seed: int = 1):
+    """Drive ``cache`` like the runtime and the reference beside it; returns (max |diff|, logits)."""
+    ref = LockstepReference(cache, bits, group)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    worst, all_logits = 0.0, []
+
+    def forward(tokens: list[int]) -> torch.Tensor:
+        nonlocal worst
+        start = cache.get_seq_length()
+        ref.sync(cache.kept_positions())  # kept_positions applies the pending decision first
+        ids = torch.tensor([tokens])
+        pos = torch.arange(start, start + len(tokens)).unsqueeze(0)
+        expected = ref.forward(model, ids, pos)
+        got = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        worst = max(worst, float((got - expected).abs().max()))
+        all_logits.append(got)
+        return got
+
+    forward(PROMPT)
+    cache.pin_prefix()
+    for _ in range(STEPS):
+        logits = forward(torch.randint(0, vocab, (OBS,), generator=gen).tolist())
+        for _ in range(DECODE):
+            logits = forward([int(logits[0, -1].argmax())])
+    return worst, torch.cat(all_logits, dim=1), ref
+
+
+def _layer_bits(cache: EpisodeCache) -> list[list[int]]:
+    return [c.meta.get("layer_bits", [16] * cache.num_layers) for c in cache.chunks if not c.evicted]
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_zipvl_logits_equal_dequantized_reference(tiny_models, bits):
+    model = tiny_models("llama")
+    cfg = EpisodeCacheConfig(
+        policy="zipvl", chunk_size=CHUNK, recent_chunks=2, extra={"tau": 0.6, "low_bits": bits}
+    )
+    cache = EpisodeCache(cfg, model.config)
+    enable_attention_probe(model)
+    try:
+        worst, _, ref = run_lockstep(model, cache, bits, 32)
+    finally:
+        disable_attention_probe(model)
+    assert worst <= 1e-5
+    layer_bits = _layer_bits(cache)
+    flat = [b for row in layer_bits for b in row]
+    assert bits in flat and 16 in flat  # some chunks low, some full
+    # per-layer decisions: at least one chunk is low in one layer and full in another
+    assert any(len(set(row)) > 1 for row in layer_bits)
+    assert len(ref.low) > 0
+    # the reference really attends to different KV (so a store that skipped quantising would fail)
+    assert ref.max_change > 1e-2
+    stats = cache.stats()
+    assert stats.evicted_tokens == 0 and stats.kept_tokens == stats.seen_tokens  # zipvl never evicts
+    dense_bytes = cache.num_layers * 2 * stats.kept_tokens * cache.layers[0].keys[0, :, 0].numel() * 4
+    assert stats.kv_bytes < dense_bytes
+    # layer-adaptive ratio: one p per layer per decision, in (0, 1]
+    hist = cache.policy.ratio_history
+    assert len(hist) == STEPS - cfg.recent_chunks and all(len(r) == cache.num_layers for r in hist)
+    assert all(0.0 < p <= 1.0 for r in hist for p in r)
+
+
+def test_zipvl_with_budget_evicts_and_still_matches(tiny_models):
+    model = tiny_models("llama")
+    cfg = EpisodeCacheConfig(
+        policy="zipvl", chunk_size=CHUNK, recent_chunks=2, max_tokens=150, extra={"tau": 0.7, "low_bits": 2}
+    )
+    cache = EpisodeCache(cfg, model.config)
+    enable_attention_probe(model)
+    try:
+        worst, _, _ = run_lockstep(model, cache, 2, 32)
+    finally:
+        disable_attention_probe(model)
+    assert worst <= 1e-5
+    stats = cache.stats()
+    assert stats.evicted_chunks > 0 and stats.kept_tokens <= 150
+
+
+def test_tiered_gate_chooses_full_low_or_evicted(tiny_models):
+    model = tiny_models("llama")
+    base = dict(policy="gated_tiered", chunk_size=CHUNK, recent_chunks=2, seed=0)
+    # First pass: learn the (untrained, seeded) gate's utilities, to set thresholds at tertiles.
+    probe_cache = EpisodeCache(
+        EpisodeCacheConfig(**base, gate_threshold=0.0, extra={"full_threshold": 1.0}), model.config
+    )
+    run_episode(model, probe_cache, PROMPT, STEPS, OBS, DECODE, seed=1)
+    utilities = torch.tensor([c.utility for c in probe_cache.chunks])
+    low, high = (float(q) for q in torch.quantile(utilities, torch.tensor([0.33, 0.66])))
+    cfg = EpisodeCacheConfig(**base, gate_threshold=low, extra={"full_threshold": high, "low_bits": 4})
+    cache = EpisodeCache(cfg, model.config)
+    worst, _, _ = run_lockstep(model, cache, 4, 32)
+    assert worst <= 1e-5
+    cache.maybe_evict()  # the decision left pending by the last chunk
+    fates = {"full": 0, "int4": 0, "evicted": 0}
+    for c in cache.chunks[: -cfg.recent_chunks]:
+        fates["evicted" if c.evicted else c.precision] += 1
+        expected = "evicted" if c.utility < low else ("int4" if c.utility < high else "full")
+        assert ("evicted" if c.evicted else c.precision) == expected
+    assert all(n > 0 for n in fates.values()), fates
+
+
+def test_tiered_thresholds_are_validated():
+    with pytest.raises(ValueError, match="full_threshold"):
+        EpisodeCacheConfig(policy="gated_tiered", gate_threshold=0.6, extra={"full_threshold": 0.5})
+    with pytest.raises(ValueError, match="low_bits"):
+        EpisodeCacheConfig(policy="zipvl", extra={"low_bits": 3})
+    with pytest.raises(ValueError, match="tau"):
+        EpisodeCacheConfig(policy="zipvl", extra={"tau": 0.0})
+
+
+def test_zipvl_without_probe_says_how_to_enable_it(tiny_models):
+    model = tiny_models("llama")
+    cache = EpisodeCache(EpisodeCacheConfig(policy="zipvl", chunk_size=CHUNK, recent_chunks=0), model.config)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="enable_attention_probe"):
+        for _ in range(3):
+            model(input_ids=torch.tensor([list(range(CHUNK))]), past_key_values=cache, use_cache=True)
+            cache.maybe_evict()
