@@ -1,0 +1,85 @@
+"""``kv-vla eval``: closed-loop evaluation of cache policies and model-free agents.
+
+A policy name is either a cache policy of the model (any key of ``kv_vla.cache.POLICIES``: the
+model at ``--model`` is loaded with that policy) or a model-free agent (``expert``,
+``random-actions``). torch and the model are imported only when a model policy is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DEFAULT_MODEL = "models/compact-vla"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policies", default="expert,random-actions", help="comma-separated policy names")
+    parser.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    parser.add_argument("--episodes", type=int, default=20, help="episodes per task and policy")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="compact VLA folder (model policies only)")
+    parser.add_argument("--seed-offset", type=int, default=0, help="first evaluation seed (< 1_000_000)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--recent-chunks", type=int, default=None)
+    parser.add_argument("--sink-tokens", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--gate-threshold", type=float, default=None)
+    parser.add_argument("--gate", default=None, help="trained ChunkGate for the 'gated' policy")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The cache options given on the command line (others keep the config defaults)."""
+    names = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def model_factory(policy: str, args: argparse.Namespace) -> Any:
+    """Load the runtime once with this cache policy; the factory hands it to every task."""
+    from kv_vla.cache import EpisodeCacheConfig
+    from kv_vla.runtime import EpisodeRuntime
+
+    cfg = EpisodeCacheConfig(policy=policy, **cache_options(args))
+    runtime = EpisodeRuntime.from_pretrained(
+        args.model, cache_config=cfg, device=args.device, gate_path=args.gate
+    )
+    return lambda env: runtime
+
+
+def run(args: argparse.Namespace) -> int:
+    from kv_vla.eval.harness import MODEL_FREE, evaluate, model_free_factory
+    from kv_vla.eval.report import write_report
+    from kv_vla_sim.tasks import TASKS
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    factories = {}
+    for policy in policies:
+        if policy in MODEL_FREE:
+            factories[policy] = model_free_factory(policy, seed=args.seed_offset)
+            continue
+        from kv_vla.cache import POLICIES
+
+        if policy not in POLICIES:
+            raise SystemExit(
+                f"unknown policy {policy!r}: use one of {sorted(POLICIES)} or {list(MODEL_FREE)}"
+            )
+        factories[policy] = model_factory(policy, args)
+    result = evaluate(
+        factories,
+        tasks,
+        args.episodes,
+        seed_offset=args.seed_offset,
+        image_size=args.image_size,
+        progress=not args.no_progress,
+    )
+    result["config"]["model"] = args.model if any(p not in MODEL_FREE for p in policies) else None
+    result["config"]["cache_options"] = cache_options(args)
+    paths = write_report(result, args.out)
+    with open(paths["results"]) as f:
+        print(f.read())
+    print("wrote", ", ".join(paths.values()))
+    return 0

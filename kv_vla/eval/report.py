@@ -1,0 +1,135 @@
+"""Evaluation reports: eval_info.json, results.md and success_vs_kv.png, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import IO, Any
+
+MIB = 1024.0 * 1024.0
+
+
+def _atomic(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _fmt_kv(v: float | None) -> str:
+    return "-" if v is None else f"{v / MIB:.2f}"
+
+
+def results_markdown(result: dict[str, Any]) -> str:
+    """The per-task table and the per-family summary as markdown."""
+    cfg = result["config"]
+    lines = [
+        "# Closed-loop evaluation",
+        "",
+        f"{cfg['episodes_per_task']} episodes per task and policy, evaluation seeds "
+        f"{cfg['seeds'][0] if cfg['seeds'] else '-'}..{cfg['seeds'][1] if cfg['seeds'] else '-'} "
+        f"(the same for every policy), {cfg['image_size']}x{cfg['image_size']} frames. Success with its "
+        "Wilson 95% interval; latency = wall time of one agent step (p50/p95 over all steps); "
+        "peak KV = the largest KV cache held during an episode, mean over episodes.",
+        "",
+        "| task | memory | policy | success % [95% CI] | chance % | steps | step ms p50 / p95 | peak KV MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for a in result["aggregates"]:
+        lo, hi = a["success_ci95_pct"]
+        lines.append(
+            f"| {a['task']} | {'yes' if a['memory_task'] else 'no'} | {a['policy']} | "
+            f"{a['success_pct']:.0f} [{lo:.0f}, {hi:.0f}] | {a['chance_pct']:.0f} | {a['steps_mean']:.1f} | "
+            f"{_fmt_ms(a['step_ms_p50'])} / {_fmt_ms(a['step_ms_p95'])} | {_fmt_kv(a['peak_kv_bytes_mean'])} |"
+        )
+    lines += [
+        "",
+        "## Per policy",
+        "",
+        "| policy | tasks | success % [95% CI] | step ms p50 / p95 | peak KV MiB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in result["summary"]:
+        lo, hi = s["success_ci95_pct"]
+        lines.append(
+            f"| {s['policy']} | {s['tasks']} | {s['success_pct']:.0f} [{lo:.0f}, {hi:.0f}] | "
+            f"{_fmt_ms(s['step_ms_p50'])} / {_fmt_ms(s['step_ms_p95'])} | {_fmt_kv(s['peak_kv_bytes_mean'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_success_vs_kv(result: dict[str, Any], path: str) -> None:
+    """Success (per task family) against mean peak KV memory, one marker per cache policy.
+
+    Model-free agents hold no KV cache; they are drawn as horizontal reference lines.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    styles = {"memory": ("o", "tab:red"), "no-memory": ("s", "tab:blue")}
+    ref_styles = {"memory": ":", "no-memory": "--"}
+    plotted_any = False
+    for s in result["summary"]:
+        marker, colour = styles[s["tasks"]]
+        lo, hi = s["success_ci95_pct"]
+        if s["peak_kv_bytes_mean"] is None:
+            ax.axhline(s["success_pct"], color="grey", ls=ref_styles[s["tasks"]], lw=1)
+            ax.annotate(
+                f"{s['policy']} ({s['tasks']})",
+                (0.99, s["success_pct"]),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="grey",
+            )
+            continue
+        x = s["peak_kv_bytes_mean"] / MIB
+        y = s["success_pct"]
+        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt=marker, color=colour, capsize=3)
+        ax.annotate(s["policy"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        plotted_any = True
+    for family, (marker, colour) in styles.items():
+        ax.plot([], [], marker, color=colour, label=f"{family} tasks")
+    ax.set_xlabel("peak KV cache per episode (MiB, mean)")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(-3, 103)
+    if not plotted_any:
+        ax.set_xlim(0, 1)
+        ax.text(0.5, 0.5, "no KV-cache policy evaluated", transform=ax.transAxes, ha="center", color="grey")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Success vs KV memory per cache policy")
+    fig.tight_layout()
+    _atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def write_report(result: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """Write the three report files into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        "eval_info": os.path.join(out_dir, "eval_info.json"),
+        "results": os.path.join(out_dir, "results.md"),
+        "plot": os.path.join(out_dir, "success_vs_kv.png"),
+    }
+    _atomic(paths["eval_info"], lambda f: f.write(json.dumps(result, indent=1).encode()))
+    _atomic(paths["results"], lambda f: f.write(results_markdown(result).encode()))
+    plot_success_vs_kv(result, paths["plot"])
+    return paths
