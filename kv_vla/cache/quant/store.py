@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from kv_vla.cache.episode_cache import EpisodeLayer
-from kv_vla.cache.quant.quantize import QuantizedTensor, dequantize, quantize_keys, quantize_values
+from kv_vla.cache.quant.quantize import (
+    QuantizedTensor,
+    dequantize,
+    dequantize_many,
+    quantize_keys,
+    quantize_values,
+)
 from kv_vla.cache.quant.ratio import visible_query_counts
 
 
@@ -37,6 +43,14 @@ class QuantSegment:
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+
+def _same_layout(segments: list[QuantSegment]) -> list[list[QuantSegment]]:
+    """Segments grouped by storage layout (length, bits, group sizes), in order of appearance."""
+    groups: dict[tuple, list[QuantSegment]] = {}
+    for s in segments:
+        groups.setdefault((s.length, s.keys.bits, s.keys.group_size, s.values.group_size), []).append(s)
+    return list(groups.values())
 
 
 class MixedPrecisionLayer(EpisodeLayer):
@@ -103,12 +117,20 @@ class MixedPrecisionLayer(EpisodeLayer):
         dense_cols = (~self._is_low[a:b]).nonzero().squeeze(1).to(self.keys.device)
         k.index_copy_(2, dense_cols, self.keys[:, :, da:db])
         v.index_copy_(2, dense_cols, self.values[:, :, da:db])
+        whole = [s for s in inside if s.start >= a and s.start + s.length <= b]
+        for group in _same_layout(whole):
+            # one batched dequantisation per layout, scattered into the segments' columns
+            cols = torch.cat([torch.arange(s.start - a, s.start - a + s.length) for s in group]).to(k.device)
+            dk = dequantize_many([s.keys for s in group], k.dtype)  # [n, B, H, len, D]
+            dv = dequantize_many([s.values for s in group], v.dtype)
+            k.index_copy_(2, cols, dk.permute(1, 2, 0, 3, 4).reshape(*k.shape[:2], -1, k.shape[-1]))
+            v.index_copy_(2, cols, dv.permute(1, 2, 0, 3, 4).reshape(*v.shape[:2], -1, v.shape[-1]))
         for s in inside:
+            if any(s is w for w in whole):
+                continue
             lo, hi = max(a, s.start), min(b, s.start + s.length)
-            k[:, :, lo - a : hi - a] = dequantize(s.keys, self.keys.dtype)[:, :, lo - s.start : hi - s.start]
-            v[:, :, lo - a : hi - a] = dequantize(s.values, self.values.dtype)[
-                :, :, lo - s.start : hi - s.start
-            ]
+            k[:, :, lo - a : hi - a] = dequantize(s.keys, k.dtype)[:, :, lo - s.start : hi - s.start]
+            v[:, :, lo - a : hi - a] = dequantize(s.values, v.dtype)[:, :, lo - s.start : hi - s.start]
         return k, v
 
     def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
