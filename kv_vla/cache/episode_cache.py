@@ -168,7 +168,7 @@ class EpisodeCache(Cache):
         self.config = config.validate()
         self.record_summaries = record_summaries
         self._gate = None
-        self.policy = policy if policy is not None else self._make_policy(config)
+        self.policy = self._attach(policy if policy is not None else self._make_policy(config))
         self._clear()
 
     # ------------------------------------------------------------------ episode state
@@ -202,6 +202,13 @@ class EpisodeCache(Cache):
             policy.gate = self._gate
         return policy
 
+    def _attach(self, policy: ChunkPolicy) -> ChunkPolicy:
+        """Let a policy bind to this cache (``policy.attach(cache)``, e.g. to swap layer storage)."""
+        attach = getattr(policy, "attach", None)
+        if callable(attach):
+            attach(self)
+        return policy
+
     def set_gate(self, gate: Any) -> None:
         """Use ``gate`` (a :class:`kv_vla.cache.gate.ChunkGate`) for the ``gated`` policy."""
         self._gate = gate
@@ -225,7 +232,7 @@ class EpisodeCache(Cache):
         old_policy = self.config.policy
         self.config = new
         if new.policy != old_policy:
-            self.policy = self._make_policy(new)
+            self.policy = self._attach(self._make_policy(new))
         return new
 
     def pin_prefix(self) -> int:
@@ -313,8 +320,12 @@ class EpisodeCache(Cache):
     def record_attention(self, layer_idx: int, mass: torch.Tensor) -> None:
         """Add attention mass received per kv column (``[kv_len]``, kept + new) from one layer.
 
-        Called by the attention probe (``probe.py``); averaged over layers.
+        Called by the attention probe (``probe.py``); averaged over layers for the shared score, and
+        handed unchanged to the layer when its storage keeps per-layer scores (``record_attention``).
         """
+        layer_hook = getattr(self.layers[layer_idx], "record_attention", None)
+        if callable(layer_hook):
+            layer_hook(mass.detach().float())
         mass = mass.detach().float() / self.num_layers
         if self._attn is None:
             self._attn = torch.zeros(mass.shape[0], device=mass.device)

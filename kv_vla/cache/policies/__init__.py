@@ -36,6 +36,23 @@ def register_policy(cls: type[ChunkPolicy]) -> type[ChunkPolicy]:
     return cls
 
 
+# Extensions that live in this package register themselves on import (optional files).
+_EXTENSIONS = ("kv_vla.cache.policies.zipvl",)
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for module in _EXTENSIONS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+_load_extensions()
+
 __all__ = [
     "POLICIES",
     "AttentionPolicy",
