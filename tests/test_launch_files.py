@@ -1,0 +1,155 @@
+"""Launch files and the parameter YAML agree with the nodes' declared parameters.
+
+`launch`/`launch_ros` cannot be installed here, so the launch files are checked statically (imports,
+declared arguments vs node parameters) and then executed against a minimal stand-in of the small
+part of the launch API they use, to check the arguments reach the nodes as typed parameters.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kv_vla_node import params
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+ALLOWED_IMPORTS = {"__future__", "os", "launch", "launch_ros", "ament_index_python"}
+
+
+def _bridge_parameters() -> set[str]:
+    """Names the sim bridge declares (read from its source: no rclpy needed)."""
+    tree = ast.parse((REPO / "kv_vla_node" / "sim_bridge.py").read_text())
+    return {
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", "") == "declare_parameter"
+        and isinstance(node.args[0], ast.Constant)
+    }
+
+
+def test_yaml_keys_are_exactly_the_declared_parameters_and_valid():
+    doc = yaml.safe_load((REPO / "config" / "kv_vla.yaml").read_text())
+    assert list(doc) == ["kv_vla"]
+    values = doc["kv_vla"]["ros__parameters"]
+    assert set(values) == set(params.SPECS)
+    for name, value in values.items():
+        spec = params.SPECS[name]
+        assert type(value) is type(spec.default), f"{name}: YAML type {type(value)} != {type(spec.default)}"
+        assert params.validate(name, value) is None
+
+
+@pytest.mark.parametrize("name", ["bringup.launch.py", "sim.launch.py"])
+def test_launch_files_use_only_the_launch_api(name):
+    tree = ast.parse((LAUNCH / name).read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots.add(node.module.split(".")[0])
+    assert roots <= ALLOWED_IMPORTS, roots - ALLOWED_IMPORTS
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in tree.body)
+
+
+# ---------------------------------------------------------------- minimal launch API stand-in
+class _Context:
+    def __init__(self, configs: dict[str, str]):
+        self.launch_configurations = configs
+
+
+class _LaunchConfiguration:
+    def __init__(self, name: str):
+        self.name = name
+
+    def perform(self, context: _Context) -> str:
+        return context.launch_configurations[self.name]
+
+
+class _Record:
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+def _load_launch_module(path: Path, monkeypatch) -> types.ModuleType:
+    fake = {
+        "launch": {"LaunchDescription": _Record},
+        "launch.actions": {
+            "DeclareLaunchArgument": _Record,
+            "OpaqueFunction": _Record,
+            "IncludeLaunchDescription": _Record,
+        },
+        "launch.substitutions": {"LaunchConfiguration": _LaunchConfiguration},
+        "launch.launch_description_sources": {"PythonLaunchDescriptionSource": _Record},
+        "launch_ros": {},
+        "launch_ros.actions": {"Node": _Record},
+        "ament_index_python": {},
+        "ament_index_python.packages": {"get_package_share_directory": lambda pkg: f"/opt/share/{pkg}"},
+    }
+    for mod_name, attrs in fake.items():
+        module = types.ModuleType(mod_name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, mod_name, module)
+    code = compile(path.read_text(), str(path), "exec")
+    module = types.ModuleType(path.stem.replace(".", "_"))
+    exec(code, module.__dict__)
+    return module
+
+
+def _declared(description: _Record) -> dict[str, str]:
+    return {
+        a.args[0]: a.kwargs["default_value"]
+        for a in description.args[0]
+        if isinstance(a, _Record) and a.args and isinstance(a.args[0], str)
+    }
+
+
+def _opaque(description: _Record) -> _Record:
+    return next(a for a in description.args[0] if "function" in a.kwargs)
+
+
+def test_bringup_arguments_map_to_node_parameters(monkeypatch):
+    mod = _load_launch_module(LAUNCH / "bringup.launch.py", monkeypatch)
+    desc = mod.generate_launch_description()
+    declared = _declared(desc)
+    overrides = set(declared) - {"params_file", "namespace"}
+    assert overrides <= set(params.SPECS)
+    assert {"model_path", "cache_policy", "chunk_size", "gate_threshold", "device"} <= overrides
+    assert declared["params_file"] == "/opt/share/kv_vla/config/kv_vla.yaml"
+
+    # Empty arguments keep the YAML; given ones become typed parameter overrides.
+    configs = dict.fromkeys(declared, "") | {"params_file": declared["params_file"]}
+    [node] = _opaque(desc).kwargs["function"](_Context(configs))
+    assert node.kwargs["parameters"] == [declared["params_file"], {}]
+    assert (node.kwargs["package"], node.kwargs["executable"], node.kwargs["name"]) == (
+        "kv_vla",
+        "vla_node",
+        "kv_vla",
+    )
+    configs |= {"chunk_size": "40", "gate_threshold": "0.3", "cache_policy": "window", "dry_run": "true"}
+    [node] = _opaque(desc).kwargs["function"](_Context(configs))
+    overrides = node.kwargs["parameters"][1]
+    assert overrides == {"chunk_size": 40, "gate_threshold": 0.3, "cache_policy": "window", "dry_run": True}
+    for name, value in overrides.items():
+        assert type(value) is type(params.SPECS[name].default)
+        assert params.validate(name, value) is None
+
+
+def test_sim_launch_includes_bringup_and_maps_bridge_arguments(monkeypatch):
+    mod = _load_launch_module(LAUNCH / "sim.launch.py", monkeypatch)
+    desc = mod.generate_launch_description()
+    declared = _declared(desc)
+    assert set(declared) - {"namespace"} <= _bridge_parameters()
+    [include] = [a for a in desc.args[0] if a.args and isinstance(a.args[0], _Record)]
+    assert include.args[0].args == ("/opt/share/kv_vla/launch/bringup.launch.py",)
+    [node] = _opaque(desc).kwargs["function"](_Context(dict(declared)))
+    assert node.kwargs["executable"] == "sim_bridge"
+    bridge_params = node.kwargs["parameters"][0]
+    assert bridge_params["tasks"] == ["cued_reach", "reach"]
+    assert bridge_params["episodes_per_task"] == 2 and isinstance(bridge_params["episodes_per_task"], int)
