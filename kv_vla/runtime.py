@@ -176,16 +176,15 @@ class EpisodeRuntime:
             cache.set_gate(self.gate)
         return cache
 
-    def _positions(self, n: int) -> torch.Tensor:
-        start = self.model.position_offset + self.cache.get_seq_length()
-        return torch.arange(start, start + n, device=self.device, dtype=torch.long)[None]
-
-    def _lm(self, embeds: torch.Tensor) -> torch.Tensor:
+    def _lm(self, embeds: torch.Tensor, cache: Any = None) -> torch.Tensor:
         """Append ``embeds`` to the cache at the next absolute positions; last position's action logits."""
+        cache = self.cache if cache is None else cache
+        start = self.model.position_offset + cache.get_seq_length()
+        positions = torch.arange(start, start + embeds.shape[1], device=self.device, dtype=torch.long)[None]
         out = self.model.language_model(
             inputs_embeds=embeds.to(self.dtype),
-            position_ids=self._positions(embeds.shape[1]),
-            past_key_values=self.cache,
+            position_ids=positions,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -193,16 +192,20 @@ class EpisodeRuntime:
 
     @torch.inference_mode()
     def reset(self, instruction: str) -> None:
-        """Start an episode: fresh cache, prefill the prompt, pin it (never evicted)."""
-        prompt = build_prompt(instruction)  # validates before the old episode is dropped
-        self.cache = self._new_cache()
+        """Start an episode: fresh cache, prefill the prompt, pin it (never evicted).
+
+        The new episode replaces the old one only once its prompt is cached and pinned, so a refused
+        instruction or cache configuration leaves the previous episode as it was.
+        """
+        prompt = build_prompt(instruction)
+        cache = self._new_cache()
+        self._lm(self.model.embed_prompt(prompt), cache)
+        cache.pin_prefix()
+        self.cache = cache
         self.instruction = instruction
         self.step_index = 0
         self.last_action_logits = None
         self._broken = None
-        emb = self.model.embed_prompt(prompt)
-        self._lm(emb)
-        self.cache.pin_prefix()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -100,18 +100,21 @@ def test_every_policy_runs_a_50_step_episode(model, policy):
         assert res.cache_stats == own
         assert own.seen_tokens == prompt_len + (t + 1) * STEP
         assert own.kept_tokens + own.evicted_tokens == own.seen_tokens
-        held = rt.cache.layers[0].keys.shape[-2]
-        assert held == own.kept_tokens
+        assert rt.cache.layers[0].held_tokens() == own.kept_tokens
         if cfg.max_tokens is not None:
             assert own.kept_tokens <= cfg.max_tokens
         assert np.all(np.isfinite(res.action))
     final = rt.cache.stats()
+    lm_cfg = model.language_model.config
+    full_bytes = (
+        final.seen_tokens * 2 * lm_cfg.num_hidden_layers * lm_cfg.num_key_value_heads * lm_cfg.head_dim * 4
+    )
     if policy == "full":
-        assert final.evicted_tokens == 0
+        assert final.evicted_tokens == 0 and final.kv_bytes == full_bytes
     elif policy == "none":
         assert final.kept_tokens < prompt_len + 2 * STEP
-    else:
-        assert final.evicted_tokens > 0
+    else:  # every other policy evicts or compresses something in 50 steps under this budget
+        assert final.evicted_tokens > 0 or final.kv_bytes < full_bytes
 
 
 def test_update_cache_config_is_validated_and_applied(model):
@@ -250,3 +253,16 @@ def test_from_pretrained_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="adapters"):
         EpisodeRuntime.from_pretrained(tmp_path)
+
+
+def test_refused_reset_keeps_the_running_episode(model):
+    rt = EpisodeRuntime(
+        model, EpisodeCacheConfig(policy="window", chunk_size=STEP, recent_chunks=1, max_tokens=60)
+    )
+    rt.reset("go")  # short prompt: fits the budget
+    rt.step(frames(1, 0)[0])
+    before = rt.cache.stats()
+    with pytest.raises(ValueError, match="max_tokens"):
+        rt.reset("push the blue cube to the green zone then touch the yellow cube that was lit at the start")
+    assert rt.cache.stats() == before and rt.instruction == "go"
+    rt.step(frames(1, 1)[0])
