@@ -1,9 +1,14 @@
 """PyBullet tabletop simulation for kv_vla: env, tasks, scripted experts, demonstrations.
 
-Imports pybullet, numpy, tqdm and matplotlib only (never torch, never rclpy).
+Imports pybullet, numpy, tqdm and matplotlib only (never torch, never rclpy). The environment is
+imported lazily, so reading demonstrations (``kv_vla_sim.demos``) works on a training machine
+that has no pybullet (e.g. a GPU box).
 """
 
-from kv_vla_sim.env import TabletopEnv, make_env
+from __future__ import annotations
+
+from typing import Any
+
 from kv_vla_sim.tasks import MEMORY_TASKS, PLAIN_TASKS, TASKS, EpisodeSpec, SceneState, Task
 
 __all__ = [
@@ -16,3 +21,11 @@ __all__ = [
     "Task",
     "make_env",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("TabletopEnv", "make_env"):
+        from kv_vla_sim import env
+
+        return getattr(env, name)
+    raise AttributeError(f"module 'kv_vla_sim' has no attribute {name!r}")
