@@ -39,7 +39,7 @@ DEFAULT_SUBSTEPS = 24
 GRASP_RADIUS = 0.045
 WORKSPACE_LOW = np.array([0.30, -0.35, 0.03])  # bounds of the commanded end-effector target
 WORKSPACE_HIGH = np.array([0.75, 0.35, 0.32])
-LAMP_XY = np.array([0.64, 0.27])
+LAMP_XY = np.array([0.78, -0.22])
 EE_LINK = 11  # panda_grasptarget: between the fingertips (~1 cm above their lower ends)
 ARM_JOINTS = list(range(7))
 FINGER_JOINTS = [9, 10]
@@ -49,9 +49,9 @@ FINGER_OPEN, FINGER_CLOSED = 0.04, 0.0
 
 # Camera in front of the table looking back at the robot: the arm stays visible and never hides
 # the cubes from the camera when it is at home.
-CAMERA_EYE = (0.78, 0.0, 0.90)
-CAMERA_TARGET = (0.44, 0.0, 0.0)
-CAMERA_FOV = 37.0
+CAMERA_EYE = (1.25, 0.0, 1.05)
+CAMERA_TARGET = (0.45, 0.0, 0.02)
+CAMERA_FOV = 32.0
 
 
 class TabletopEnv:
@@ -200,7 +200,9 @@ class TabletopEnv:
                 c.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=assets.COLOURS[colour]),
                 [xy[0], xy[1], CUBE_HALF],
             )
-            c.changeDynamics(body, -1, lateralFriction=0.5, spinningFriction=0.001)
+            # frictionAnchor: without it resting boxes creep ~15 um/s on the box table, enough to
+            # flip a pixel during the cued tasks' wait, when the frame must not change at all.
+            c.changeDynamics(body, -1, lateralFriction=0.5, spinningFriction=0.001, frictionAnchor=1)
             self._cubes.append(body)
 
     def _place(self, spec: EpisodeSpec) -> None:

@@ -30,6 +30,7 @@ PUSH_SPEED = 0.6  # fraction of MAX_STEP while in contact
 PUSHER_HALF = 0.012  # half thickness of the closed fingers along the push direction
 PRE_PUSH = CUBE_HALF + 0.045  # pre-push point behind the cube centre
 MAX_LATERAL = 0.02  # re-approach when the pusher is this far off the cube-zone line
+HOME_DWELL = 3  # steps the touch_sequence expert waits at home between the two touches
 
 
 def _toward(cur: np.ndarray, goal: np.ndarray, speed: float = 1.0) -> tuple[np.ndarray, bool]:
@@ -92,7 +93,7 @@ class Expert:
                 Waypoint(above(a), OPEN),
                 Waypoint(above(a, TOUCH_Z), OPEN),
                 Waypoint(above(a), OPEN),
-                Waypoint(HOME.copy(), OPEN),
+                Waypoint(HOME.copy(), OPEN, hold=HOME_DWELL),  # let the arm settle: frame == frame 0
                 Waypoint(above(b), OPEN),
                 Waypoint(above(b, TOUCH_Z), OPEN),
             ]
