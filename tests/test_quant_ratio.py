@@ -93,3 +93,31 @@ def test_rejects_bad_tau() -> None:
         select_important(torch.ones(3), 0.0)
     with pytest.raises(ValueError):
         select_important(torch.ones(3), 1.5)
+
+
+def test_demotion_without_history_is_the_complement_of_the_important_set():
+    from kv_vla.cache.quant.ratio import demote_within_allowance
+
+    g = torch.Generator().manual_seed(4)
+    for tau in (0.5, 0.8, 0.95):
+        s = torch.rand(40, generator=g) ** 3
+        keep = set(select_important(s, tau).indices.tolist())
+        demote = set(demote_within_allowance(s, torch.zeros(40, dtype=torch.bool), tau).tolist())
+        assert keep.isdisjoint(demote) and keep | demote == set(range(40))
+
+
+def test_demotion_charges_earlier_demotions_against_the_allowance():
+    from kv_vla.cache.quant.ratio import demote_within_allowance
+
+    flat = torch.ones(10)
+    low = torch.zeros(10, dtype=torch.bool)
+    assert demote_within_allowance(flat, low, 0.8).numel() == 2
+    low[[7, 9]] = True  # already at low precision: the 20 % allowance is spent
+    assert demote_within_allowance(flat, low, 0.8).numel() == 0
+    low[:] = False
+    low[9] = True
+    assert demote_within_allowance(flat, low, 0.8).tolist() == [0]
+    # peaked: all mass on item 3, everything else can go, whatever was demoted before
+    peaked = torch.zeros(10)
+    peaked[3] = 1.0
+    assert sorted(demote_within_allowance(peaked, low, 0.9).tolist()) == [0, 1, 2, 4, 5, 6, 7, 8]

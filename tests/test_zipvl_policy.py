@@ -188,3 +188,38 @@ def test_zipvl_without_probe_says_how_to_enable_it(tiny_models):
         for _ in range(3):
             model(input_ids=torch.tensor([list(range(CHUNK))]), past_key_values=cache, use_cache=True)
             cache.maybe_evict()
+
+
+def test_ratio_adapts_per_layer_to_hand_made_attention():
+    """Layer 0 attends to one chunk, layer 1 spreads evenly: p is small in 0, large in 1, and only
+    layer 0 stores the unattended chunks at low precision."""
+    from kv_vla.cache.testing import tiny_config
+
+    heads, dim, chunk, n_chunks = 2, 8, 5, 8
+    cfg = EpisodeCacheConfig(
+        policy="zipvl", chunk_size=chunk, recent_chunks=0, probe_queries=1, extra={"tau": 0.8, "low_bits": 2}
+    )
+    cache = EpisodeCache(cfg, tiny_config("llama", layers=2))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n_chunks):  # one token per forward, like decoding
+        for _ in range(chunk):
+            kept = cache.kept_positions().numel()
+            for layer in range(2):
+                k = torch.randn(1, heads, 1, dim, generator=g)
+                cache.update(k, k, layer)
+                if layer == 0:  # peaked: everything on the first chunk's columns
+                    mass = torch.zeros(kept + 1)
+                    mass[: min(chunk, kept + 1)] = 1.0
+                else:  # flat
+                    mass = torch.ones(kept + 1)
+                cache.record_attention(layer, mass / mass.sum())
+    cache.maybe_evict()
+    p0, p1 = cache.policy.last_ratios
+    assert p0 == pytest.approx(1 / n_chunks)  # one chunk of eight holds all of layer 0's attention
+    assert p1 >= 0.75  # a flat layer needs ~tau of its chunks
+    bits = {c.index: c.meta["layer_bits"] for c in cache.chunks}
+    assert bits[0] == [16, 16]
+    assert all(bits[i][0] == 2 for i in range(1, n_chunks))
+    assert sum(bits[i][1] == 16 for i in range(n_chunks)) >= 6
+    stats = cache.stats()
+    assert stats.kv_bytes_per_layer[0] < stats.kv_bytes_per_layer[1]

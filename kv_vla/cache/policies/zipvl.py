@@ -108,14 +108,18 @@ class _MixedPrecisionMixin:
 class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
     """Layer-adaptive mixed precision (ZipVL); see the module docstring.
 
-    After every decision, ``last_ratios`` holds each layer's ratio ``p`` (tokens of the chunks kept
-    at full precision / tokens of the candidate chunks) and ``ratio_history`` all of them.
+    After every decision, ``last_ratios`` holds each layer's ZipVL ratio ``p`` (tokens of the
+    smallest chunk set holding ``tau`` of the newest attention / candidate tokens; ``ratio_history``
+    keeps all of them) and ``last_full_fractions`` the share of candidate tokens actually at full
+    precision in each layer. Demotion is irreversible, so the mass already at low precision is
+    charged against the ``1 - tau`` allowance (:func:`kv_vla.cache.quant.ratio.demote_within_allowance`).
     """
 
     name: ClassVar[str] = "zipvl"
     needs_attention: ClassVar[bool] = True
     last_ratios: list[float] = field(default_factory=list)
     ratio_history: list[list[float]] = field(default_factory=list)
+    last_full_fractions: list[float] = field(default_factory=list)
 
     @classmethod
     def validate_config(cls, config: EpisodeCacheConfig) -> None:
@@ -128,6 +132,7 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
     def reset(self) -> None:
         self.last_ratios = []
         self.ratio_history = []
+        self.last_full_fractions = []
 
     def _layer_chunk_mass(self, layer: Any, cols: list[tuple[int, int]]) -> torch.Tensor | None:
         scores = layer.normalized_scores()
@@ -156,32 +161,36 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
         return utilities
 
     def keep(self, candidates: list[Chunk], utilities: list[float], ctx: PolicyContext) -> list[bool]:
-        from kv_vla.cache.quant.ratio import select_important
+        from kv_vla.cache.quant.ratio import demote_within_allowance, select_important
 
         cache = self._cache_or_raise()
         tau = _number(ctx.config, "tau")
+        low_bits = int(option(ctx.config, "low_bits"))
         cols = self._columns(candidates)
-        lengths = [b - a for a, b in cols]
-        n_tokens = max(1, sum(lengths))
+        lengths = torch.tensor([b - a for a, b in cols], dtype=torch.float32)
+        n_tokens = max(1.0, float(lengths.sum()))
         bits_per_chunk = [[16] * len(cache.layers) for _ in candidates]
-        ratios = []
+        ratios, full_fractions = [], []
         for li, layer in enumerate(cache.layers):
             mass = self._layer_chunk_mass(layer, cols)
+            is_low = torch.tensor([layer.keys is not None and layer.is_low_precision(*c) for c in cols])
             if mass is None or float(mass.sum()) <= 0:
-                important = set(range(len(candidates)))  # no evidence this window: change nothing
+                ratios.append(1.0)  # no evidence in this window: change nothing
             else:
-                important = set(select_important(mass, tau).indices.tolist())
-            ratios.append(sum(lengths[i] for i in important) / n_tokens)
-            for i, (chunk, c) in enumerate(zip(candidates, cols)):
-                if i not in important:
-                    self._store_low(layer, chunk, c, ctx.config)
-                if layer.is_low_precision(*c):
-                    bits_per_chunk[i][li] = int(option(ctx.config, "low_bits"))
+                ratios.append(float(lengths[select_important(mass, tau).indices].sum()) / n_tokens)
+                for i in demote_within_allowance(mass, is_low, tau).tolist():
+                    self._store_low(layer, candidates[i], cols[i], ctx.config)
+            for i, c in enumerate(cols):
+                if layer.keys is not None and layer.is_low_precision(*c):
+                    bits_per_chunk[i][li] = low_bits
+            full = torch.tensor([bits_per_chunk[i][li] == 16 for i in range(len(cols))])
+            full_fractions.append(float(lengths[full].sum()) / n_tokens)
             layer.reset_attention()
         for chunk, bits in zip(candidates, bits_per_chunk):
             self._mark(chunk, bits)
         self.last_ratios = ratios
         self.ratio_history.append(ratios)
+        self.last_full_fractions = full_fractions
         return [True] * len(candidates)
 
 

@@ -15,6 +15,7 @@ from kv_vla.cache.quant.quantize import (
 from kv_vla.cache.quant.ratio import (
     Selection,
     chunk_scores,
+    demote_within_allowance,
     normalized_scores,
     select_important,
     select_important_chunks,
@@ -28,6 +29,7 @@ __all__ = [
     "QuantizedTensor",
     "Selection",
     "chunk_scores",
+    "demote_within_allowance",
     "dequantize",
     "dequantize_many",
     "normalized_scores",

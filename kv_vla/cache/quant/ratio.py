@@ -125,3 +125,29 @@ def select_important_chunks(
     lengths = torch.as_tensor(chunk_lengths, dtype=torch.long)
     covered = int(lengths[idx.cpu()].sum())
     return Selection(indices=idx, ratio=covered / int(lengths.sum()), mass=float(shares[idx].sum()))
+
+
+def demote_within_allowance(mass: torch.Tensor, is_low: torch.Tensor, tau: float) -> torch.Tensor:
+    """Which full-precision items to store at low precision, given some already are (irreversibly).
+
+    ZipVL's rule (the smallest top set holding ``tau`` of the mass stays at full precision) is the
+    same as: demote the largest bottom set whose mass is at most ``(1 - tau)`` of the total. A
+    cache cannot restore a demoted chunk, so the mass already at low precision is charged against
+    that allowance first and only the rest is spent, lowest-scored first. Without earlier demotions
+    this is exactly :func:`select_important`'s complement; with them it keeps the invariant that at
+    least ``tau`` of the newest attention lands on full-precision KV, instead of letting every
+    decision demote a fresh ``1 - tau`` (which, in a flat layer, would demote everything over time).
+
+    Returns the indices to demote (ascending score order).
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    mass = mass.float()
+    total = float(mass.sum())
+    if total <= 0:
+        return torch.empty(0, dtype=torch.long)
+    allowance = (1.0 - tau) * total * (1 + 1e-6) - float(mass[is_low].sum())
+    full = (~is_low).nonzero().squeeze(1)
+    order = full[torch.argsort(mass[full], stable=True)]
+    cum = torch.cumsum(mass[order], dim=0)
+    return order[cum <= allowance]
