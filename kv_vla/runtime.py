@@ -87,7 +87,13 @@ class EpisodeRuntime:
             model = model.to(device=self.device, dtype=self.dtype)
             model.eval()
         self.model = model
+        #: Tokens one control step adds (the default chunk size); with ``prompt_in_step`` backbones it
+        #: also counts the instruction and is final only after ``reset``.
         self.step_tokens = int(model.num_image_tokens + model.action_dim)
+        self._prompt_in_step = bool(getattr(model, "prompt_in_step", False))
+        self._step_text: torch.Tensor | None = None
+        # chunk_size follows the step length only when the caller left the cache config to us
+        self._auto_chunk = cache_config is None
         if cache_config is None:
             cache_config = EpisodeCacheConfig(policy="full", chunk_size=self.step_tokens)
         self.cache_config = cache_config.validate()
@@ -198,10 +204,24 @@ class EpisodeRuntime:
         instruction or cache configuration leaves the previous episode as it was.
         """
         prompt = build_prompt(instruction)
+        step_text = None
+        if self._prompt_in_step:
+            # OpenVLA's own layout, per step: [image][prompt][actions] after a pinned BOS, so the
+            # first step sees exactly the sequence the checkpoint was trained on.
+            ids = self.model.prompt_ids(prompt)
+            prefix, step_text = self.model.embed_tokens(ids[:, :1]), self.model.embed_tokens(ids[:, 1:])
+            n_step = int(self.model.num_image_tokens + self.model.action_dim + step_text.shape[1])
+            if self._auto_chunk and self.cache_config.chunk_size != n_step:
+                self.cache_config = self.cache_config.replace(chunk_size=n_step)
+        else:
+            prefix = self.model.embed_prompt(prompt)
+            n_step = int(self.model.num_image_tokens + self.model.action_dim)
         cache = self._new_cache()
-        self._lm(self.model.embed_prompt(prompt), cache)
+        self._lm(prefix, cache)
         cache.pin_prefix()
         self.cache = cache
+        self.step_tokens = n_step
+        self._step_text = step_text
         self.instruction = instruction
         self.step_index = 0
         self.last_action_logits = None
@@ -230,6 +250,8 @@ class EpisodeRuntime:
             img = self.model.embed_image(frame)
             self._sync()
             t1 = time.perf_counter()
+            if self._step_text is not None:
+                img = torch.cat([img, self._step_text.to(img.dtype)], dim=1)
             logits = self._lm(img)
             self._sync()
             t2 = time.perf_counter()

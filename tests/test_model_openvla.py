@@ -159,10 +159,18 @@ def make_prismatic(mirror, seed=0, fused=True):
     return m.TinyPrismaticForActionPrediction(cfg).eval()
 
 
-def backbone(prismatic, fused=True):
+def backbone(prismatic, fused=True, prompt_in_step=True):
     means = [(0.485, 0.456, 0.406), (0.5, 0.5, 0.5)] if fused else [(0.5, 0.5, 0.5)]
     stds = [(0.229, 0.224, 0.225), (0.5, 0.5, 0.5)] if fused else [(0.5, 0.5, 0.5)]
-    return OpenVLABackbone(prismatic, TOK, image_size=32, means=means, stds=stds, prompt_suffix_id=SUFFIX)
+    return OpenVLABackbone(
+        prismatic,
+        TOK,
+        image_size=32,
+        means=means,
+        stds=stds,
+        prompt_suffix_id=SUFFIX,
+        prompt_in_step=prompt_in_step,
+    )
 
 
 def frames(n, seed):
@@ -180,20 +188,30 @@ def test_mapping_action_vocab_and_prompt_suffix(mirror):
     assert vla.pixel_values(frames(1, 0)[0]).shape == (1, 6, 32, 32)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_runtime_step_matches_manual_composition(mirror, fused):
+@pytest.mark.parametrize(("fused", "prompt_in_step"), [(True, True), (False, True), (True, False)])
+def test_runtime_step_matches_manual_composition(mirror, fused, prompt_in_step):
+    """Step 1 with ``prompt_in_step`` is OpenVLA's predict_action input: [BOS][image][prompt][actions]."""
     p = make_prismatic(mirror, fused=fused)
-    vla = backbone(p, fused=fused)
+    vla = backbone(p, fused=fused, prompt_in_step=prompt_in_step)
     rt = EpisodeRuntime(vla, unnorm_key="bridge_orig")
     rt.reset("touch the red cube")
     f = frames(1, 1)[0]
     res = rt.step(f)
+    ids = vla.prompt_ids(build_prompt("touch the red cube"))
     with torch.no_grad():
-        prompt = vla.embed_prompt(build_prompt("touch the red cube"))
+        prompt = p.language_model.get_input_embeddings()(ids)
         img = p.projector(p.vision_backbone(vla.pixel_values(f)))
-        logits = p.language_model(inputs_embeds=torch.cat([prompt, img], 1)).logits[0, -1]
+        if prompt_in_step:  # modeling_prismatic: [BOS] + patches + rest of the prompt
+            seq = torch.cat([prompt[:, :1], img, prompt[:, 1:]], 1)
+        else:
+            seq = torch.cat([prompt, img], 1)
+        acts = vla.embed_tokens(torch.as_tensor(res.action_token_ids)[None])
+        logits = p.language_model(inputs_embeds=torch.cat([seq, acts[:, :-1]], 1)).logits[0, -4:]
     begin = len(TOK) - 256
-    torch.testing.assert_close(rt.last_action_logits[0], logits[begin : len(TOK)], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rt.last_action_logits, logits[:, begin : len(TOK)], atol=1e-5, rtol=1e-5)
+    if prompt_in_step:  # default chunk = one step: image + prompt (without BOS) + actions
+        assert rt.step_tokens == 16 + (ids.shape[1] - 1) + 4 == rt.cache_config.chunk_size
+        assert rt.cache.stats().seen_tokens == 1 + rt.step_tokens
     # un-normalisation with bridge_orig's q01/q99 and mask (gripper left as the bin centre)
     expected = unnormalize_actions(
         vla.action_tokenizer.decode(res.action_token_ids), NORM_STATS, "bridge_orig"
@@ -244,7 +262,7 @@ def test_load_openvla_from_a_remote_code_directory(mirror, tmp_path, monkeypatch
     assert loaded.image_size == 32 and len(loaded.means) == 2
     assert loaded.norm_stats == NORM_STATS
     ref = backbone(p)
-    cc = EpisodeCacheConfig(policy="window", chunk_size=20, recent_chunks=1)
+    cc = EpisodeCacheConfig(policy="window", chunk_size=16 + 4 + 5, recent_chunks=1)
     out = []
     for vla in (ref, loaded):
         rt = EpisodeRuntime(vla, cc, unnorm_key="kv_vla_sim")

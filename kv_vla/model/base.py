@@ -36,6 +36,9 @@ class VLABackbone(Protocol):
     norm_stats: Mapping[str, Any]
     #: Added to every absolute position (PaliGemma counts positions from 1, everyone else from 0).
     position_offset: int
+    # Optional (read with getattr, default False): ``prompt_in_step``. When True the runtime pins only
+    # the first prompt token (BOS) and puts the rest of the prompt after every frame, i.e. per step
+    # ``[image][prompt][actions]``: OpenVLA's single-frame training layout, repeated per step.
 
     def embed_prompt(self, text: str) -> torch.Tensor:
         """Token embeddings ``[1, T, H]`` of the already formatted prompt (BOS included if the model uses one)."""

@@ -25,11 +25,14 @@ backbone takes the two normalisations concatenated on the channel axis (6 channe
 Honesty note: this code path is tested on a tiny random model with the same module structure
 (see ``tests/test_model_openvla.py``); it was NOT run on the real 7B checkpoint (not available
 offline here), and OpenVLA's remote code targets transformers 4.40, so loading it under 5.x may
-need the remote code patched. The runtime's episode layout (prompt first, then per step
-``[image][actions]``) also differs from OpenVLA's single-frame training layout
-(``[BOS][image][prompt][actions]``): the real model would need fine-tuning on episodes before its
-history-conditioned actions mean anything. Resizing uses bilinear-antialiased torch interpolation,
-not PIL, so pixels differ slightly from OpenVLA's processor.
+need the remote code patched. OpenVLA was trained on single frames
+(``[BOS][image][prompt][actions]``), never on episodes: with history in its context its actions
+are untested, and it would need fine-tuning on episodes before history-conditioned actions mean
+anything. By default (``prompt_in_step``) the runtime therefore repeats OpenVLA's own layout per
+step (``[BOS]`` pinned, then ``[image][prompt][actions]`` per step), so the first step is exactly
+the input of OpenVLA's ``predict_action`` (tested against that composition on the mirror) and
+later steps add history in front of the same block. Resizing uses bilinear-antialiased torch
+interpolation, not PIL, so pixels differ slightly from OpenVLA's processor.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class OpenVLABackbone(nn.Module):
         means, stds: one normalisation per backbone; two entries mean a fused backbone whose pixel
             tensors are concatenated on the channel axis.
         prompt_suffix_id: token appended to the prompt when missing (OpenVLA: 29871); None disables.
+        prompt_in_step: True (default) runs OpenVLA's own layout: BOS pinned, then per step
+            ``[image][prompt][actions]``, so the first step is exactly the checkpoint's
+            ``predict_action`` input; False uses the compact model's layout (prompt once, pinned).
     """
 
     position_offset = 0
@@ -81,6 +87,7 @@ class OpenVLABackbone(nn.Module):
         means: Sequence[Sequence[float]] = (IMAGENET_MEAN, SIGLIP_MEAN),
         stds: Sequence[Sequence[float]] = (IMAGENET_STD, SIGLIP_STD),
         prompt_suffix_id: int | None = OPENVLA_PROMPT_SUFFIX_ID,
+        prompt_in_step: bool = True,
     ) -> None:
         super().__init__()
         for attr in ("vision_backbone", "projector", "language_model", "config"):
@@ -97,6 +104,7 @@ class OpenVLABackbone(nn.Module):
         self.means = [tuple(m) for m in means]
         self.stds = [tuple(s) for s in stds]
         self.prompt_suffix_id = prompt_suffix_id
+        self.prompt_in_step = bool(prompt_in_step)
         cfg = prismatic.config
         norm_stats = _cfg_get(cfg, "norm_stats")
         if not norm_stats:
