@@ -1,0 +1,94 @@
+"""`kv-vla demo` (the main job) end to end with a tiny random CompactVLA: two node processes over DDS, a
+result table and JSON, and no process left behind, also when interrupted with Ctrl-C (SIGINT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rclpy")
+pytest.importorskip("pybullet")
+pytest.importorskip("kv_vla.runtime")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _processes_with_env(key: str, value: str) -> list[int]:
+    """PIDs whose environment has ``key=value`` (the demo's children inherit ROS_LOG_DIR)."""
+    needle = f"{key}={value}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """One tiny random checkpoint for both runs (the demo's --random-model would build one each time)."""
+    from kv_vla_node.testing import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("demo_model") / "tiny-vla")
+
+
+def _demo(tmp_path: Path, model: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HOME=os.environ.get("HOME", str(tmp_path)))
+    cmd = [sys.executable, "-m", "kv_vla.cli", "demo", "--model", str(model), "--episodes", "1"]
+    cmd += ["--json", str(tmp_path / "demo.json"), "--log-dir", str(tmp_path / "logs"), *extra]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_demo_runs_episodes_over_dds_and_prints_the_table(tmp_path, model):
+    proc = _demo(tmp_path, model, "--tasks", "cued_reach", "reach", "--max-steps", "3")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    result = json.loads((tmp_path / "demo.json").read_text())
+    episodes = result["episodes"]
+    assert [(e["task"], e["seed"], e["policy"]) for e in episodes] == [
+        ("cued_reach", 0, "gated"),
+        ("reach", 0, "gated"),
+    ]
+    for e in episodes:
+        assert e["steps"] == 3 or e["success"], e
+        assert e["peak_kv_bytes"] > 0 and e["step_latency_ms_p50"] > 0
+    rows = {(r["policy"], r["task"]): r for r in result["per_task"]}
+    assert set(rows) == {("gated", "cued_reach"), ("gated", "reach")}
+    assert rows[("gated", "reach")]["peak_kv_bytes_mean"] == episodes[1]["peak_kv_bytes"]
+    header = next(line for line in out.splitlines() if line.startswith("policy"))
+    assert all(col in header for col in ("success", "peak KV KiB", "step p50 ms"))
+    assert any(line.startswith("gated    cued_reach") for line in out.splitlines())
+    assert _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros")) == []
+
+
+def test_demo_interrupted_leaves_no_processes(tmp_path, model):
+    proc = _demo(tmp_path, model, "--tasks", "reach", "--max-steps", "500")
+    node_log = tmp_path / "logs" / "vla_node_gated.log"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if node_log.exists() and "episode 1 started" in node_log.read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0]
+    children = _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros"))
+    assert len(children) >= 2  # the VLA node and the sim bridge are running
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the demo
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    assert _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros")) == []
