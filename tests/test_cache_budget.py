@@ -117,3 +117,21 @@ def test_reset_starts_a_new_episode():
     assert cache.stats().kv_bytes == 0 and cache.kept_positions().numel() == 0
     _forward(cache, 6, gen, False)
     assert cache.kept_positions().tolist() == [0, 1, 2, 3, 4, 5][:6]
+
+
+def test_chunks_stay_aligned_with_steps_when_sinks_shorten_the_first():
+    gen = torch.Generator().manual_seed(4)
+    cfg = EpisodeCacheConfig(policy="sinks", chunk_size=15, sink_tokens=4, recent_chunks=1)
+    cache = EpisodeCache(cfg, _config())
+    _forward(cache, PROMPT, gen, False)
+    cache.pin_prefix()
+    for _ in range(4):
+        _forward(cache, OBS, gen, False)
+        _forward(cache, DECODE, gen, False)
+    bounds = [(c.start, c.end) for c in cache.chunks]
+    assert bounds == [(14, 25), (25, 40), (40, 55), (55, 70)]
+    assert cache.kept_positions().tolist() == [*range(14), *range(55, 70)]
+    cache.update_config(chunk_size=5)  # re-cut from the open chunk on
+    _forward(cache, 12, gen, False)
+    assert [(c.start, c.end) for c in cache.chunks[4:]] == [(70, 75), (75, 80)]
+    assert cache.kept_positions().tolist() == [*range(14), *range(75, 82)]

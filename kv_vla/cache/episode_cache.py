@@ -8,8 +8,9 @@ Semantics (see DESIGN.md, "Cache semantics that must hold"):
   from it), while ``get_mask_sizes`` reports ``kv_length = kept + new`` with
   ``kv_offset = seen - kept``: every kept token then lies before the first query (all visible) and
   the new block stays causal within itself.
-* Tokens are grouped into chunks of ``chunk_size`` consecutive positions, counted from the end of
-  the pinned prefix plus the sink tokens. The prefix (``pin_prefix``), the sinks, the
+* Tokens are grouped into chunks of ``chunk_size`` consecutive positions, with boundaries counted
+  from the end of the pinned prefix (so a chunk is one control step when ``chunk_size`` is a step's
+  tokens); sink tokens are cut from the front of the first chunk(s). The prefix (``pin_prefix``), the sinks, the
   ``recent_chunks`` newest complete chunks and the open (incomplete) chunk are never evicted.
 * Decisions are shared by all layers (one chunk timeline) and causal: they only look at complete
   chunks. A forward that completes a chunk leaves a *pending* decision, applied at the next access
@@ -179,6 +180,7 @@ class EpisodeCache(Cache):
         self._attn = None  # accumulated attention mass per kept column (device), or None
         self._chunks: list[Chunk] = []
         self._new_chunks: list[Chunk] = []  # completed, not yet seen by a decision
+        self._origin = 0  # chunk boundaries lie at origin + k * chunk_size
         self._open_start = self.config.effective_sink_tokens
         self._evicted_tokens = 0
         self._decisions = 0
@@ -224,12 +226,16 @@ class EpisodeCache(Cache):
     def update_config(self, **changes: Any) -> EpisodeCacheConfig:
         """Apply validated ``changes``; they take effect at the next eviction decision.
 
-        A new ``max_tokens`` is checked against the pinned prefix at once; a new ``policy`` starts
-        from the chunks as they are (utilities of the old policy are kept until re-scored).
+        A new ``max_tokens`` is checked against the pinned prefix at once; a new ``chunk_size``
+        applies from the open chunk on (closed chunks keep their size); a new ``sink_tokens`` applies
+        from the next episode (``reset``/``pin_prefix``); a new ``policy`` starts from the chunks as
+        they are (utilities of the old policy are kept until re-scored).
         """
         new = self.config.replace(**changes)
         new.check_budget(self._pinned)
         old_policy = self.config.policy
+        if new.chunk_size != self.config.chunk_size:
+            self._origin = self._open_start  # the open chunk is re-cut from its start
         self.config = new
         if new.policy != old_policy:
             self.policy = self._attach(self._make_policy(new))
@@ -248,6 +254,7 @@ class EpisodeCache(Cache):
         self._pinned = self._seen
         self._chunks = []
         self._new_chunks = []
+        self._origin = self._pinned
         self._open_start = self._pinned + self.config.effective_sink_tokens
         self.policy.reset()
         return self._pinned
@@ -305,12 +312,20 @@ class EpisodeCache(Cache):
         self._positions = torch.cat([self._positions, new])
         self._seen += n_new
         self._pad_attention()
-        cs = self.config.chunk_size
-        while self._seen - self._open_start >= cs:
-            chunk = Chunk(index=len(self._chunks), start=self._open_start, length=cs)
+        while self._seen >= (end := self._open_end()):
+            chunk = Chunk(index=len(self._chunks), start=self._open_start, length=end - self._open_start)
             self._chunks.append(chunk)
             self._new_chunks.append(chunk)
-            self._open_start += cs
+            self._open_start = end
+
+    def _open_end(self) -> int:
+        """End of the open chunk: the next boundary ``origin + k * chunk_size`` after its start.
+
+        Boundaries stay aligned with the prefix end (one chunk per control step) even when sink
+        tokens shorten the first chunk.
+        """
+        cs = self.config.chunk_size
+        return self._open_start + cs - (self._open_start - self._origin) % cs
 
     def _pad_attention(self) -> None:
         n = int(self._positions.numel())
@@ -389,8 +404,7 @@ class EpisodeCache(Cache):
         budget = self.config.max_tokens
         if budget is not None:
             # leave room for the open chunk to fill up, so the budget holds until the next decision
-            open_tokens = max(0, self._seen - self._open_start)
-            headroom = max(0, self.config.chunk_size - open_tokens)
+            headroom = max(0, self._open_end() - max(self._seen, self._open_start))
             kept_after = int(self._positions.numel()) + headroom - sum(c.length for c in evict)
             survivors = sorted(
                 (i for i, k in enumerate(keep) if k), key=lambda i: (utilities[i], candidates[i].index)
