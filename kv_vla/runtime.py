@@ -111,7 +111,6 @@ class EpisodeRuntime:
         self.instruction: str | None = None
         self.step_index = 0
         self._broken: str | None = None
-        self._probe_on = False
         #: ``[action_dim, n_bins]`` float32 logits over the action bins of the last step's decoded dims.
         self.last_action_logits: torch.Tensor | None = None
         tok = model.action_tokenizer
@@ -164,14 +163,24 @@ class EpisodeRuntime:
 
     # ---- episode --------------------------------------------------------------------------------
     def _sync_attention_probe(self) -> None:
-        """Attention-scored policies need the probing attention (same outputs as SDPA); others don't."""
-        from kv_vla.cache import POLICIES, disable_attention_probe, enable_attention_probe
+        """Attention-scored policies need the probing attention (same outputs as SDPA); others don't.
 
+        The model's own attention setting is the source of truth (a model may be shared by runtimes).
+        """
+        from kv_vla.cache import (
+            POLICIES,
+            PROBE_IMPLEMENTATION,
+            disable_attention_probe,
+            enable_attention_probe,
+        )
+
+        lm = self.model.language_model
         needs = bool(POLICIES[self.cache_config.policy].needs_attention)
-        if needs != self._probe_on:
-            lm = self.model.language_model
-            (enable_attention_probe if needs else disable_attention_probe)(lm)
-            self._probe_on = needs
+        has = getattr(lm.config, "_attn_implementation", None) == PROBE_IMPLEMENTATION
+        if needs and not has:
+            enable_attention_probe(lm)
+        elif has and not needs:
+            disable_attention_probe(lm)
 
     def _new_cache(self) -> Any:
         from kv_vla.cache import EpisodeCache
@@ -243,6 +252,7 @@ class EpisodeRuntime:
         if self._broken is not None:
             raise RuntimeError(f"episode is unusable after an internal error ({self._broken}); call reset()")
         frame = validate_image(image)
+        self._sync_attention_probe()  # cheap; keeps a model shared by several runtimes right
         timings: dict[str, float] = {}
         self._sync()
         t0 = time.perf_counter()

@@ -266,3 +266,21 @@ def test_refused_reset_keeps_the_running_episode(model):
         rt.reset("push the blue cube to the green zone then touch the yellow cube that was lit at the start")
     assert rt.cache.stats() == before and rt.instruction == "go"
     rt.step(frames(1, 1)[0])
+
+
+def test_attention_policy_survives_a_shared_model(model):
+    """A runtime with another policy on the same model object must not starve the attention probe."""
+    prompt_len = model.prompt_ids(build_prompt(INSTR)).shape[1]
+    cfg = _policy_config("attention", prompt_len)
+    alone = EpisodeRuntime(make_model(), cfg)  # same weights, its own model object
+    att = EpisodeRuntime(model, cfg)
+    full = EpisodeRuntime(model)
+    for rt in (alone, att, full):
+        rt.reset(INSTR)
+    for f in frames(12, 4):
+        full.step(f)  # switches the shared model back to plain SDPA
+        res = att.step(f)  # must switch the probe on again before its forward
+        ref = alone.step(f)
+        assert res.cache_stats == ref.cache_stats
+        assert torch.equal(att.cache.kept_positions(), alone.cache.kept_positions())
+    assert res.cache_stats.evicted_chunks > 0
