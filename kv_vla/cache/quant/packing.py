@@ -25,15 +25,16 @@ def packed_numel(n: int, bits: int) -> int:
     return (n + per_byte - 1) // per_byte
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_codes(codes: torch.Tensor, bits: int, check: bool = True) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` into a flat ``uint8`` tensor.
 
     The input is flattened (row-major); the output has ``packed_numel(codes.numel(), bits)`` bytes.
-    Values outside the code range raise, because silently masking them would corrupt the cache.
+    Values outside the code range raise, because silently masking them would corrupt the cache;
+    ``check=False`` skips that test (a device sync on CUDA) for codes already clamped by the caller.
     """
     _check_bits(bits)
     flat = codes.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+    if check and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits} bits")
     flat = flat.to(torch.uint8)
     if bits == 8:

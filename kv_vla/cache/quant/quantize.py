@@ -143,7 +143,7 @@ def quantize(
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round((g - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
     return QuantizedTensor(
-        data=pack_codes(codes, bits),
+        data=pack_codes(codes, bits, check=False),  # clamped above
         scale=scale,
         zero=zero,
         shape=tuple(x.shape),
