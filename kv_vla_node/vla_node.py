@@ -144,6 +144,7 @@ class VLANode(Node):
         self._counters = _Counters()
         self._last_refusal = ""
         self._last_error = ""
+        self._last_error_episode = -1
 
         # State touched only from the step group.
         self._instruction: str | None = None
@@ -313,10 +314,15 @@ class VLANode(Node):
             instruction, self._pending_instruction = self._pending_instruction, None
             frame = self._frame
             max_age_s = float(self._values["max_image_age_s"])
-        try:
-            if instruction is not None:
+        if instruction is not None:
+            try:
                 self._start_episode(instruction)
-                return
+            except ValueError as exc:  # the runtime's own prompt check; the old episode is intact
+                self._refuse("instruction", str(exc))
+            except Exception as exc:
+                self._record_error(f"episode start failed: {exc!r}")
+            return
+        try:
             if self._instruction is None or frame is None or frame.stamp_ns == self._answered_stamp_ns:
                 return
             self._answered_stamp_ns = frame.stamp_ns
@@ -332,6 +338,18 @@ class VLANode(Node):
             self._step(frame)
         except Exception as exc:  # never let a runtime fault kill the executor thread
             self._record_error(f"control step failed: {exc!r}")
+            self._recover()
+
+    def _recover(self) -> None:
+        """After a runtime fault the episode's cache may be half-written: start the episode again."""
+        if self._instruction is None:
+            return
+        try:
+            self._start_episode(self._instruction)
+        except Exception as exc:
+            self._record_error(f"restart after a fault failed: {exc!r}")
+            return
+        self.get_logger().warning(f"restarted as episode {self._episode} after a runtime fault")
 
     def _step(self, frame: _Frame) -> None:
         with self._lock:
@@ -365,6 +383,7 @@ class VLANode(Node):
         with self._lock:
             self._counters.step_errors += 1
             self._last_error = message
+            self._last_error_episode = self._episode
         self.get_logger().error(message, throttle_duration_sec=WARN_THROTTLE_S)
 
     # ------------------------------------------------------------------ diagnostics
@@ -421,8 +440,11 @@ class VLANode(Node):
     def _publish_diagnostics(self) -> None:
         values = self.diagnostics_values()
         status = DiagnosticStatus(name=DIAG_NAME, hardware_id=values["device"])
-        if values["last_error"]:
+        if values["last_error"] and self._last_error_episode == self._episode:
             status.level, status.message = DiagnosticStatus.ERROR, values["last_error"][:200]
+        elif values["last_error"]:
+            status.level = DiagnosticStatus.WARN
+            status.message = f"episode {self._episode} step {self._episode_step}; recovered from: {values['last_error'][:150]}"
         elif self._instruction is None:
             status.level, status.message = DiagnosticStatus.OK, "idle: waiting for an instruction"
         else:

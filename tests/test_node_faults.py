@@ -1,0 +1,82 @@
+"""A runtime fault in the middle of a step (say CUDA out of memory) does not take the node down.
+
+The real runtime with a tiny model on a CPU cannot produce such a fault on demand, so this is the one
+place with an injected fault: the real EpisodeRuntime wrapped so that one step raises. Node and
+client run in this process (separate contexts, so separate DDS participants) on a private domain.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+pytest.importorskip("kv_vla.runtime")
+
+from kv_vla_node.testing import RosClient, free_domain_id, save_random_model
+
+
+class FaultOnce:
+    """The real runtime; its ``fail_at``-th step raises after the runtime's own step started."""
+
+    def __init__(self, runtime: Any, fail_at: int) -> None:
+        self.runtime, self.fail_at, self.calls = runtime, fail_at, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runtime, name)
+
+    def step(self, image: np.ndarray) -> Any:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected fault: CUDA out of memory")
+        return self.runtime.step(image)
+
+
+def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatch):
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from kv_vla_node.runtime_glue import build_runtime
+    from kv_vla_node.vla_node import VLANode
+
+    monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    model = save_random_model(tmp_path / "tiny-vla")
+    domain = free_domain_id()
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=domain)
+    node = VLANode(
+        runtime_factory=lambda settings: FaultOnce(build_runtime(settings), fail_at=2),
+        context=ctx,
+        parameter_overrides=[
+            Parameter("model_path", value=str(model)),
+            Parameter("control_rate_hz", value=50.0),
+        ],
+    )
+    executor = MultiThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    client = RosClient(domain)
+    rng = np.random.default_rng(0)
+    try:
+        client.publish_instruction("touch the green cube")
+        assert client.wait_diag(lambda d: d["episode"] == "1")
+        assert client.exchange(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) is not None
+        stamp = client.send_frame(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # this step faults
+        diag = client.wait_diag(lambda d: d["step_errors"] == "1" and d["episode"] == "2")
+        assert "injected fault" in diag["last_error"] and diag["episode_step"] == "0"
+        assert not any(a[1] == stamp for a in client.actions)
+        assert client.exchange(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) is not None
+        assert client.wait_diag(lambda d: d["episode"] == "2" and d["episode_step"] == "1")
+    finally:
+        client.close()
+        executor.shutdown(timeout_sec=5)
+        spinner.join(timeout=5)
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
