@@ -70,7 +70,7 @@ class LockstepReference:
 
 
 @torch.no_grad()
-def run_lockstep(model, cache: EpisodeCache, bits: int, group: int, seed: int = 1):
+def run_lockstep(model, cache: EpisodeCache, bits: int, group: int, seed: int = 1, steps: int = STEPS):
     """Drive ``cache`` like the runtime and the reference beside it; returns (max |diff|, logits)."""
     ref = LockstepReference(cache, bits, group)
     gen = torch.Generator().manual_seed(seed)
@@ -91,7 +91,7 @@ def run_lockstep(model, cache: EpisodeCache, bits: int, group: int, seed: int = 
 
     forward(PROMPT)
     cache.pin_prefix()
-    for _ in range(STEPS):
+    for _ in range(steps):
         logits = forward(torch.randint(0, vocab, (OBS,), generator=gen).tolist())
         for _ in range(DECODE):
             logits = forward([int(logits[0, -1].argmax())])
@@ -223,3 +223,40 @@ def test_ratio_adapts_per_layer_to_hand_made_attention():
     assert sum(bits[i][1] == 16 for i in range(n_chunks)) >= 6
     stats = cache.stats()
     assert stats.kv_bytes_per_layer[0] < stats.kv_bytes_per_layer[1]
+
+
+def test_bfloat16_model_matches_reference_and_policy_switch_mid_episode_adopts_layers(tiny_models):
+    """bf16 weights and KV (scales stay float16); the cache starts as ``full`` and switches to
+    ``zipvl`` mid-episode, so its layers are swapped for mixed-precision ones holding the data."""
+    from kv_vla.cache.quant.store import MixedPrecisionLayer
+    from kv_vla.cache.testing import tiny_model
+
+    model = tiny_model("llama", seed=1).to(torch.bfloat16)
+    cache = EpisodeCache(EpisodeCacheConfig(policy="full", chunk_size=CHUNK), model.config)
+    enable_attention_probe(model)
+    try:
+        worst, _, _ = run_lockstep(model, cache, 4, 32, steps=4)
+        cache.update_config(policy="zipvl", recent_chunks=1, extra={"tau": 0.5, "low_bits": 4})
+        assert all(isinstance(layer, MixedPrecisionLayer) for layer in cache.layers)
+        assert cache.layers[0].held_tokens() == cache.stats().kept_tokens
+        ref = LockstepReference(cache, 4, 32)
+        # continue the same episode in lockstep: seed the reference with the cache's tensors
+        ref.keys = [layer.keys.clone() for layer in cache.layers]
+        ref.values = [layer.values.clone() for layer in cache.layers]
+        ref.positions = cache.kept_positions()
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(8):
+            for tokens in (torch.randint(0, 96, (OBS,), generator=gen).tolist(), [1], [2], [3]):
+                start = cache.get_seq_length()
+                ref.sync(cache.kept_positions())
+                ids = torch.tensor([tokens])
+                pos = torch.arange(start, start + len(tokens)).unsqueeze(0)
+                with torch.no_grad():
+                    expected = ref.forward(model, ids, pos)
+                    got = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+                assert got.dtype == torch.bfloat16
+                assert torch.equal(got, expected)
+    finally:
+        disable_attention_probe(model)
+    assert worst == 0.0
+    assert ref.low, "nothing was stored at low precision"
