@@ -191,14 +191,25 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "step_latency_ms_p50": statistics.median(lat) if lat else None,
                 "round_trip_ms_p50": statistics.median(rtt) if rtt else None,
                 "steps_mean": statistics.fmean(r["steps"] for r in rs),
+                "kept_token_fraction": _kept_fraction(rs),
             }
         )
     return rows
 
 
+def _kept_fraction(records: list[dict[str, Any]]) -> float | None:
+    """Kept / seen tokens at the episodes' ends (1.0 = everything kept, as the full cache does)."""
+    seen = sum(r.get("seen_tokens") or 0 for r in records)
+    kept = sum(r.get("kept_tokens") or 0 for r in records)
+    return kept / seen if seen else None
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width table (one row per policy and task)."""
-    head = f"{'policy':<8} {'task':<16} {'eps':>3} {'success':>8} {'peak KV KiB':>12} {'step p50 ms':>12} {'rtt p50 ms':>11} {'steps':>6}"
+    """A fixed-width table (one row per policy and task); "KV kept" = kept / seen tokens at episode end."""
+    head = (
+        f"{'policy':<8} {'task':<16} {'eps':>3} {'success':>8} {'peak KV KiB':>12} {'KV kept':>8} "
+        f"{'step p50 ms':>12} {'rtt p50 ms':>11} {'steps':>6}"
+    )
     lines = [head, "-" * len(head)]
 
     def num(v: float | None, scale: float = 1.0) -> str:
@@ -207,7 +218,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"{r['policy']:<8} {r['task']:<16} {r['episodes']:>3} {100 * r['success_rate']:>7.0f}% "
-            f"{num(r['peak_kv_bytes_mean'], 1024):>12} {num(r['step_latency_ms_p50']):>12} "
+            f"{num(r['peak_kv_bytes_mean'], 1024):>12} "
+            f"{'-' if r['kept_token_fraction'] is None else format(r['kept_token_fraction'], '.0%'):>8} "
+            f"{num(r['step_latency_ms_p50']):>12} "
             f"{num(r['round_trip_ms_p50']):>11} {r['steps_mean']:>6.1f}"
         )
     return "\n".join(lines)

@@ -10,8 +10,8 @@ Episode boundaries rely on the instruction, not on ``~/reset``: every instructio
 episode in the VLA node, and the bridge waits until the node's diagnostics report that new episode
 before sending its first frame, so no frame of the new episode is answered by the old cache.
 
-Each episode's result (task, seed, success, steps, peak KV bytes from the node's diagnostics, step
-latency p50) is logged, published on ``episode_result`` (std_msgs/String, JSON, transient local) and,
+Each episode's result (task, seed, success, steps, peak KV bytes and kept/seen tokens from the node's
+diagnostics, step latency p50) is logged, published on ``episode_result`` (std_msgs/String, JSON, transient local) and,
 with ``results_path`` set, all results are written to that JSON file when the run ends.
 """
 
@@ -222,6 +222,8 @@ class SimBridgeNode(Node):
             peak_kv_bytes=int(diag.get("peak_kv_bytes", 0)) if same_episode else None,
             final_kv_bytes=int(diag.get("kv_bytes", 0)) if same_episode else None,
             evicted_chunks=int(diag.get("evicted_chunks", 0)) if same_episode else None,
+            seen_tokens=int(diag.get("seen_tokens", 0)) if same_episode else None,
+            kept_tokens=int(diag.get("kept_tokens", 0)) if same_episode else None,
             cache_policy=diag.get("cache_policy"),
             step_latency_ms_p50=_percentile(latencies, 50),
             round_trip_ms_p50=_percentile(round_trips, 50),

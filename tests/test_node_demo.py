@@ -71,7 +71,7 @@ def test_demo_runs_episodes_over_dds_and_prints_the_table(tmp_path, model):
     assert set(rows) == {("gated", "cued_reach"), ("gated", "reach")}
     assert rows[("gated", "reach")]["peak_kv_bytes_mean"] == episodes[1]["peak_kv_bytes"]
     header = next(line for line in out.splitlines() if line.startswith("policy"))
-    assert all(col in header for col in ("success", "peak KV KiB", "step p50 ms"))
+    assert all(col in header for col in ("success", "peak KV KiB", "KV kept", "step p50 ms"))
     assert any(line.startswith("gated    cued_reach") for line in out.splitlines())
     assert _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros")) == []
 

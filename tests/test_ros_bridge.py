@@ -88,6 +88,7 @@ def test_full_episode_through_node_and_bridge(tmp_path):
         assert isinstance(r["success"], bool)
         assert 1 <= r["steps"] <= MAX_STEPS and r["max_steps"] == MAX_STEPS
         assert r["cache_policy"] == "gated"
+        assert r["seen_tokens"] >= r["kept_tokens"] > 0
         assert r["peak_kv_bytes"] > 0 and r["step_latency_ms_p50"] > 0 and r["round_trip_ms_p50"] > 0
     # Every step of both episodes was answered by the node, each episode from a fresh cache.
     log = node.log_text()
