@@ -80,3 +80,29 @@ def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatc
         spinner.join(timeout=5)
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"dtype": "int8"}, ValueError, "dtype='int8' is not one of float32, float16, bfloat16"),
+        ({"cache_policy": "nope"}, ValueError, "cache_policy='nope' is not one of"),
+        ({"model_path": "/nonexistent/vla"}, FileNotFoundError, "/nonexistent/vla"),
+    ],
+)
+def test_bad_startup_configuration_fails_with_the_reason(tmp_path, monkeypatch, overrides, error, match):
+    """Read-only settings are checked when the node starts; ``main`` turns this into exit code 1."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.parameter import Parameter
+
+    from kv_vla_node.vla_node import VLANode
+
+    monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=free_domain_id())
+    try:
+        with pytest.raises(error, match=match):
+            VLANode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    finally:
+        rclpy.try_shutdown(context=ctx)

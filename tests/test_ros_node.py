@@ -164,6 +164,10 @@ def test_live_parameters_show_in_diagnostics_and_invalid_ones_are_refused(ros):
         assert res.reason, f"no reason given for refusing {name}"
     [res] = client.set_parameters({"cache_policy": "no_such_policy"})
     assert "no_such_policy" in res.reason
+    [ok] = client.set_parameters({"control_rate_hz": 25.0})
+    assert ok.successful, ok.reason
+    assert client.wait_diag(lambda d: d["control_rate_hz"] == "25.0")
+    assert client.exchange(frame()) is not None  # the re-timed control loop still steps
     values = client.get_parameters(["gate_threshold", "cache_policy", "chunk_size"])
     assert values == {"gate_threshold": 0.25, "cache_policy": "gated", "chunk_size": 0}
 
