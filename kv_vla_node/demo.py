@@ -56,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
         ros_env,
         save_random_model,
     )
+    from kv_vla_sim import TASKS
 
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        print(f"kv-vla demo: unknown task(s) {unknown}; choose from {sorted(TASKS)}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="kv_vla_demo_"))
     if args.random_model:
         model = save_random_model(work / "random-vla")

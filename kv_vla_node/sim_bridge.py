@@ -148,9 +148,12 @@ class SimBridgeNode(Node):
     # ------------------------------------------------------------------ episodes
     def run(self) -> list[dict[str, Any]]:
         """Run every configured episode (blocking; spin the node in another thread)."""
-        from kv_vla_sim import make_env
+        from kv_vla_sim import TASKS, make_env
 
         tasks = list(self._p("tasks"))
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
         episodes = int(self._p("episodes_per_task"))
         if not self._wait(lambda: self.count_subscribers("image") > 0, float(self._p("startup_timeout_s"))):
             raise TimeoutError("no VLA node subscribed to 'image' within startup_timeout_s")
