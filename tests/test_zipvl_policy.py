@@ -16,6 +16,7 @@ from transformers import DynamicCache
 import kv_vla.cache.policies.zipvl  # noqa: F401  (registers zipvl and gated_tiered)
 from kv_vla.cache import EpisodeCache, EpisodeCacheConfig, disable_attention_probe, enable_attention_probe
 from kv_vla.cache.quant import dequantize, quantize_keys, quantize_values
+from kv_vla.cache.quant.store import balanced_group
 from kv_vla.cache.testing import run_episode
 
 PROMPT = list(range(3, 13))
@@ -52,8 +53,10 @@ class LockstepReference:
                     assert bits == self.bits
                     self.low.add((layer, chunk.index))
                     k, v = self.keys[layer], self.values[layer]
-                    dk = dequantize(quantize_keys(k[:, :, a:b], bits, min(self.group, b - a)))
-                    dv = dequantize(quantize_values(v[:, :, a:b], bits, min(self.group, v.shape[-1])))
+                    dk = dequantize(quantize_keys(k[:, :, a:b], bits, balanced_group(b - a, self.group)))
+                    dv = dequantize(
+                        quantize_values(v[:, :, a:b], bits, balanced_group(v.shape[-1], self.group))
+                    )
                     self.max_change = max(self.max_change, float((dk - k[:, :, a:b]).abs().max()))
                     k[:, :, a:b], v[:, :, a:b] = dk, dv
 

@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from kv_vla.cache.quant.quantize import KEY_AXIS, VALUE_AXIS, dequantize, quantize, quantized_nbytes
+from kv_vla.cache.quant.quantize import (
+    KEY_AXIS,
+    VALUE_AXIS,
+    dequantize,
+    group_view,
+    quantize,
+    quantized_nbytes,
+)
 
 
 def error_table(
@@ -43,12 +50,8 @@ def error_table(
                 q = quantize(x, bits, group, axis)
                 err = (dequantize(q, torch.float32) - x).abs()
                 step = q.scale.float()  # stored step per group
-                moved = err.movedim(axis, -1)
-                pad = (-moved.shape[-1]) % group
-                if pad:
-                    moved = torch.nn.functional.pad(moved, (0, pad))
-                grouped = moved.reshape(*moved.shape[:-1], -1, group)
-                ratio = float((grouped.amax(-1, keepdim=True) / (step / 2).clamp(min=1e-12)).max())
+                grouped, dim = group_view(err, group, axis)
+                ratio = float((grouped.amax(dim, keepdim=True) / (step / 2).clamp(min=1e-12)).max())
                 rows.append(
                     {
                         "tensor": name,
@@ -67,14 +70,16 @@ def bytes_table(
     head_dim: int, kv_heads: int, chunk: int, group: int = 32, layers: int = 1
 ) -> list[dict[str, Any]]:
     """Bytes of one token's keys and values (all kv heads, ``layers`` layers), per storage format."""
+    from kv_vla.cache.quant.store import balanced_group
+
     shape = (1, kv_heads, chunk, head_dim)
     rows = [
         {"format": "float32", "bytes_per_token": 2 * kv_heads * head_dim * 4 * layers},
         {"format": "bf16/fp16", "bytes_per_token": 2 * kv_heads * head_dim * 2 * layers},
     ]
     for bits in (8, 4, 2):
-        per_chunk = quantized_nbytes(shape, bits, min(group, chunk), KEY_AXIS) + quantized_nbytes(
-            shape, bits, min(group, head_dim), VALUE_AXIS
+        per_chunk = quantized_nbytes(shape, bits, balanced_group(chunk, group), KEY_AXIS) + quantized_nbytes(
+            shape, bits, balanced_group(head_dim, group), VALUE_AXIS
         )
         rows.append({"format": f"int{bits} (+fp16 scales)", "bytes_per_token": per_chunk / chunk * layers})
     bf16 = rows[1]["bytes_per_token"]

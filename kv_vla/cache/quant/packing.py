@@ -59,7 +59,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"{flat.numel()} bytes cannot hold exactly {n} codes of {bits} bits")
     if bits == 8:
         return flat[:n].clone()
-    shifts = torch.arange(0, 8, bits, device=flat.device, dtype=torch.uint8)
     mask = (1 << bits) - 1
-    codes = (flat.unsqueeze(1) >> shifts) & mask
-    return codes.reshape(-1)[:n]
+    # one elementwise op per field, stacked: faster than a broadcast shift over a [bytes, k] view
+    fields = [flat & mask] + [(flat >> s) & mask for s in range(bits, 8, bits)]
+    return torch.stack(fields, dim=1).reshape(-1)[:n]

@@ -32,13 +32,14 @@ VALUE_AXIS = -1  # values [..., tokens, channels]: groups run along the channel 
 class QuantizedTensor:
     """A tensor stored as packed integer codes plus per-group scales and zero points.
 
-    ``data`` holds the packed codes of the grouped layout ``[*rest, n_groups, group_size]`` where
-    ``rest`` is the original shape without ``axis`` (the axis that groups run along).
+    ``data`` holds the packed codes of the tensor in its own layout, padded along ``axis`` (the axis
+    that groups run along) to a multiple of ``group_size``; ``scale``/``zero`` broadcast against the
+    grouped view of :func:`group_view`.
     """
 
-    data: torch.Tensor  # uint8, flat, packed codes
-    scale: torch.Tensor  # [*rest, n_groups, 1], scale_dtype
-    zero: torch.Tensor  # [*rest, n_groups, 1], scale_dtype
+    data: torch.Tensor  # uint8, flat, packed codes (row-major over the padded tensor)
+    scale: torch.Tensor  # the shape with ``axis`` replaced by (n_groups, 1), scale_dtype
+    zero: torch.Tensor  # same shape as scale
     shape: tuple[int, ...]  # original shape
     dtype: torch.dtype  # original dtype, restored by dequantize
     bits: int
@@ -101,14 +102,29 @@ def _round_outward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tenso
     return torch.where(wrong, _step_16bit(y, up), y)
 
 
-def _grouped(x: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
-    """``x`` with ``axis`` moved last, padded by edge repetition and split into groups."""
-    moved = x.movedim(axis, -1)
-    n = moved.shape[-1]
+def group_view(x: torch.Tensor, group_size: int, axis: int) -> tuple[torch.Tensor, int]:
+    """``x`` padded along ``axis`` by edge repetition, with that axis split into ``(groups, group_size)``.
+
+    The other axes keep their place, so no transpose is needed either way (keys group along tokens
+    per channel, values along channels per token). Returns the view and the (non-negative) index of
+    the within-group dimension, which the statistics reduce over.
+    """
+    ax = axis % x.dim()
+    n = x.shape[ax]
     pad = (-n) % group_size
     if pad:
-        moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], dim=-1)
-    return moved.reshape(*moved.shape[:-1], -1, group_size)
+        edge = x.narrow(ax, n - 1, 1)
+        x = torch.cat([x, edge.expand(*x.shape[:ax], pad, *x.shape[ax + 1 :])], dim=ax)
+    shape = list(x.shape)
+    shape[ax : ax + 1] = [shape[ax] // group_size, group_size]
+    return x.reshape(shape), ax + 1
+
+
+def _padded_numel(shape: tuple[int, ...], group_size: int, axis: int) -> int:
+    n = 1
+    for i, s in enumerate(shape):
+        n *= -(-s // group_size) * group_size if i == axis % len(shape) else s
+    return n
 
 
 def quantize(
@@ -134,9 +150,9 @@ def quantize(
     if not -x.dim() <= axis < 0:
         raise ValueError(f"axis {axis} out of range for a {x.dim()}-d tensor")
     levels = (1 << bits) - 1
-    g = _grouped(x.float(), group_size, axis)
-    lo = g.amin(dim=-1, keepdim=True)
-    hi = g.amax(dim=-1, keepdim=True)
+    g, dim = group_view(x.float(), group_size, axis)
+    lo = g.amin(dim=dim, keepdim=True)
+    hi = g.amax(dim=dim, keepdim=True)
     zero = _round_outward(lo, scale_dtype, up=False)
     scale = _round_outward((hi - zero.float()) / levels, scale_dtype, up=True)
     s = scale.float()
@@ -170,18 +186,17 @@ def quantize_values(
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reconstruct the tensor (in ``dtype``, default its original dtype) from its codes."""
-    moved_shape = list(q.shape)
-    n = moved_shape.pop(q.axis)
-    moved_shape.append(n)
-    n_groups = q.scale.shape[-2]
-    grouped_shape = (*moved_shape[:-1], n_groups, q.group_size)
-    numel = 1
-    for s in grouped_shape:
-        numel *= s
-    codes = unpack_codes(q.data, q.bits, numel).reshape(grouped_shape)
-    x = codes.float() * q.scale.float() + q.zero.float()
-    x = x.reshape(*moved_shape[:-1], n_groups * q.group_size)[..., :n]
-    return x.movedim(-1, q.axis).to(dtype or q.dtype)
+    ax = q.axis % len(q.shape)
+    n = q.shape[ax]
+    padded = list(q.shape)
+    padded[ax] = q.scale.shape[ax] * q.group_size
+    grouped = list(padded)
+    grouped[ax : ax + 1] = [q.scale.shape[ax], q.group_size]
+    codes = unpack_codes(q.data, q.bits, _padded_numel(q.shape, q.group_size, q.axis)).view(grouped)
+    x = torch.addcmul(q.zero.float(), codes.float(), q.scale.float()).view(padded)
+    if padded[ax] != n:
+        x = x.narrow(ax, 0, n)
+    return x.to(dtype or q.dtype)
 
 
 def dequantize_many(qs: list[QuantizedTensor], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -207,17 +222,10 @@ def dequantize_many(qs: list[QuantizedTensor], dtype: torch.dtype | None = None)
         group_size=first.group_size,
         axis=first.axis,
     )
-    if first.data.numel() * 8 != _codes_numel(first) * first.bits:
+    if first.data.numel() * 8 != _padded_numel(first.shape, first.group_size, first.axis) * first.bits:
         # the last byte of each tensor is only partly used: packing is per tensor, unpack one by one
         return torch.stack([dequantize(q, dtype) for q in qs])
     return dequantize(stacked, dtype)
-
-
-def _codes_numel(q: QuantizedTensor) -> int:
-    n = 1
-    for s in q.scale.shape[:-1]:
-        n *= s
-    return n * q.group_size
 
 
 def quantized_nbytes(

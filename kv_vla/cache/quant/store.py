@@ -45,6 +45,16 @@ class QuantSegment:
         return self.keys.nbytes + self.values.nbytes
 
 
+def balanced_group(n: int, group_size: int) -> int:
+    """The group size <= ``group_size`` that splits ``n`` into the fewest, most even groups.
+
+    A 71-token chunk with ``group_size`` 32 gets 3 groups of 24 (1 padded token) instead of 3
+    groups of 32 (25 padded tokens, whose codes would be stored and counted).
+    """
+    groups = -(-n // group_size)
+    return -(-n // groups)
+
+
 def _same_layout(segments: list[QuantSegment]) -> list[list[QuantSegment]]:
     """Segments grouped by storage layout (length, bits, group sizes), in order of appearance."""
     groups: dict[tuple, list[QuantSegment]] = {}
@@ -169,8 +179,9 @@ class MixedPrecisionLayer(EpisodeLayer):
     def quantize_columns(self, start: int, end: int, bits: int, group_size: int) -> int:
         """Store logical columns ``[start, end)`` at ``bits`` bits; returns the bytes saved.
 
-        Key groups span ``min(group_size, end - start)`` tokens per channel, value groups
-        ``min(group_size, head_dim)`` channels per token. Columns already low-precision raise.
+        Key groups span at most ``group_size`` tokens per channel, value groups at most
+        ``group_size`` channels per token, balanced by :func:`balanced_group` so that little
+        padding is stored. Columns already low-precision raise.
         """
         if end <= start:
             return 0
@@ -182,8 +193,8 @@ class MixedPrecisionLayer(EpisodeLayer):
         seg = QuantSegment(
             start=start,
             length=end - start,
-            keys=quantize_keys(k, bits, min(group_size, end - start)),
-            values=quantize_values(v, bits, min(group_size, v.shape[-1])),
+            keys=quantize_keys(k, bits, balanced_group(end - start, group_size)),
+            values=quantize_values(v, bits, balanced_group(v.shape[-1], group_size)),
         )
         self.keys = torch.cat([self.keys[:, :, :da], self.keys[:, :, db:]], dim=-2)
         self.values = torch.cat([self.values[:, :, :da], self.values[:, :, db:]], dim=-2)
