@@ -1,6 +1,9 @@
 """``kv-vla demo``: the main job. The VLA node and the sim bridge run as separate processes and talk
 over DDS; a few closed-loop episodes per task; a table of success, peak KV memory and latency.
 
+By default the episodes run twice: with the gated cache and with the full cache (nothing evicted),
+the reference the gated cache's memory and success are measured against.
+
 Each run gets its own ROS_DOMAIN_ID with localhost-only discovery, so demos and tests running side by
 side never hear each other. Both children run in their own process groups and are stopped (SIGINT,
 then SIGKILL) on success, failure and Ctrl-C alike: the demo leaves no orphan processes.
@@ -30,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=2, help="episodes per task")
     parser.add_argument("--seed-offset", type=int, default=0, help="seed of each task's first episode")
     parser.add_argument("--max-steps", type=int, default=0, help="step cap per episode; 0 = the task's own")
-    parser.add_argument("--policies", nargs="+", default=["gated"], help="cache policies, one node run each")
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=["gated", "full"],
+        help="cache policies, one node run each (full = keep everything: the memory reference)",
+    )
     parser.add_argument("--chunk-size", type=int, default=0, help="0 = the tokens of one control step")
     parser.add_argument("--gate-threshold", type=float, default=None, help="default: config/kv_vla.yaml")
     parser.add_argument("--max-tokens", type=int, default=None, help="KV token budget (0 = unbounded)")

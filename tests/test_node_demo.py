@@ -47,7 +47,18 @@ def model(tmp_path_factory) -> Path:
 
 def _demo(tmp_path: Path, model: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", HOME=os.environ.get("HOME", str(tmp_path)))
-    cmd = [sys.executable, "-m", "kv_vla.cli", "demo", "--model", str(model), "--episodes", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kv_vla.cli",
+        "demo",
+        "--model",
+        str(model),
+        "--episodes",
+        "1",
+        "--policies",
+        "gated",
+    ]
     cmd += ["--json", str(tmp_path / "demo.json"), "--log-dir", str(tmp_path / "logs"), *extra]
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
