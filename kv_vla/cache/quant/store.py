@@ -23,7 +23,6 @@ import torch
 from kv_vla.cache.episode_cache import EpisodeLayer
 from kv_vla.cache.quant.quantize import (
     QuantizedTensor,
-    dequantize,
     dequantize_many,
     quantize_keys,
     quantize_values,
@@ -121,27 +120,30 @@ class MixedPrecisionLayer(EpisodeLayer):
             if a == 0 and db == self.keys.shape[-2]:
                 return self.keys, self.values  # nothing low-precision: no copy, exactly the base path
             return self.keys[:, :, da:db], self.values[:, :, da:db]
-        shape = (*self.keys.shape[:2], b - a, self.keys.shape[-1])
-        k = self.keys.new_empty(shape)
-        v = self.values.new_empty((*self.values.shape[:2], b - a, self.values.shape[-1]))
-        dense_cols = (~self._is_low[a:b]).nonzero().squeeze(1).to(self.keys.device)
-        k.index_copy_(2, dense_cols, self.keys[:, :, da:db])
-        v.index_copy_(2, dense_cols, self.values[:, :, da:db])
-        whole = [s for s in inside if s.start >= a and s.start + s.length <= b]
-        for group in _same_layout(whole):
-            # one batched dequantisation per layout, scattered into the segments' columns
-            cols = torch.cat([torch.arange(s.start - a, s.start - a + s.length) for s in group]).to(k.device)
-            dk = dequantize_many([s.keys for s in group], k.dtype)  # [n, B, H, len, D]
-            dv = dequantize_many([s.values for s in group], v.dtype)
-            k.index_copy_(2, cols, dk.permute(1, 2, 0, 3, 4).reshape(*k.shape[:2], -1, k.shape[-1]))
-            v.index_copy_(2, cols, dv.permute(1, 2, 0, 3, 4).reshape(*v.shape[:2], -1, v.shape[-1]))
-        for s in inside:
-            if any(s is w for w in whole):
-                continue
-            lo, hi = max(a, s.start), min(b, s.start + s.length)
-            k[:, :, lo - a : hi - a] = dequantize(s.keys, k.dtype)[:, :, lo - s.start : hi - s.start]
-            v[:, :, lo - a : hi - a] = dequantize(s.values, v.dtype)[:, :, lo - s.start : hi - s.start]
-        return k, v
+        deq: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for group in _same_layout(inside):
+            # one batched dequantisation per storage layout: [n, B, H, len, D]
+            dk = dequantize_many([seg.keys for seg in group], self.keys.dtype)
+            dv = dequantize_many([seg.values for seg in group], self.values.dtype)
+            for i, seg in enumerate(group):
+                deq[id(seg)] = (dk[i], dv[i])
+        # The columns are runs of dense columns and segments: one concatenation of views, in order.
+        pieces_k, pieces_v = [], []
+        cur, phys = a, da
+        for seg in inside:  # sorted by start
+            lo, hi = max(a, seg.start), min(b, seg.start + seg.length)
+            if lo > cur:
+                pieces_k.append(self.keys[:, :, phys : phys + lo - cur])
+                pieces_v.append(self.values[:, :, phys : phys + lo - cur])
+                phys += lo - cur
+            sk, sv = deq[id(seg)]
+            pieces_k.append(sk[:, :, lo - seg.start : hi - seg.start])
+            pieces_v.append(sv[:, :, lo - seg.start : hi - seg.start])
+            cur = hi
+        if cur < b:
+            pieces_k.append(self.keys[:, :, phys : phys + b - cur])
+            pieces_v.append(self.values[:, :, phys : phys + b - cur])
+        return torch.cat(pieces_k, dim=2), torch.cat(pieces_v, dim=2)
 
     def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._materialize(start, end)
