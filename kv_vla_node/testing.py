@@ -18,6 +18,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,10 +31,35 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO_ROOT / "config" / "kv_vla.yaml"
 
 
+_DOMAIN_LOCKS: dict[int, Any] = {}
+
+
 def free_domain_id(seed: object = None) -> int:
-    """A ROS_DOMAIN_ID in [1, 100] (safe for Fast DDS ports), random unless ``seed`` is given."""
+    """A ROS_DOMAIN_ID in [1, 100] (safe for Fast DDS ports) that no other kv_vla run on this host holds.
+
+    Each id is claimed with an exclusive ``flock`` on a file in the temp folder, held until this
+    process exits, so concurrent test runs and demos never share a domain. Random order unless
+    ``seed`` is given.
+    """
+    import fcntl
+
     rng = random.Random(str(seed) if seed is not None else f"{os.getpid()}-{time.time_ns()}")
-    return rng.randint(1, 100)
+    candidates = list(range(1, 101))
+    rng.shuffle(candidates)
+    lock_dir = Path(tempfile.gettempdir()) / "kv_vla_ros_domains"
+    lock_dir.mkdir(exist_ok=True)
+    for domain in candidates:
+        if domain in _DOMAIN_LOCKS:
+            continue
+        fh = open(lock_dir / f"{domain}.lock", "a")  # noqa: SIM115 - held for the process lifetime
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            continue
+        _DOMAIN_LOCKS[domain] = fh
+        return domain
+    raise RuntimeError("all ROS domain ids 1..100 are held by other kv_vla runs")
 
 
 def ros_env(log_dir: str | Path, domain_id: int, extra: dict[str, str] | None = None) -> dict[str, str]:
