@@ -20,7 +20,16 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/kv_vla
-COPY . /opt/kv_vla
+# Only what the image needs (never a host .venv or outputs/); ros2_ws's launch/ and config/ are
+# relative symlinks to the folders copied next to it.
+COPY pyproject.toml README.md requirements.txt requirements-ros.txt requirements-dev.txt ./
+COPY kv_vla ./kv_vla
+COPY kv_vla_sim ./kv_vla_sim
+COPY kv_vla_node ./kv_vla_node
+COPY config ./config
+COPY launch ./launch
+COPY models ./models
+COPY ros2_ws/src ./ros2_ws/src
 
 # A venv that sees the system's ROS 2 Python packages (rclpy, messages, launch), as `make setup`
 # does when ROS_DISTRO is set: the PyPI ROS wheels in requirements-ros.txt are not installed.
