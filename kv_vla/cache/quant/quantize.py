@@ -193,7 +193,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     grouped = list(padded)
     grouped[ax : ax + 1] = [q.scale.shape[ax], q.group_size]
     codes = unpack_codes(q.data, q.bits, _padded_numel(q.shape, q.group_size, q.axis)).view(grouped)
-    x = torch.addcmul(q.zero.float(), codes.float(), q.scale.float()).view(padded)
+    x = torch.addcmul(q.zero.float(), codes, q.scale.float()).view(padded)  # uint8 promotes in-kernel
     if padded[ax] != n:
         x = x.narrow(ax, 0, n)
     return x.to(dtype or q.dtype)
