@@ -53,6 +53,7 @@ class TrainConfig:
     max_per_task: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     max_steps: int | None = None  # stop after this many updates (tests, smoke runs)
+    time_budget_s: float | None = None  # shrink the schedule to fit (measured after 20 updates)
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
@@ -194,6 +195,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
         total=total, initial=step, desc=f"bc ({n_params / 1e6:.2f}M params, {device.type})", unit="upd"
     )
     t_start = time.perf_counter()
+    first_step = step
     model.train()
     for _epoch in range(start_epoch, cfg.epochs):
         # the batch order is drawn from the RNG state saved at the epoch's start, so a resumed run
@@ -217,6 +219,13 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
+            if cfg.time_budget_s is not None and step - first_step == 20:
+                # size the cosine schedule to the time left, so a budgeted run still anneals fully
+                per_update = (time.perf_counter() - t_start) / 20
+                fits = step + int((cfg.time_budget_s - (time.perf_counter() - t_start)) / per_update)
+                if fits < total:
+                    total = max(step, fits)
+                    bar.total = total
             history.append({"step": step, "loss": float(res.loss.detach()), "accuracy": float(res.accuracy)})
             bar.update(1)
             bar.set_postfix(loss=f"{float(res.loss):.3f}", acc=f"{float(res.accuracy):.2f}")

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-per-task", type=int, default=None, help="use at most this many demos per task")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many updates")
     parser.add_argument(
+        "--time-budget-min", type=float, default=None, help="fit the LR schedule into this many minutes"
+    )
+    parser.add_argument(
         "--drop-rates",
         default="0,0,0.3,0.6,1",
         help="history-dropout rates, one drawn per episode (comma list)",
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         max_per_task=args.max_per_task,
         max_steps=args.max_steps,
+        time_budget_s=None if args.time_budget_min is None else 60.0 * args.time_budget_min,
         drop_rates=[float(x) for x in args.drop_rates.split(",")],
         model_overrides=json.loads(args.model_config),
     )
