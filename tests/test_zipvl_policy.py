@@ -193,6 +193,22 @@ def test_zipvl_without_probe_says_how_to_enable_it(tiny_models):
             cache.maybe_evict()
 
 
+def _drive_hand_made(cache: EpisodeCache, n_chunks: int, chunk: int, heads: int, dim: int, g) -> None:
+    """Decode-like forwards straight into the cache: layer 0 peaked on the first chunk, layer 1 flat."""
+    for _ in range(n_chunks):
+        for _ in range(chunk):
+            kept = cache.kept_positions().numel()
+            for layer in range(2):
+                k = torch.randn(1, heads, 1, dim, generator=g)
+                cache.update(k, k, layer)
+                if layer == 0:
+                    mass = torch.zeros(kept + 1)
+                    mass[: min(chunk, kept + 1)] = 1.0
+                else:
+                    mass = torch.ones(kept + 1)
+                cache.record_attention(layer, mass / mass.sum())
+
+
 def test_ratio_adapts_per_layer_to_hand_made_attention():
     """Layer 0 attends to one chunk, layer 1 spreads evenly: p is small in 0, large in 1, and only
     layer 0 stores the unattended chunks at low precision."""
@@ -203,19 +219,7 @@ def test_ratio_adapts_per_layer_to_hand_made_attention():
         policy="zipvl", chunk_size=chunk, recent_chunks=0, probe_queries=1, extra={"tau": 0.8, "low_bits": 2}
     )
     cache = EpisodeCache(cfg, tiny_config("llama", layers=2))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(n_chunks):  # one token per forward, like decoding
-        for _ in range(chunk):
-            kept = cache.kept_positions().numel()
-            for layer in range(2):
-                k = torch.randn(1, heads, 1, dim, generator=g)
-                cache.update(k, k, layer)
-                if layer == 0:  # peaked: everything on the first chunk's columns
-                    mass = torch.zeros(kept + 1)
-                    mass[: min(chunk, kept + 1)] = 1.0
-                else:  # flat
-                    mass = torch.ones(kept + 1)
-                cache.record_attention(layer, mass / mass.sum())
+    _drive_hand_made(cache, n_chunks, chunk, heads, dim, torch.Generator().manual_seed(0))
     cache.maybe_evict()
     p0, p1 = cache.policy.last_ratios
     assert p0 == pytest.approx(1 / n_chunks)  # one chunk of eight holds all of layer 0's attention
@@ -263,3 +267,27 @@ def test_bfloat16_model_matches_reference_and_policy_switch_mid_episode_adopts_l
         disable_attention_probe(model)
     assert worst == 0.0
     assert ref.low, "nothing was stored at low precision"
+
+
+def test_live_option_changes_apply_at_the_next_decision():
+    from kv_vla.cache.testing import tiny_config
+
+    cfg = EpisodeCacheConfig(
+        policy="zipvl", chunk_size=5, recent_chunks=0, probe_queries=1, extra={"low_bits": 4}
+    )
+    cache = EpisodeCache(cfg, tiny_config("llama", layers=2))
+    g = torch.Generator().manual_seed(1)
+    _drive_hand_made(cache, 4, 5, 2, 8, g)
+    cache.maybe_evict()
+    before = {c.index: c.meta["layer_bits"][0] for c in cache.chunks}
+    assert before[0] == 16 and set(before.values()) == {4, 16}
+    with pytest.raises(ValueError, match="low_bits"):
+        cache.update_config(extra={"low_bits": 3})
+    cache.update_config(extra={"low_bits": 2})
+    _drive_hand_made(cache, 4, 5, 2, 8, g)
+    cache.maybe_evict()
+    after = {c.index: c.meta["layer_bits"][0] for c in cache.chunks}
+    assert all(after[i] == before[i] for i in before)  # earlier chunks keep their storage
+    assert {after[i] for i in after if i not in before} == {2}  # new ones use the new width
+    layer = cache.layers[0]
+    assert {s.keys.bits for s in layer.segments} == {2, 4}

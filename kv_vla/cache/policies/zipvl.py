@@ -99,8 +99,10 @@ class _MixedPrecisionMixin:
 
     def _mark(self, chunk: Chunk, layer_bits: list[int]) -> None:
         chunk.meta["layer_bits"] = layer_bits
-        low = [b for b in layer_bits if b < 16]
-        chunk.precision = "full" if not low else (f"int{low[0]}" if len(low) == len(layer_bits) else "mixed")
+        widths = set(layer_bits)
+        chunk.precision = (
+            "full" if widths == {16} else (f"int{layer_bits[0]}" if len(widths) == 1 else "mixed")
+        )
 
 
 @register_policy
@@ -169,7 +171,6 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
 
         cache = self._cache_or_raise()
         tau = _number(ctx.config, "tau")
-        low_bits = int(option(ctx.config, "low_bits"))
         cols = self._columns(candidates)
         lengths = torch.tensor([b - a for a, b in cols], dtype=torch.float32)
         n_tokens = max(1.0, float(lengths.sum()))
@@ -185,8 +186,7 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
                 for i in demote_within_allowance(mass, is_low, tau).tolist():
                     self._store_low(layer, candidates[i], cols[i], ctx.config)
             for i, c in enumerate(cols):
-                if layer.keys is not None and layer.is_low_precision(*c):
-                    bits_per_chunk[i][li] = low_bits
+                bits_per_chunk[i][li] = layer.stored_bits(*c)
             full = torch.tensor([bits_per_chunk[i][li] == 16 for i in range(len(cols))])
             full_fractions.append(float(lengths[full].sum()) / n_tokens)
             layer.reset_attention()
@@ -227,11 +227,5 @@ class TieredGatedPolicy(_MixedPrecisionMixin, GatedPolicy):
             if evict_below <= u < full_from:
                 for layer in cache.layers:
                     self._store_low(layer, chunk, c, ctx.config)
-            self._mark(
-                chunk,
-                [
-                    int(option(ctx.config, "low_bits")) if ly.is_low_precision(*c) else 16
-                    for ly in cache.layers
-                ],
-            )
+            self._mark(chunk, [ly.stored_bits(*c) for ly in cache.layers])
         return keep

@@ -209,6 +209,18 @@ class MixedPrecisionLayer(EpisodeLayer):
         """Whether every column of ``[start, end)`` is stored at low precision."""
         return end > start and bool(self._is_low[start:end].all())
 
+    def stored_bits(self, start: int, end: int) -> int:
+        """Bit width columns ``[start, end)`` are stored at: 16 (model dtype) or a segment's bits.
+
+        The range is one chunk, so it lies either wholly in the dense part or in one segment.
+        """
+        if end <= start or self.keys is None or not bool(self._is_low[start:end].any()):
+            return 16
+        for s in self.segments:
+            if s.start <= start < s.start + s.length:
+                return s.keys.bits
+        return 16
+
     def nbytes(self) -> int:
         return super().nbytes() + sum(s.nbytes for s in self.segments)
 
