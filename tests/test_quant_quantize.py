@@ -157,3 +157,12 @@ def test_dequantize_many_equals_stacked_dequantize(bits: int, shape: tuple[int, 
     assert torch.equal(dequantize_many(qs), torch.stack([dequantize(q) for q in qs]))
     with pytest.raises(ValueError):
         dequantize_many([qs[0], quantize_keys(torch.randn(1, 1, 8, 8), bits, 4)])
+
+
+def test_values_beyond_float16_range_fall_back_to_float32_scales() -> None:
+    x = torch.randn(1, 1, 16, 8, generator=torch.Generator().manual_seed(9)) * 1e5
+    q = quantize_keys(x, 4, 16)
+    assert q.scale.dtype == q.zero.dtype == torch.float32
+    assert torch.isfinite(dequantize(q)).all()
+    _check_bound(x, q)
+    assert q.nbytes == 16 * 8 // 2 + 8 * 2 * 4

@@ -6,7 +6,8 @@ scale and zero point. Values have no such channel structure and are multiplied b
 weights token by token, so they are quantised *per token*: each group holds ``group_size``
 consecutive channels of one token (KIVI, Liu et al. 2024; ZipCache, He et al. 2024).
 
-Scales and zero points are stored in a 16-bit float (``float16`` by default). They are rounded
+Scales and zero points are stored in a 16-bit float (``float16`` by default; a tensor whose range
+overflows it keeps float32 scales, counted as such). They are rounded
 *outwards* (zero down, scale up) before the codes are computed, so the stored grid still covers
 the group's ``[min, max]`` and the reconstruction error stays within half a (stored) step:
 ``|x - dequantize(q)| <= scale / 2`` where ``scale ~= (max - min) / (2**bits - 1)``.
@@ -155,6 +156,10 @@ def quantize(
     hi = g.amax(dim=dim, keepdim=True)
     zero = _round_outward(lo, scale_dtype, up=False)
     scale = _round_outward((hi - zero.float()) / levels, scale_dtype, up=True)
+    if scale_dtype != torch.float32 and not bool(torch.isfinite(scale).all() & torch.isfinite(zero).all()):
+        # outside float16's range (|x| > 65504): keep this tensor's scales in float32 instead
+        scale_dtype = torch.float32
+        zero, scale = lo, (hi - lo) / levels
     s = scale.float()
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round((g - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
@@ -206,9 +211,13 @@ def dequantize_many(qs: list[QuantizedTensor], dtype: torch.dtype | None = None)
     of a handful per tensor, which matters when a layer holds many low-precision chunks.
     """
     first = qs[0]
-    key = (first.shape, first.bits, first.group_size, first.axis, first.dtype, tuple(first.scale.shape))
+
+    def layout(q: QuantizedTensor) -> tuple:
+        return (q.shape, q.bits, q.group_size, q.axis, q.dtype, tuple(q.scale.shape), q.scale.dtype)
+
+    key = layout(first)
     for q in qs[1:]:
-        if (q.shape, q.bits, q.group_size, q.axis, q.dtype, tuple(q.scale.shape)) != key:
+        if layout(q) != key:
             raise ValueError("dequantize_many needs tensors of identical layout")
     if len(qs) == 1:
         return dequantize(first, dtype).unsqueeze(0)

@@ -58,7 +58,15 @@ def _same_layout(segments: list[QuantSegment]) -> list[list[QuantSegment]]:
     """Segments grouped by storage layout (length, bits, group sizes), in order of appearance."""
     groups: dict[tuple, list[QuantSegment]] = {}
     for s in segments:
-        groups.setdefault((s.length, s.keys.bits, s.keys.group_size, s.values.group_size), []).append(s)
+        key = (
+            s.length,
+            s.keys.bits,
+            s.keys.group_size,
+            s.values.group_size,
+            s.keys.scale.dtype,
+            s.values.scale.dtype,
+        )
+        groups.setdefault(key, []).append(s)
     return list(groups.values())
 
 
