@@ -45,8 +45,8 @@ def error_table(
                 ("values/token", VALUE_AXIS),
                 ("keys/token", VALUE_AXIS),
             ):
-                if kind == "keys/token" and name == "gaussian":
-                    continue
+                if (kind == "keys/token") != (name == "outlier channels") and kind != "keys/channel":
+                    continue  # Gaussian: keys/channel + values/token; outliers: keys per channel vs per token
                 q = quantize(x, bits, group, axis)
                 err = (dequantize(q, torch.float32) - x).abs()
                 step = q.scale.float()  # stored step per group
