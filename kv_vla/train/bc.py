@@ -196,6 +196,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     )
     t_start = time.perf_counter()
     first_step = step
+    t_warm = t_start
     model.train()
     for _epoch in range(start_epoch, cfg.epochs):
         # the batch order is drawn from the RNG state saved at the epoch's start, so a resumed run
@@ -219,9 +220,11 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            if cfg.time_budget_s is not None and step - first_step == 20:
+            if step - first_step == 20:
+                t_warm = time.perf_counter()  # the first updates include CUDA/allocator warm-up
+            if cfg.time_budget_s is not None and step - first_step == 60:
                 # size the cosine schedule to the time left, so a budgeted run still anneals fully
-                per_update = (time.perf_counter() - t_start) / 20
+                per_update = (time.perf_counter() - t_warm) / 40
                 fits = step + int((cfg.time_budget_s - (time.perf_counter() - t_start)) / per_update)
                 if fits < total:
                     total = max(step, fits)

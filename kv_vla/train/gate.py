@@ -146,6 +146,11 @@ def train_gate(cfg: GateTrainConfig, episodes: Sequence[Any] | None = None) -> P
     device = resolve_device(cfg.device)
     if episodes is None:
         episodes = load_demonstrations(cfg.data, cfg.max_per_task)
+    if device.type == "cuda":
+        # the memory-efficient SDPA kernel has no backward for a float mask that needs a gradient
+        # ("LSE is not correctly aligned"); the math kernel does, and this model is small
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(False)
     model = CompactVLA.from_pretrained(cfg.model).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
