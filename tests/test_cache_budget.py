@@ -135,3 +135,19 @@ def test_chunks_stay_aligned_with_steps_when_sinks_shorten_the_first():
     _forward(cache, 12, gen, False)
     assert [(c.start, c.end) for c in cache.chunks[4:]] == [(70, 75), (75, 80)]
     assert cache.kept_positions().tolist() == [*range(14), *range(75, 82)]
+
+
+@pytest.mark.parametrize("recent", [0, 1, 3, 8])
+def test_window_holds_exactly_the_recent_chunks_at_every_step(recent):
+    gen = torch.Generator().manual_seed(5)
+    cfg = EpisodeCacheConfig(policy="window", chunk_size=OBS + DECODE, recent_chunks=recent)
+    cache = EpisodeCache(cfg, _config())
+    _forward(cache, PROMPT, gen, False)
+    cache.pin_prefix()
+    for step in range(1, 13):
+        _forward(cache, OBS, gen, False)
+        _forward(cache, DECODE, gen, False)
+        kept_chunks = min(step, recent)
+        first = PROMPT + (step - kept_chunks) * (OBS + DECODE)
+        assert cache.kept_positions().tolist() == [*range(PROMPT), *range(first, cache.get_seq_length())]
+        assert cache.stats().kept_chunks == kept_chunks

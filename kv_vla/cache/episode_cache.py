@@ -394,7 +394,7 @@ class EpisodeCache(Cache):
 
     def _decide(self, ctx: PolicyContext) -> list[Chunk]:
         recent = self.config.effective_recent_chunks
-        protected = {c.index for c in self._chunks[len(self._chunks) - recent :]} if recent else set()
+        protected = {c.index for c in self._chunks[max(0, len(self._chunks) - recent) :]}
         candidates = [c for c in self._chunks if not c.evicted and c.index not in protected]
         if not candidates:
             return []
