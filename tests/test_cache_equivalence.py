@@ -109,3 +109,34 @@ def test_generate_continues_from_evicted_cache(tiny_models, family):
     logits = reference_logits(model, full)
     ref_tokens = [int(logits[0, end - 1].argmax()) for end in starts[1:]]
     assert generated == ref_tokens
+
+
+def test_live_config_changes_keep_reference_semantics(tiny_models):
+    """Changing policy, budget and chunk size mid-episode still equals the masked reference."""
+    model = tiny_models("qwen2")
+    cache = EpisodeCache(EpisodeCacheConfig(policy="full", chunk_size=CHUNK), model.config)
+
+    def change(step, cache):
+        if step == 5:
+            cache.update_config(policy="random", max_tokens=110, recent_chunks=1)
+        elif step == 12:
+            cache.update_config(policy="window", max_tokens=None, recent_chunks=2, chunk_size=2 * CHUNK)
+
+    record = run_episode(model, cache, PROMPT, 20, OBS, DECODE, seed=4, on_step=change)
+    assert cache.stats().evicted_chunks > 0
+    assert cache.chunks[-1].length == 2 * CHUNK
+    ref = reference_logits(model, record)
+    assert (torch.cat(record.logits, dim=1) - ref).abs().max().item() <= 1e-5
+
+
+def test_reset_cache_equals_fresh_cache(tiny_models):
+    model = tiny_models("llama")
+    cfg = EpisodeCacheConfig(policy="sinks", chunk_size=CHUNK, sink_tokens=4, recent_chunks=1)
+    reused = EpisodeCache(cfg, model.config)
+    run_episode(model, reused, PROMPT, 6, OBS, DECODE, seed=5)
+    reused.reset()
+    again = run_episode(model, reused, PROMPT, 6, OBS, DECODE, seed=6)
+    fresh = run_episode(model, EpisodeCache(cfg, model.config), PROMPT, 6, OBS, DECODE, seed=6)
+    assert again.ids == fresh.ids
+    for a, b in zip(again.logits, fresh.logits):
+        assert torch.equal(a, b)

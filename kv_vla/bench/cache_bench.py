@@ -98,7 +98,7 @@ def build_model(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> 
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()  # parameters were created in `dtype` on `device`; RoPE buffers stay float32
 
 
 def policy_config(policy: str, chunk_size: int, keep_steps: int) -> Any:
