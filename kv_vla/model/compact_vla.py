@@ -36,7 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    ResNetConfig,
+    ResNetModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 try:  # transformers >= 5 spells it PreTrainedConfig; PretrainedConfig stays as an alias
     from transformers import PreTrainedConfig
@@ -48,6 +56,7 @@ from kv_vla.model.image import frames_to_pixel_values
 from kv_vla.model.text_tokenizer import DEFAULT_WORDS, build_text_tokenizer, build_word_list, vocab_size_for
 
 NORM_STATS_FILE = "norm_stats.json"
+VISION_BACKBONES = ("siglip", "resnet")
 DEFAULT_UNNORM_KEY = "kv_vla_sim"
 
 
@@ -76,6 +85,7 @@ class CompactVLAConfig(PreTrainedConfig):
         n_action_bins: int = 256,
         words: Sequence[str] | None = None,
         attn_implementation_lm: str = "sdpa",
+        vision_backbone: str = "siglip",
         **kwargs: Any,
     ) -> None:
         self.image_size = int(image_size)
@@ -96,6 +106,7 @@ class CompactVLAConfig(PreTrainedConfig):
         self.n_action_bins = int(n_action_bins)
         self.words = build_word_list(DEFAULT_WORDS if words is None else words)
         self.attn_implementation_lm = attn_implementation_lm
+        self.vision_backbone = str(vision_backbone)
         super().__init__(**kwargs)
         self._check()
 
@@ -128,6 +139,12 @@ class CompactVLAConfig(PreTrainedConfig):
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.action_dim < 1:
             raise ValueError(f"action_dim must be >= 1, got {self.action_dim}")
+        if self.vision_backbone not in VISION_BACKBONES:
+            raise ValueError(
+                f"vision_backbone: {self.vision_backbone!r}; allowed values: {list(VISION_BACKBONES)}"
+            )
+        if self.vision_backbone == "resnet" and self.patch_size != 8:
+            raise ValueError("vision_backbone 'resnet' downsamples by 8: patch_size must be 8")
 
     @property
     def text_vocab_size(self) -> int:
@@ -153,6 +170,22 @@ class CompactVLAConfig(PreTrainedConfig):
             image_size=self.image_size,
             patch_size=self.patch_size,
             vision_use_head=False,
+        )
+
+    def resnet_config(self) -> ResNetConfig:
+        """A two-stage ResNet with overall stride 8, so it yields the same patch grid as the ViT.
+
+        Why offer it: a convolutional encoder is translation-equivariant, which matters when the
+        policy is cloned from a few hundred demonstrations and must localise small cubes it has
+        never seen at those positions; a from-scratch ViT memorises the training layouts instead.
+        """
+        return ResNetConfig(
+            num_channels=3,
+            embedding_size=self.vision_hidden_size // 2,
+            hidden_sizes=[self.vision_hidden_size // 2, self.vision_hidden_size],
+            depths=[1, 1],
+            layer_type="basic",
+            downsample_in_first_stage=False,
         )
 
     def text_config(self) -> LlamaConfig:
@@ -221,7 +254,10 @@ class CompactVLA(PreTrainedModel):
 
     def __init__(self, config: CompactVLAConfig, norm_stats: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
-        self.vision = SiglipVisionModel(config.vision_config())
+        if config.vision_backbone == "resnet":
+            self.vision = ResNetModel(config.resnet_config())
+        else:
+            self.vision = SiglipVisionModel(config.vision_config())
         grid = config.image_size // config.patch_size
         self.projector = SpaceToDepthProjector(
             config.vision_hidden_size, config.hidden_size, grid, config.pool
@@ -278,7 +314,9 @@ class CompactVLA(PreTrainedModel):
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> projected visual tokens ``[B, N, H]``."""
-        patches = self.vision(pixel_values=pixel_values).last_hidden_state
+        feats = self.vision(pixel_values=pixel_values).last_hidden_state
+        # the ResNet returns a [B, C, h, w] map: flatten it to the ViT's [B, h*w, C] patch sequence
+        patches = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
         return self.projector(patches)
 
     def embed_image(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kv_vla.train.data import EpisodeTensors, collate, sample_step_visibility, tokenize_episodes
+from kv_vla.train.data import EpisodeTensors, collate, random_shift, sample_step_visibility, tokenize_episodes
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -53,6 +53,8 @@ class TrainConfig:
     max_per_task: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     max_steps: int | None = None  # stop after this many updates (tests, smoke runs)
+    init_from: str | None = None  # start from this model folder's weights (fine-tuning)
+    shift_pad: int = 4  # random-shift augmentation in pixels (0 = off)
     time_budget_s: float | None = None  # shrink the schedule to fit (measured after 20 updates)
 
     def validate(self) -> TrainConfig:
@@ -168,6 +170,8 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     resume = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
     if resume is not None:
         model = CompactVLA.from_pretrained(out / "checkpoint_model")
+    elif cfg.init_from is not None:
+        model = CompactVLA.from_pretrained(cfg.init_from)  # keeps its vocabulary and norm stats
     else:
         model = build_model(episodes, cfg.model_overrides, cfg.seed)
     model.to(device)
@@ -175,6 +179,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    aug_rng = np.random.default_rng(cfg.seed)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = (
         steps_per_epoch * cfg.epochs
@@ -207,6 +212,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
             if step >= total:
                 break
             b = collate(batch)
+            b["frames"] = random_shift(b["frames"], cfg.shift_pad, aug_rng)
             recent = rng.choice(cfg.recent_choices)
             vis = sample_step_visibility(len(batch), b["action_ids"].shape[1], recent, cfg.drop_rates, gen)
             for group in opt.param_groups:

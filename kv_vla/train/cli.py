@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-per-task", type=int, default=None, help="use at most this many demos per task")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many updates")
     parser.add_argument(
+        "--shift-pad", type=int, default=4, help="random-shift augmentation (pixels; 0 = off)"
+    )
+    parser.add_argument(
         "--time-budget-min", type=float, default=None, help="fit the LR schedule into this many minutes"
     )
     parser.add_argument(
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         max_per_task=args.max_per_task,
         max_steps=args.max_steps,
+        shift_pad=args.shift_pad,
+        init_from=args.init,
         time_budget_s=None if args.time_budget_min is None else 60.0 * args.time_budget_min,
         drop_rates=[float(x) for x in args.drop_rates.split(",")],
         model_overrides=json.loads(args.model_config),

@@ -104,3 +104,24 @@ def sample_step_visibility(
     j = torch.arange(n_steps)[None, :]
     recent_mask = (i - j <= recent) & (j <= i)
     return recent_mask[None] | keep[:, None, :]
+
+
+def random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+    """DrQ-style augmentation: shift every frame by up to ``pad`` pixels (edge-padded).
+
+    Why it is safe for this action space: the arm and the objects move together in the frame, so
+    the end-effector delta that the label encodes is unchanged; what changes is only *where* in the
+    image they are, which is what a small model trained on a few hundred layouts overfits to.
+    """
+    if pad <= 0:
+        return frames
+    lead = frames.shape[:-3]
+    h, w = frames.shape[-3:-1]
+    flat = frames.reshape(-1, h, w, frames.shape[-1])
+    padded = np.pad(flat, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    dy = rng.integers(0, 2 * pad + 1, size=flat.shape[0])
+    dx = rng.integers(0, 2 * pad + 1, size=flat.shape[0])
+    out = np.empty_like(flat)
+    for k in range(flat.shape[0]):
+        out[k] = padded[k, dy[k] : dy[k] + h, dx[k] : dx[k] + w]
+    return out.reshape(*lead, h, w, frames.shape[-1])
