@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=200, help="updates between checkpoints")
     parser.add_argument("--max-per-task", type=int, default=None, help="use at most this many demos per task")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many updates")
+    parser.add_argument("--init", default=None, help="start from this trained model folder (fine-tune)")
     parser.add_argument(
         "--shift-pad", type=int, default=4, help="random-shift augmentation (pixels; 0 = off)"
     )
