@@ -187,7 +187,10 @@ class EpisodeRuntime:
 
         self._sync_attention_probe()
         cache = EpisodeCache(self.cache_config, self.model.language_model.config)
-        if self.gate is not None and hasattr(cache, "set_gate") and self.cache_config.policy == "gated":
+        from kv_vla.cache.policies.gated import GatedPolicy
+
+        # the trained gate serves every gate-driven policy (``gated`` and ZipVL's ``gated_tiered``)
+        if self.gate is not None and isinstance(getattr(cache, "policy", None), GatedPolicy):
             cache.set_gate(self.gate)
         return cache
 

@@ -143,8 +143,15 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     x = torch.randn(1, 4, 40, 64).to(dtype)
     for bits in (8, 4, 2):
         qc = quantize_keys(x.cuda(), bits, 16)
+        ref = quantize_keys(x, bits, 16)
         assert qc.data.is_cuda
-        assert torch.equal(dequantize(qc).cpu(), dequantize(quantize_keys(x, bits, 16)))
+        # codes and scales are bit-identical; the dequantised value may differ by one rounding of
+        # the output dtype, because CUDA fuses the multiply-add (seen on an H100 in bf16)
+        assert torch.equal(qc.data.cpu(), ref.data)
+        assert torch.equal(qc.scale.cpu(), ref.scale) and torch.equal(qc.zero.cpu(), ref.zero)
+        got, want = dequantize(qc).cpu().float(), dequantize(ref).float()
+        ulp = torch.finfo(dtype).eps * want.abs().clamp(min=1e-3)
+        assert ((got - want).abs() <= ulp).all()
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

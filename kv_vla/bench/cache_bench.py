@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-ALL_POLICIES = ("full", "none", "window", "sinks", "attention", "random", "gated")
+ALL_POLICIES = ("full", "none", "window", "sinks", "attention", "random", "gated", "zipvl", "gated_tiered")
 PROMPT_TOKENS = 24  # instruction prefix, pinned
 SINK_TOKENS = 4
 
@@ -115,6 +115,11 @@ def policy_config(policy: str, chunk_size: int, keep_steps: int) -> Any:
         "attention": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget),
         "random": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget),
         "gated": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget, gate_threshold=0.5),
+        # ZipVL keeps every token (no budget) and stores the unimportant ones at 4 bits
+        "zipvl": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, extra={"tau": 0.9, "low_bits": 4}),
+        "gated_tiered": dict(
+            recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget, gate_threshold=0.5
+        ),
     }
     if policy not in options:
         extra = dict(

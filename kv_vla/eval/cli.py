@@ -27,7 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink-tokens", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--gate-threshold", type=float, default=None)
-    parser.add_argument("--gate", default=None, help="trained ChunkGate for the 'gated' policy")
+    parser.add_argument(
+        "--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors when present)"
+    )
+    zip_group = parser.add_argument_group("ZipVL options (policies zipvl and gated_tiered)")
+    zip_group.add_argument("--tau", type=float, default=None, help="attention share kept at full precision")
+    zip_group.add_argument("--low-bits", type=int, default=None, choices=[2, 4, 8])
+    zip_group.add_argument("--quant-group-size", type=int, default=None)
+    zip_group.add_argument(
+        "--full-threshold", type=float, default=None, help="gated_tiered: utility for 16 bits"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -37,15 +46,34 @@ def cache_options(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+ZIPVL_POLICIES = ("zipvl", "gated_tiered")
+
+
+def zipvl_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ZipVL's options, which live in ``EpisodeCacheConfig.extra`` (only for the ZipVL policies)."""
+    names = ("tau", "low_bits", "quant_group_size", "full_threshold")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def default_gate(model: str) -> str | None:
+    """The gate shipped beside a model (``MODEL/gate.safetensors``), as the ROS node also uses."""
+    from pathlib import Path
+
+    path = Path(model) / "gate.safetensors"
+    return str(path) if path.exists() else None
+
+
 def model_factory(policy: str, args: argparse.Namespace) -> Any:
     """Load the runtime once with this cache policy; the factory hands it to every task."""
     from kv_vla.cache import EpisodeCacheConfig
     from kv_vla.runtime import EpisodeRuntime
 
-    cfg = EpisodeCacheConfig(policy=policy, **cache_options(args))
-    runtime = EpisodeRuntime.from_pretrained(
-        args.model, cache_config=cfg, device=args.device, gate_path=args.gate
-    )
+    options = cache_options(args)
+    if policy in ZIPVL_POLICIES and zipvl_options(args):
+        options["extra"] = zipvl_options(args)
+    cfg = EpisodeCacheConfig(policy=policy, **options)
+    gate = args.gate if args.gate is not None else default_gate(args.model)
+    runtime = EpisodeRuntime.from_pretrained(args.model, cache_config=cfg, device=args.device, gate_path=gate)
     return lambda env: runtime
 
 
