@@ -22,7 +22,17 @@ def test_bench_cache_json_schema_and_ratios(tmp_path, capsys):
     assert report["preset"] == "small" and report["device"] == "cpu" and report["dtype"] == "float32"
     keys = {"policy", "history_steps", "step_ms_p50", "kv_bytes", "latency_ratio_vs_full", "kv_ratio_vs_full"}
     rows = report["results"]
-    assert {r["policy"] for r in rows} == {"full", "none", "window", "sinks", "attention", "random", "gated"}
+    assert {r["policy"] for r in rows} == {
+        "full",
+        "none",
+        "window",
+        "sinks",
+        "attention",
+        "random",
+        "gated",
+        "zipvl",
+        "gated_tiered",
+    }
     for r in rows:
         assert set(r) == keys
         assert r["step_ms_p50"] > 0 and r["kv_bytes"] > 0

@@ -7,6 +7,8 @@ finished loading, so the first test also shows the transient-local instruction r
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -132,6 +134,10 @@ def test_bad_input_is_refused_with_a_reason_and_good_frames_still_answered(ros, 
 
 def test_stale_frame_is_skipped_and_counted(ros):
     client, proc = ros
+    # settle: answer one good frame, then take a snapshot from the 1 Hz diagnostics that follow it,
+    # so a step still in flight from an earlier test cannot be mistaken for the stale frame's
+    assert client.exchange(frame()) is not None
+    time.sleep(1.5)
     before = client.last_diag()
     for _ in range(3):
         client.send_frame(frame(), stamp_ns=client.now_ns() - 30 * 10**9)
