@@ -7,6 +7,13 @@ all check against, so a parameter cannot exist in one place and be missing in an
 * ``now``: the next control step;
 * ``next_episode``: the next episode (a new instruction or a ``~/reset`` call); a cache cannot change
   its chunking or budget in the middle of an episode without invalidating the chunks it holds.
+
+The ZipVL options are thresholds or a storage format. ``EpisodeCache.update_config`` accepts a live
+change of ``extra`` and the policies read it at every decision, so the thresholds (``zipvl_tau``,
+``tiered_full_threshold``) apply ``now``, like ``gate_threshold``. The storage format
+(``zipvl_low_bits``, ``zipvl_group_size``) waits for the next episode: demotion is one-way, so a live
+change would leave one episode's low-precision chunks in two formats and its KV bytes comparable
+with neither setting.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("gate_threshold", 0.5, "gated policy: evict a chunk whose utility is below this", NOW, 0.0, 1.0, 0.0),
     ParamSpec("recent_chunks", 2, "most recent complete chunks that are never evicted", NEXT_EPISODE, 0, 4096, 1),
     ParamSpec("max_tokens", 0, "KV token budget per episode; 0 = unbounded", NEXT_EPISODE, 0, 10_000_000, 1),
+    ParamSpec("zipvl_tau", 0.9, "zipvl: share of attention mass whose chunks stay at full precision (> 0)", NOW, 0.0, 1.0, 0.0),
+    ParamSpec("zipvl_low_bits", 4, "zipvl, gated_tiered: bits of low-precision chunks: 2, 4 or 8", NEXT_EPISODE, 2, 8, 2),
+    ParamSpec("zipvl_group_size", 32, "zipvl, gated_tiered: quantisation group size (tokens or channels)", NEXT_EPISODE, 1, 65536, 1),
+    ParamSpec("tiered_full_threshold", 0.75, "gated_tiered: chunks with utility >= this stay full precision (>= gate_threshold)", NOW, 0.0, 1.0, 0.0),
     ParamSpec("control_rate_hz", 10.0, "rate of the control-step timer", NOW, 0.1, 200.0, 0.0),
     ParamSpec("max_image_age_s", 1.0, "frames older than this (header stamp vs node clock) are skipped", NOW, 0.001, 3600.0, 0.0),
     ParamSpec("action_clip", 1.0, "every action component is clipped to [-action_clip, action_clip]", NOW, 0.0, 1.0, 0.0),
@@ -53,7 +64,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("max_instruction_chars", 1000, "longer instructions are refused", NOW, 1, 100_000, 1),
 )  # fmt: skip
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
-CACHE_KEYS = ("cache_policy", "chunk_size", "gate_threshold", "recent_chunks", "max_tokens")
+# Options of the mixed-precision policies (``zipvl``, ``gated_tiered``); they reach the cache as
+# ``EpisodeCacheConfig.extra`` and only for those policies (``runtime_glue.cache_kwargs``).
+ZIPVL_KEYS = ("zipvl_tau", "zipvl_low_bits", "zipvl_group_size", "tiered_full_threshold")
+LOW_BITS = (2, 4, 8)
+CACHE_KEYS = ("cache_policy", "chunk_size", "gate_threshold", "recent_chunks", "max_tokens", *ZIPVL_KEYS)
 
 
 def validate(name: str, value: Any, policies: tuple[str, ...] | None = None) -> str | None:
@@ -85,6 +100,10 @@ def validate(name: str, value: Any, policies: tuple[str, ...] | None = None) -> 
         return f"device={value!r} is not cpu, mps, cuda or cuda:N"
     if name == "cache_policy" and policies is not None and value not in policies:
         return f"cache_policy={value!r} is not one of {', '.join(policies)}"
+    if name == "zipvl_low_bits" and value not in LOW_BITS:
+        return f"zipvl_low_bits={value} is not one of {', '.join(map(str, LOW_BITS))}"
+    if name == "zipvl_tau" and value <= 0.0:
+        return f"zipvl_tau={value} is outside (0, 1]: a zero share of the attention mass keeps nothing"
     if name == "model_path" and not value:
         return "model_path must not be empty"
     return None

@@ -23,13 +23,42 @@ _FIELD = {
     "recent_chunks": "recent_chunks",
     "max_tokens": "max_tokens",
 }
+# Policies that read ``EpisodeCacheConfig.extra`` (kv_vla.cache.policies.zipvl), and for each the node
+# parameters it reads -> their ``extra`` key. Any other policy gets an empty ``extra``.
+ZIPVL_POLICIES = ("zipvl", "gated_tiered")
+_EXTRA = {
+    "zipvl_tau": "tau",
+    "zipvl_low_bits": "low_bits",
+    "zipvl_group_size": "quant_group_size",
+    "tiered_full_threshold": "full_threshold",
+}
+_POLICY_EXTRA = {
+    "zipvl": ("zipvl_tau", "zipvl_low_bits", "zipvl_group_size"),
+    "gated_tiered": ("zipvl_low_bits", "zipvl_group_size", "tiered_full_threshold"),
+}
 
 
-def cache_kwargs(node_values: dict[str, Any], step_tokens: int | None = None) -> dict[str, Any]:
+def cache_extra(policy: str, node_values: dict[str, Any]) -> dict[str, Any]:
+    """``EpisodeCacheConfig.extra`` for ``policy``: its ZipVL options, or ``{}`` for other policies.
+
+    A value missing from ``node_values`` takes the parameter's declared default (= zipvl's default).
+    """
+    from kv_vla_node.params import SPECS
+
+    names = _POLICY_EXTRA.get(policy, ())
+    return {_EXTRA[n]: node_values.get(n, SPECS[n].default) for n in names}
+
+
+def cache_kwargs(
+    node_values: dict[str, Any], step_tokens: int | None = None, active: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Node parameter values -> ``EpisodeCacheConfig`` keyword arguments.
 
     ``max_tokens`` 0 means unbounded (None); ``chunk_size`` 0 means the tokens of one control step
     (``step_tokens``, the runtime's image + action tokens), or the config's default when unknown.
+    When ``node_values`` holds ``cache_policy`` or a ZipVL option, ``extra`` is rebuilt whole for the
+    policy of ``{**active, **node_values}`` (``active``: the cache parameters now in force), because
+    ``extra`` is replaced, not merged, and another policy must not receive ZipVL's options.
     """
     out: dict[str, Any] = {}
     for name, value in node_values.items():
@@ -42,6 +71,10 @@ def cache_kwargs(node_values: dict[str, Any], step_tokens: int | None = None) ->
                 continue
             value = int(step_tokens)
         out[_FIELD[name]] = value
+    if any(n == "cache_policy" or n in _EXTRA for n in node_values):
+        merged = {**(active or {}), **node_values}
+        if "cache_policy" in merged:
+            out["extra"] = cache_extra(merged["cache_policy"], merged)
     return out
 
 

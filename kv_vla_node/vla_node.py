@@ -272,7 +272,9 @@ class VLANode(Node):
         self._runtime.reset(instruction)
         if pending:
             try:
-                self._runtime.update_cache_config(**cache_kwargs(pending, self._step_tokens))
+                self._runtime.update_cache_config(
+                    **cache_kwargs(pending, self._step_tokens, self._active_cache)
+                )
                 self._active_cache.update(pending)
             except ValueError as exc:
                 self._refuse("parameter", f"cache change {pending} refused at episode start: {exc}")
@@ -359,7 +361,9 @@ class VLANode(Node):
             twist_scale = float(self._values["twist_scale"])
         if now_changes:
             try:
-                self._runtime.update_cache_config(**cache_kwargs(now_changes, self._step_tokens))
+                self._runtime.update_cache_config(
+                    **cache_kwargs(now_changes, self._step_tokens, self._active_cache)
+                )
                 self._active_cache.update(now_changes)
             except ValueError as exc:
                 self._refuse("parameter", f"cache change {now_changes} refused: {exc}")
@@ -417,6 +421,8 @@ class VLANode(Node):
             out[key] = str(self._active_cache[key])
         active_config = getattr(self._runtime, "cache_config", None)
         out["chunk_size_tokens"] = str(getattr(active_config, "chunk_size", self._active_cache["chunk_size"]))
+        extra = getattr(active_config, "extra", None) or {}
+        out["cache_extra"] = ",".join(f"{k}={v}" for k, v in sorted(extra.items()))  # what the cache got
         out["pending_next_episode"] = ",".join(f"{k}={v}" for k, v in sorted(pending.items()))
         for key in (
             "action_clip",
