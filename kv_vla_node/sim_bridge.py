@@ -18,9 +18,7 @@ with ``results_path`` set, all results are written to that JSON file when the ru
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray, String
 
+from kv_vla.atomic import atomic_write_json
 from kv_vla_node import conversions
 from kv_vla_node.vla_node import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
 
@@ -51,12 +50,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write JSON via a temp file in the same folder and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)
 
 
 class SimBridgeNode(Node):

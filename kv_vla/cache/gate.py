@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kv_vla.atomic import atomic_write, atomic_write_text
 from kv_vla.cache.summary import N_EXTRA, head_dim_of, summary_dim
 
 
@@ -119,9 +119,9 @@ class ChunkGate(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         text = json.dumps(asdict(self.config), indent=2)
-        _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(path.with_suffix(".json"), text)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ChunkGate:
@@ -133,14 +133,3 @@ class ChunkGate(nn.Module):
         gate = cls(config)
         gate.load_state_dict(load_file(str(path), device=str(device)))
         return gate.to(device).eval()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from typing import IO, Any
+
+from kv_vla.atomic import atomic_write
 
 MIB = 1024.0 * 1024.0
 
 
 def _atomic(path: str, write: Callable[[IO[bytes]], Any]) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write through a binary file object, atomically (see :mod:`kv_vla.atomic`)."""
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, to_file)
 
 
 def _fmt_ms(v: float | None) -> str:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kv_vla.atomic import atomic_write, atomic_write_text
 from kv_vla.train.data import EpisodeTensors, collate, random_shift, sample_step_visibility, tokenize_episodes
 
 CHECKPOINT = "checkpoint.pt"
@@ -98,24 +97,6 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def plot_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
     """Loss (and accuracy, if logged) against update step, as a PNG."""
     import matplotlib
@@ -138,11 +119,8 @@ def plot_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
         ax2.set_ylim(0, 1)
     ax.set_title(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _batches(data: list[EpisodeTensors], batch_size: int, rng: random.Random) -> list[list[EpisodeTensors]]:
@@ -194,7 +172,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
         gen.set_state(resume["torch_rng"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     n_params = sum(p.numel() for p in model.parameters())
-    _atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+    atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
     start_epoch = step // steps_per_epoch
     bar = tqdm(
         total=total, initial=step, desc=f"bc ({n_params / 1e6:.2f}M params, {device.type})", unit="upd"
@@ -254,7 +232,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
         "wall_s": round(time.perf_counter() - t_start, 1),
         "final_loss": history[-1]["loss"] if history else None,
     }
-    _atomic_write_text(out / "loss.json", json.dumps({"meta": meta, "history": history}))
+    atomic_write_text(out / "loss.json", json.dumps({"meta": meta, "history": history}))
     plot_curve(_smooth(history), out / "loss.png", "behaviour cloning (smoothed)")
     return final
 
@@ -270,7 +248,7 @@ def _save_checkpoint(
         "epoch_rng": epoch_rng,
         "torch_rng": gen.get_state(),
     }
-    _atomic_torch_save(state, out / CHECKPOINT)
+    atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
 def _smooth(history: list[dict[str, float]], window: int = 20) -> list[dict[str, float]]:

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kv_vla.train.bc import _atomic_write_text, _smooth, plot_curve, resolve_device
+from kv_vla.atomic import atomic_write_text
+from kv_vla.train.bc import _smooth, plot_curve, resolve_device
 from kv_vla.train.data import EpisodeTensors, tokenize_episodes
 
 
@@ -201,7 +202,7 @@ def train_gate(cfg: GateTrainConfig, episodes: Sequence[Any] | None = None) -> P
     gate.cpu().save(path)
     report = utility_report(gate, cached, cfg.recent_chunks)
     meta = {"updates": step, "episodes": len(cached), "wall_s": round(time.perf_counter() - t0, 1), **report}
-    _atomic_write_text(
+    atomic_write_text(
         out / "gate_train.json", json.dumps({"meta": meta, "config": asdict(cfg), "history": history})
     )
     plot_curve(
