@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--random-model", action="store_true", help="use a tiny random CompactVLA (plumbing check, no skill)"
     )
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="kv_vla_sim task names")
-    parser.add_argument("--episodes", type=int, default=2, help="episodes per task")
+    parser.add_argument("--episodes", type=int, default=1, help="episodes per task")
     parser.add_argument("--seed-offset", type=int, default=0, help="seed of each task's first episode")
     parser.add_argument("--max-steps", type=int, default=0, help="step cap per episode; 0 = the task's own")
     parser.add_argument(
