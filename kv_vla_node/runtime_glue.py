@@ -54,7 +54,7 @@ def cache_kwargs(
 ) -> dict[str, Any]:
     """Node parameter values -> ``EpisodeCacheConfig`` keyword arguments.
 
-    ``max_tokens`` 0 means unbounded (None); ``chunk_size`` 0 means the tokens of one control step
+    ``max_tokens`` 0 means unbounded (None), and it is ignored under ``full``; ``chunk_size`` 0 means the tokens of one control step
     (``step_tokens``, the runtime's image + action tokens), or the config's default when unknown.
     When ``node_values`` holds ``cache_policy`` or a ZipVL option, ``extra`` is rebuilt whole for the
     policy of ``{**active, **node_values}`` (``active``: the cache parameters now in force), because
@@ -71,10 +71,13 @@ def cache_kwargs(
                 continue
             value = int(step_tokens)
         out[_FIELD[name]] = value
-    if any(n == "cache_policy" or n in _EXTRA for n in node_values):
-        merged = {**(active or {}), **node_values}
-        if "cache_policy" in merged:
-            out["extra"] = cache_extra(merged["cache_policy"], merged)
+    merged = {**(active or {}), **node_values}
+    if any(n == "cache_policy" or n in _EXTRA for n in node_values) and "cache_policy" in merged:
+        out["extra"] = cache_extra(merged["cache_policy"], merged)
+    if merged.get("cache_policy") == "full":
+        # `full` keeps everything and the cache refuses a budget for it; a budget in the shared YAML
+        # (tuned for the bounded policies) must not stop a node started with cache_policy:=full
+        out["max_tokens"] = None
     return out
 
 

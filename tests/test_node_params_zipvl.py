@@ -219,3 +219,20 @@ def test_node_over_dds_applies_the_options_after_reset(tmp_path, monkeypatch):
         spinner.join(timeout=5)
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
+
+
+def test_full_policy_ignores_the_shared_budget():
+    """The YAML's budget is for the bounded policies; cache_policy:=full must still start."""
+    from kv_vla.cache import EpisodeCacheConfig
+    from kv_vla_node.runtime_glue import cache_kwargs
+
+    kwargs = cache_kwargs({"cache_policy": "full", "max_tokens": 240, "chunk_size": 0}, step_tokens=20)
+    assert kwargs["max_tokens"] is None
+    EpisodeCacheConfig(**kwargs)  # valid
+    gated = cache_kwargs({"cache_policy": "gated", "max_tokens": 240}, step_tokens=20)
+    assert gated["max_tokens"] == 240
+    # switching a budgeted cache to full clears the budget instead of being refused
+    cfg = EpisodeCacheConfig(**gated)
+    assert (
+        cfg.replace(**cache_kwargs({"cache_policy": "full"}, active={"max_tokens": 240})).max_tokens is None
+    )
