@@ -25,6 +25,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kv_vla.model.action_tokenizer import ActionTokenizer, identity_norm_stats
+from kv_vla.model.base import PromptEmbeddingMixin
 from kv_vla.model.image import frames_to_pixel_values
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -83,7 +84,7 @@ class CausalLMView(nn.Module):
 Tokenize = Callable[[str], Sequence[int]]
 
 
-class HFVLMAdapter(nn.Module):
+class HFVLMAdapter(PromptEmbeddingMixin, nn.Module):
     """Common part of the adapters: prompt/tokens/image embedding around a ``CausalLMView``.
 
     Args:
@@ -144,12 +145,6 @@ class HFVLMAdapter(nn.Module):
         else:
             ids = self.tokenizer(text).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.device)
-
-    def embed_prompt(self, text: str) -> torch.Tensor:
-        return self.embed_tokens(self.prompt_ids(text))
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.get_input_embeddings()(ids.to(self.device))
 
     def pixel_values(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         return frames_to_pixel_values(

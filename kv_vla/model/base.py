@@ -56,3 +56,24 @@ class VLABackbone(Protocol):
     def num_image_tokens(self) -> int:
         """Visual tokens per frame (``N``); a control step occupies ``N + action_dim`` cache positions."""
         ...
+
+
+class PromptEmbeddingMixin:
+    """``embed_prompt``/``embed_tokens`` through the language model's input embeddings.
+
+    Shared by every backbone here: they differ in how a prompt becomes ids (``prompt_ids``), never in
+    how ids become embeddings, which must be exactly the language model's own table so that decoded
+    action tokens fed back during a step match what training saw.
+    """
+
+    language_model: nn.Module
+    device: torch.device
+
+    def prompt_ids(self, text: str) -> torch.Tensor:  # pragma: no cover - each backbone defines it
+        raise NotImplementedError
+
+    def embed_prompt(self, text: str) -> torch.Tensor:
+        return self.embed_tokens(self.prompt_ids(text))
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(ids.to(self.device))

@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - older transformers
     from transformers import PretrainedConfig as PreTrainedConfig
 
 from kv_vla.model.action_tokenizer import ActionTokenizer, identity_norm_stats
+from kv_vla.model.base import PromptEmbeddingMixin
 from kv_vla.model.image import frames_to_pixel_values
 from kv_vla.model.text_tokenizer import DEFAULT_WORDS, build_text_tokenizer, build_word_list, vocab_size_for
 
@@ -244,7 +245,7 @@ class EpisodeOutput:
     accuracy: torch.Tensor | None = None
 
 
-class CompactVLA(PreTrainedModel):
+class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
     """The compact VLA; implements :class:`kv_vla.model.base.VLABackbone`."""
 
     config_class = CompactVLAConfig
@@ -301,12 +302,6 @@ class CompactVLA(PreTrainedModel):
         """Token ids ``[1, T]`` of a formatted prompt (BOS first)."""
         ids = self.tokenizer(text).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.device)
-
-    def embed_prompt(self, text: str) -> torch.Tensor:
-        return self.embed_tokens(self.prompt_ids(text))
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.get_input_embeddings()(ids.to(self.device))
 
     def pixel_values(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 frames ``[..., H, W, 3]`` -> ``[B, 3, S, S]`` in the model's dtype and device."""

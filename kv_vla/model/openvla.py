@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from kv_vla.model.action_tokenizer import ActionTokenizer
+from kv_vla.model.base import PromptEmbeddingMixin
 from kv_vla.model.image import frames_to_pixel_values
 
 #: Llama-2 SentencePiece id of the empty "▁" piece OpenVLA's ``predict_action`` appends to the prompt.
@@ -61,7 +62,7 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
 
 
-class OpenVLABackbone(nn.Module):
+class OpenVLABackbone(PromptEmbeddingMixin, nn.Module):
     """A Prismatic/OpenVLA model seen as a :class:`~kv_vla.model.base.VLABackbone`.
 
     Args:
@@ -144,12 +145,6 @@ class OpenVLABackbone(nn.Module):
         if self.prompt_suffix_id is not None and (not ids or ids[-1] != self.prompt_suffix_id):
             ids.append(self.prompt_suffix_id)
         return torch.tensor([ids], dtype=torch.long, device=self.device)
-
-    def embed_prompt(self, text: str) -> torch.Tensor:
-        return self.embed_tokens(self.prompt_ids(text))
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.get_input_embeddings()(ids.to(self.device))
 
     def pixel_values(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """One normalisation per backbone, concatenated on channels (6 channels for the fused DINO+SigLIP)."""
