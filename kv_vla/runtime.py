@@ -57,6 +57,19 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+GATE_FILE = "gate.safetensors"
+
+
+def shipped_gate(model_dir: str | Path) -> Path | None:
+    """The trained gate saved beside a checkpoint (``MODEL/gate.safetensors``), if there is one.
+
+    One convention for every entry point (ROS node, evaluation, demo): a model folder carries the
+    gate trained for it, because a gate reads that model's key/value statistics and fits no other.
+    """
+    path = Path(model_dir) / GATE_FILE
+    return path if path.exists() else None
+
+
 class EpisodeRuntime:
     """Runs a :class:`~kv_vla.model.base.VLABackbone` step by step over one episode cache."""
 

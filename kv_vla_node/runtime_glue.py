@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kv_vla_node.vla_node import RuntimeSettings
 
-GATE_FILE = "gate.safetensors"
-
 # node parameter name -> EpisodeCacheConfig field
 _FIELD = {
     "cache_policy": "policy",
@@ -118,8 +116,8 @@ def build_runtime(settings: RuntimeSettings) -> Any:
 
     model_path = resolve_model_path(settings.model_path)
     gate_path = resolve_model_path(settings.gate_path) if settings.gate_path else None
-    if gate_path is None and (Path(model_path) / GATE_FILE).exists():
-        gate_path = str(Path(model_path) / GATE_FILE)
+    if gate_path is None:
+        gate_path = kv_runtime.shipped_gate(model_path)
     runtime = kv_runtime.EpisodeRuntime.from_pretrained(
         model_path, device=settings.device, dtype=getattr(torch, settings.dtype), gate_path=gate_path
     )

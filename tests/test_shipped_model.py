@@ -22,17 +22,20 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").exists(), reas
 def test_shipped_model_fits_the_size_limit():
     total = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
     assert total <= 25 * 1024 * 1024
-    assert (MODEL / "gate.safetensors").exists() and (MODEL / "gate.json").exists()
+    from kv_vla.runtime import shipped_gate
+
+    gate = shipped_gate(MODEL)
+    assert gate is not None and gate.with_suffix(".json").exists()
 
 
 def test_shipped_model_runs_a_memory_task_with_the_gated_cache_within_budget():
     from kv_vla.cache import EpisodeCacheConfig
     from kv_vla.eval.harness import evaluate
-    from kv_vla.runtime import EpisodeRuntime
+    from kv_vla.runtime import EpisodeRuntime, shipped_gate
 
     def factory(policy: str, **options):
         cfg = EpisodeCacheConfig(policy=policy, **options)
-        rt = EpisodeRuntime.from_pretrained(MODEL, cache_config=cfg, gate_path=MODEL / "gate.safetensors")
+        rt = EpisodeRuntime.from_pretrained(MODEL, cache_config=cfg, gate_path=shipped_gate(MODEL))
         return lambda env: rt
 
     result = evaluate(

@@ -55,24 +55,16 @@ def zipvl_options(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def default_gate(model: str) -> str | None:
-    """The gate shipped beside a model (``MODEL/gate.safetensors``), as the ROS node also uses."""
-    from pathlib import Path
-
-    path = Path(model) / "gate.safetensors"
-    return str(path) if path.exists() else None
-
-
 def model_factory(policy: str, args: argparse.Namespace) -> Any:
     """Load the runtime once with this cache policy; the factory hands it to every task."""
     from kv_vla.cache import EpisodeCacheConfig
-    from kv_vla.runtime import EpisodeRuntime
+    from kv_vla.runtime import EpisodeRuntime, shipped_gate
 
     options = cache_options(args)
     if policy in ZIPVL_POLICIES and zipvl_options(args):
         options["extra"] = zipvl_options(args)
     cfg = EpisodeCacheConfig(policy=policy, **options)
-    gate = args.gate if args.gate is not None else default_gate(args.model)
+    gate = args.gate if args.gate is not None else shipped_gate(args.model)
     runtime = EpisodeRuntime.from_pretrained(args.model, cache_config=cfg, device=args.device, gate_path=gate)
     return lambda env: runtime
 
