@@ -207,8 +207,9 @@ class EpisodeRuntime:
             cache.set_gate(self.gate)
         return cache
 
-    def _lm(self, embeds: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        """Append ``embeds`` to the cache at the next absolute positions; last position's action logits."""
+    def _lm(self, embeds: torch.Tensor, cache: Any = None, n_logits: int = 1) -> torch.Tensor:
+        """Append ``embeds`` to the cache at the next absolute positions; the action logits of the
+        last position (``[n_bins]``), or of the last ``n_logits`` positions (``[n_logits, n_bins]``)."""
         cache = self.cache if cache is None else cache
         start = self.model.position_offset + cache.get_seq_length()
         positions = torch.arange(start, start + embeds.shape[1], device=self.device, dtype=torch.long)[None]
@@ -217,8 +218,10 @@ class EpisodeRuntime:
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=n_logits,
         )
+        if n_logits > 1:
+            return out.logits[0, -n_logits:, self._act_begin : self._act_end].float()
         return out.logits[0, -1, self._act_begin : self._act_end].float()
 
     @torch.inference_mode()
@@ -278,20 +281,28 @@ class EpisodeRuntime:
             t1 = time.perf_counter()
             if self._step_text is not None:
                 img = torch.cat([img, self._step_text.to(img.dtype)], dim=1)
-            logits = self._lm(img)
-            self._sync()
-            t2 = time.perf_counter()
             n_act = self.model.action_dim
-            all_logits = torch.empty((n_act, self._act_end - self._act_begin), dtype=torch.float32)
-            ids = torch.empty((n_act,), dtype=torch.long)
-            for d in range(n_act):
-                all_logits[d] = logits.cpu()
-                tok = int(torch.argmax(logits)) + self._act_begin
-                ids[d] = tok
-                emb = self.model.embed_tokens(torch.tensor([[tok]], device=self.device))
-                logits = self._lm(emb)  # the last one only writes the final action token into the cache
-            self._sync()
-            t3 = time.perf_counter()
+            queries = self._action_queries()
+            if queries is not None:
+                # parallel decoding: frame and action slots in one forward, every dim read at once
+                all_logits = self._lm(torch.cat([img, queries.to(img.dtype)], dim=1), n_logits=n_act).cpu()
+                ids = torch.argmax(all_logits, dim=-1) + self._act_begin
+                self._sync()
+                t2 = t3 = time.perf_counter()
+            else:
+                logits = self._lm(img)
+                self._sync()
+                t2 = time.perf_counter()
+                all_logits = torch.empty((n_act, self._act_end - self._act_begin), dtype=torch.float32)
+                ids = torch.empty((n_act,), dtype=torch.long)
+                for d in range(n_act):
+                    all_logits[d] = logits.cpu()
+                    tok = int(torch.argmax(logits)) + self._act_begin
+                    ids[d] = tok
+                    emb = self.model.embed_tokens(torch.tensor([[tok]], device=self.device))
+                    logits = self._lm(emb)  # the last one only writes the final action token into the cache
+                self._sync()
+                t3 = time.perf_counter()
             self._end_step()
             self._sync()
             t4 = time.perf_counter()
@@ -319,6 +330,11 @@ class EpisodeRuntime:
         )
         self.step_index += 1
         return res
+
+    def _action_queries(self) -> torch.Tensor | None:
+        """The backbone's parallel-decoding slot embeddings, or None for autoregressive decoding."""
+        get = getattr(self.model, "action_query_embeds", None)
+        return get() if callable(get) else None
 
     def _end_step(self) -> None:
         """Let the cache policy act on the chunks completed by this step."""

@@ -152,3 +152,24 @@ def test_forward_episode_step_bias_soft_mask():
     out.action_logits[:, 3].logsumexp(-1).sum().backward()
     assert bias.grad is not None and bias.grad[0, 3, :3].abs().sum() > 0
     assert bias.grad[0, 0].abs().sum() == 0  # step 0 has no earlier steps
+
+
+def test_binned_cross_entropy_soft_targets_respect_bin_order():
+    """sigma=0 is plain cross-entropy; with sigma>0 a prediction one bin off costs less than one far
+    off (one-hot cross-entropy scores them the same), and the exact bin still costs least."""
+    import torch.nn.functional as F
+
+    from kv_vla.model.compact_vla import _binned_cross_entropy
+
+    labels = torch.tensor([100])
+
+    def peaked(at: int) -> torch.Tensor:
+        logits = torch.zeros(1, 256)
+        logits[0, at] = 8.0
+        return logits
+
+    exact, near, far = peaked(100), peaked(101), peaked(200)
+    assert torch.equal(_binned_cross_entropy(near, labels, 0.0), F.cross_entropy(near, labels))
+    assert torch.allclose(_binned_cross_entropy(near, labels, 0.0), _binned_cross_entropy(far, labels, 0.0))
+    soft = [float(_binned_cross_entropy(x, labels, 2.0)) for x in (exact, near, far)]
+    assert soft[0] < soft[1] < soft[2]

@@ -222,10 +222,22 @@ def _visibility_from_runtime(rt: EpisodeRuntime, fr: np.ndarray, prompt_len: int
     return torch.stack(logits), vis
 
 
+@pytest.fixture(scope="module")
+def parallel_model() -> CompactVLA:
+    torch.manual_seed(3)
+    model = CompactVLA(CompactVLAConfig.tiny(action_decoding="parallel")).eval()
+    with torch.no_grad():  # queries far from zero, so a wrong slot/offset cannot agree by accident
+        model.action_queries.normal_(0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("decoding", ["autoregressive", "parallel"])
 @pytest.mark.parametrize("policy", ["full", "window", "random"])
-def test_runtime_equals_full_sequence_forward(model, policy):
+def test_runtime_equals_full_sequence_forward(model, parallel_model, policy, decoding):
     """The step-by-step cached runtime and the one-pass training forward agree (with eviction: the
-    training pass masks the same evicted steps), tying the runtime and training paths together."""
+    training pass masks the same evicted steps), tying the runtime and training paths together;
+    for both autoregressive and parallel (OpenVLA-OFT) action decoding."""
+    model = parallel_model if decoding == "parallel" else model
     prompt_ids = model.prompt_ids(build_prompt(INSTR))[0]
     prompt_len = prompt_ids.numel()
     kw = {"max_tokens": prompt_len + 3 * STEP} if policy == "random" else {}
@@ -245,6 +257,31 @@ def test_runtime_equals_full_sequence_forward(model, policy):
         ).action_logits[0]
     torch.testing.assert_close(rt_logits, ref, atol=2e-5, rtol=1e-4)
     assert torch.equal(rt_logits.argmax(-1), ref.argmax(-1))
+
+
+def test_parallel_decoding_is_one_forward_and_ignores_labels(parallel_model):
+    """Parallel slots: the training logits do not depend on the label ids fed in (no ground truth
+    in the context), and a runtime step runs the decoder once (not once per action dim)."""
+    prompt_ids = parallel_model.prompt_ids(build_prompt(INSTR))[0]
+    fr = frames(4, 5)
+    begin = parallel_model.action_tokenizer.action_token_begin_idx
+    a = torch.randint(0, 256, (1, 4, 4)) + begin
+    b = torch.randint(0, 256, (1, 4, 4)) + begin
+    with torch.no_grad():
+        la = parallel_model.forward_episode([prompt_ids], fr[None], a).action_logits
+        lb = parallel_model.forward_episode([prompt_ids], fr[None], b).action_logits
+    assert torch.equal(la, lb)
+    rt = EpisodeRuntime(parallel_model)
+    rt.reset(INSTR)
+    calls = []
+    hook = parallel_model.language_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        res = rt.step(fr[0])
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert rt.cache.stats().kept_tokens == prompt_ids.numel() + STEP  # 16 frame + 4 slot tokens
+    assert res.action.shape == (4,)
 
 
 def test_from_pretrained_errors(tmp_path):

@@ -19,6 +19,14 @@ trains on)::
 with ``N = num_image_tokens`` (16 by default) and ``D = action_dim`` (4). Action token ``d`` of a
 step is predicted from the logits at the position just before it (the last image token for
 ``d = 0``). One control step is ``N + D`` tokens, the default cache chunk size.
+
+With ``action_decoding="parallel"`` (OpenVLA-OFT's parallel decoding, Kim et al. 2025) the ``D``
+action slots are learned query embeddings instead of the previous action's tokens, and action ``d``
+is read from the logits *at* slot ``d``: one forward per control step instead of ``D + 1``, and no
+ground-truth action ever enters the context. The latter matters for a policy with episode history:
+with teacher-forced action tokens in the past, "repeat the previous action" explains most labels
+of straight-line expert motion, so the model learns to copy instead of to look (the copycat problem
+of behaviour cloning with history, Wen et al. 2020), and fails once its own actions drift.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from kv_vla.model.text_tokenizer import DEFAULT_WORDS, build_text_tokenizer, bui
 
 NORM_STATS_FILE = "norm_stats.json"
 VISION_BACKBONES = ("siglip", "resnet")
+ACTION_DECODINGS = ("autoregressive", "parallel")
 DEFAULT_UNNORM_KEY = "kv_vla_sim"
 
 
@@ -87,6 +96,7 @@ class CompactVLAConfig(PreTrainedConfig):
         words: Sequence[str] | None = None,
         attn_implementation_lm: str = "sdpa",
         vision_backbone: str = "siglip",
+        action_decoding: str = "autoregressive",
         **kwargs: Any,
     ) -> None:
         self.image_size = int(image_size)
@@ -108,6 +118,7 @@ class CompactVLAConfig(PreTrainedConfig):
         self.words = build_word_list(DEFAULT_WORDS if words is None else words)
         self.attn_implementation_lm = attn_implementation_lm
         self.vision_backbone = str(vision_backbone)
+        self.action_decoding = str(action_decoding)
         super().__init__(**kwargs)
         self._check()
 
@@ -143,6 +154,10 @@ class CompactVLAConfig(PreTrainedConfig):
         if self.vision_backbone not in VISION_BACKBONES:
             raise ValueError(
                 f"vision_backbone: {self.vision_backbone!r}; allowed values: {list(VISION_BACKBONES)}"
+            )
+        if self.action_decoding not in ACTION_DECODINGS:
+            raise ValueError(
+                f"action_decoding: {self.action_decoding!r}; allowed values: {list(ACTION_DECODINGS)}"
             )
         if self.vision_backbone == "resnet" and self.patch_size != 8:
             raise ValueError("vision_backbone 'resnet' downsamples by 8: patch_size must be 8")
@@ -245,6 +260,23 @@ class EpisodeOutput:
     accuracy: torch.Tensor | None = None
 
 
+def _binned_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Cross-entropy against the label bin, or against a Gaussian over the bins around it.
+
+    Why: the 256 action bins are ordered, but one-hot cross-entropy punishes a prediction one bin
+    off as hard as one at the other end of the range. A Gaussian target of width ``sigma`` bins
+    (the "HL-Gauss" classification loss of Imani & White 2018, Farebrother et al. 2024) shares the
+    gradient between neighbours, which trains a small data set's directions faster; the argmax,
+    and so the decoded action, is unchanged in expectation.
+    """
+    if sigma <= 0:
+        return F.cross_entropy(logits, labels)
+    bins = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    target = torch.exp(-0.5 * ((bins[None] - labels[:, None].float()) / sigma) ** 2)
+    target = target / target.sum(-1, keepdim=True)
+    return -(target * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+
+
 class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
     """The compact VLA; implements :class:`kv_vla.model.base.VLABackbone`."""
 
@@ -266,6 +298,9 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         self.language_model = LlamaForCausalLM(config.text_config())
         self.tokenizer = build_text_tokenizer(config.words, config.n_action_bins)
         self.action_tokenizer = ActionTokenizer(config.text_vocab_size, n_bins=config.n_action_bins)
+        self.action_queries: nn.Parameter | None = None
+        if config.action_decoding == "parallel":
+            self.action_queries = nn.Parameter(torch.randn(config.action_dim, config.hidden_size) * 0.02)
         self.norm_stats: dict[str, Any] = (
             dict(norm_stats)
             if norm_stats is not None
@@ -298,6 +333,10 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
     def position_offset(self) -> int:
         return 0
 
+    def action_query_embeds(self) -> torch.Tensor | None:
+        """``[1, D, H]`` slot embeddings of parallel action decoding; None when autoregressive."""
+        return None if self.action_queries is None else self.action_queries[None]
+
     def prompt_ids(self, text: str) -> torch.Tensor:
         """Token ids ``[1, T]`` of a formatted prompt (BOS first)."""
         ids = self.tokenizer(text).input_ids
@@ -328,6 +367,7 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         step_valid: torch.Tensor | None = None,
         step_keep: torch.Tensor | None = None,
         step_bias: torch.Tensor | None = None,
+        label_sigma: float = 0.0,
     ) -> EpisodeOutput:
         """Teacher-forced pass over whole episodes in one sequence each (the runtime's token layout).
 
@@ -347,6 +387,8 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
             step_bias: optional float ``[B, T, T]`` added to the attention logits of step ``i``'s
                 queries on step ``j``'s keys (``j < i``); ``log u_j`` softly dims chunk ``j`` by a
                 factor ``u_j``, which makes a learned keep/evict gate trainable (see kv_vla.train.gate).
+            label_sigma: 0 for plain cross-entropy on the label bin; ``> 0`` spreads the target over
+                neighbouring bins as a Gaussian of this width in bins (see ``_binned_cross_entropy``).
 
         Returns:
             :class:`EpisodeOutput` with the loss over the action bins and ``[B, T, D, n_bins]`` logits.
@@ -373,7 +415,10 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
             pix = frames_t.reshape(-1, *frames_t.shape[2:]).to(self.dtype)
         n_img, n_act = cfg.num_image_tokens, cfg.action_dim
         img = self.encode_pixels(pix).reshape(bsz, n_steps, n_img, -1)
-        act = self.embed_tokens(action_ids)  # [B, T, D, H]
+        if self.action_queries is not None:  # parallel decoding: the slots never see a label
+            act = self.action_queries.to(img.dtype)[None, None].expand(bsz, n_steps, n_act, -1)
+        else:
+            act = self.embed_tokens(action_ids)  # [B, T, D, H]
         steps = torch.cat([img, act], dim=2).reshape(bsz, n_steps * (n_img + n_act), -1)
 
         lens = [int(p.numel()) for p in prompts]
@@ -404,8 +449,10 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
             inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False
         )
         hidden = out.last_hidden_state
-        # logits predicting action d of step t sit one position before that action token
-        base = p_max + torch.arange(n_steps, device=device) * (n_img + n_act) + n_img - 1
+        # autoregressive: the logits predicting action d of step t sit one position before that
+        # action token; parallel: at action slot d itself
+        first = n_img if self.action_queries is not None else n_img - 1
+        base = p_max + torch.arange(n_steps, device=device) * (n_img + n_act) + first
         idx = (base[:, None] + torch.arange(n_act, device=device)[None, :]).reshape(-1)
         h = hidden[:, idx]  # [B, T*D, H]
         begin = self.action_tokenizer.action_token_begin_idx
@@ -423,7 +470,7 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         sel = valid[:, :, None].expand(-1, -1, n_act)
         loss = acc = None
         if sel.any():
-            loss = F.cross_entropy(logits[sel], labels[sel])
+            loss = _binned_cross_entropy(logits[sel], labels[sel], label_sigma)
             acc = (logits[sel].argmax(-1) == labels[sel]).float().mean()
         return EpisodeOutput(loss=loss, action_logits=logits, accuracy=acc)
 

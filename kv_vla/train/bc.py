@@ -54,6 +54,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many updates (tests, smoke runs)
     init_from: str | None = None  # start from this model folder's weights (fine-tuning)
     shift_pad: int = 4  # random-shift augmentation in pixels (0 = off)
+    label_sigma: float = 0.0  # Gaussian soft target over action bins, in bins (0 = one-hot)
     time_budget_s: float | None = None  # shrink the schedule to fit (measured after 20 updates)
 
     def validate(self) -> TrainConfig:
@@ -61,6 +62,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1")
         if not self.drop_rates or any(not 0.0 <= r <= 1.0 for r in self.drop_rates):
             raise ValueError(f"drop_rates: each must lie in [0, 1], got {self.drop_rates}")
+        if self.label_sigma < 0:
+            raise ValueError(f"label_sigma must be >= 0, got {self.label_sigma}")
         if not self.recent_choices or any(r < 0 for r in self.recent_choices):
             raise ValueError(f"recent_choices: each must be >= 0, got {self.recent_choices}")
         return self
@@ -197,7 +200,12 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
                 group["lr"] = _lr_at(step, total, cfg)
             with autocast:
                 res = model.forward_episode(
-                    b["prompt_ids"], b["frames"], b["action_ids"], step_valid=b["step_valid"], step_keep=vis
+                    b["prompt_ids"],
+                    b["frames"],
+                    b["action_ids"],
+                    step_valid=b["step_valid"],
+                    step_keep=vis,
+                    label_sigma=cfg.label_sigma,
                 )
             opt.zero_grad(set_to_none=True)
             res.loss.backward()

@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--time-budget-min", type=float, default=None, help="fit the LR schedule into this many minutes"
     )
     parser.add_argument(
+        "--label-sigma",
+        type=float,
+        default=0.0,
+        help="Gaussian target over neighbouring action bins, width in bins (0 = one-hot cross-entropy)",
+    )
+    parser.add_argument(
         "--drop-rates",
         default="0,0,0.3,0.6,1",
         help="history-dropout rates, one drawn per episode (comma list)",
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         init_from=args.init,
         time_budget_s=None if args.time_budget_min is None else 60.0 * args.time_budget_min,
         drop_rates=[float(x) for x in args.drop_rates.split(",")],
+        label_sigma=args.label_sigma,
         model_overrides=json.loads(args.model_config),
     )
     path = train_bc(cfg)
