@@ -149,3 +149,27 @@ def test_gate_training_lowers_its_objective(tmp_path):
 def test_invalid_train_config_is_refused():
     with pytest.raises(ValueError, match="drop_rates"):
         TrainConfig(data=[], out="x", drop_rates=[1.5]).validate()
+
+
+@pytest.mark.parametrize("decoding", ["autoregressive", "parallel"])
+def test_gate_features_offline_equal_the_runtime_cache(decoding):
+    """Gate training reads the chunk summaries a live episode cache computes: the offline pass over
+    a recorded episode (``episode_summaries``) equals the runtime's own, for both action decodings."""
+    from kv_vla.cache import EpisodeCacheConfig
+    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.prompt import build_prompt
+    from kv_vla.runtime import EpisodeRuntime
+    from kv_vla.train.data import EpisodeTensors
+    from kv_vla.train.gate import episode_summaries
+
+    torch.manual_seed(1)
+    model = CompactVLA(CompactVLAConfig(**TINY, action_decoding=decoding)).eval()
+    frames = np.random.default_rng(3).integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
+    step = model.num_image_tokens + model.action_dim
+    rt = EpisodeRuntime(model, EpisodeCacheConfig(policy="gated", chunk_size=step, gate_threshold=0.0))
+    instruction = "touch the cube that was lit"
+    rt.reset(instruction)
+    ids = [torch.as_tensor(rt.step(f).action_token_ids) for f in frames]
+    online = rt.cache.chunk_summaries()
+    ep = EpisodeTensors(model.prompt_ids(build_prompt(instruction))[0], frames, torch.stack(ids), "cued_reach", 0)
+    torch.testing.assert_close(episode_summaries(model, ep), online, atol=1e-5, rtol=1e-4)

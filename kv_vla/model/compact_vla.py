@@ -333,6 +333,13 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
     def position_offset(self) -> int:
         return 0
 
+    def action_slot_embeds(self, action_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the action slots of steps whose actions are ``action_ids`` (``[..., D]``):
+        the label tokens (teacher forcing) when autoregressive, the fixed queries when parallel."""
+        if self.action_queries is None:
+            return self.embed_tokens(action_ids)
+        return self.action_queries.expand(*action_ids.shape, self.config.hidden_size)
+
     def action_query_embeds(self) -> torch.Tensor | None:
         """``[1, D, H]`` slot embeddings of parallel action decoding; None when autoregressive."""
         return None if self.action_queries is None else self.action_queries[None]
@@ -415,10 +422,7 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
             pix = frames_t.reshape(-1, *frames_t.shape[2:]).to(self.dtype)
         n_img, n_act = cfg.num_image_tokens, cfg.action_dim
         img = self.encode_pixels(pix).reshape(bsz, n_steps, n_img, -1)
-        if self.action_queries is not None:  # parallel decoding: the slots never see a label
-            act = self.action_queries.to(img.dtype)[None, None].expand(bsz, n_steps, n_act, -1)
-        else:
-            act = self.embed_tokens(action_ids)  # [B, T, D, H]
+        act = self.action_slot_embeds(action_ids).to(img.dtype)  # [B, T, D, H]
         steps = torch.cat([img, act], dim=2).reshape(bsz, n_steps * (n_img + n_act), -1)
 
         lens = [int(p.numel()) for p in prompts]

@@ -167,6 +167,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
         if cfg.max_steps is None
         else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     )
+    full_total = total
     step, history = 0, []
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
@@ -214,13 +215,15 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
             step += 1
             if step - first_step == 20:
                 t_warm = time.perf_counter()  # the first updates include CUDA/allocator warm-up
-            if cfg.time_budget_s is not None and step - first_step == 60:
-                # size the cosine schedule to the time left, so a budgeted run still anneals fully
-                per_update = (time.perf_counter() - t_warm) / 40
+            done = step - first_step
+            if cfg.time_budget_s is not None and done >= 60 and done % 50 == 10:
+                # size the cosine schedule to the time left, so a budgeted run still anneals fully;
+                # re-measured every 50 updates over everything since warm-up (batches differ in
+                # length, so an early short sample can be far off in either direction)
+                per_update = (time.perf_counter() - t_warm) / (done - 20)
                 fits = step + int((cfg.time_budget_s - (time.perf_counter() - t_start)) / per_update)
-                if fits < total:
-                    total = max(step, fits)
-                    bar.total = total
+                total = max(step, min(full_total, fits))
+                bar.total = total
             history.append({"step": step, "loss": float(res.loss.detach()), "accuracy": float(res.accuracy)})
             bar.update(1)
             bar.set_postfix(loss=f"{float(res.loss):.3f}", acc=f"{float(res.accuracy):.2f}")

@@ -70,8 +70,8 @@ class GateTrainConfig:
 def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
     """``[T, F]`` chunk summaries of a teacher-forced episode, as the runtime's cache computes them.
 
-    The prompt is prefilled and pinned, then all steps (frame tokens + action tokens, the runtime's
-    layout and positions) are appended; with the ``full`` policy nothing is evicted, so every chunk's
+    The prompt is prefilled and pinned, then all steps (frame tokens + action tokens or parallel
+    decoding's action slots, the runtime's layout and positions) are appended; with the ``full`` policy nothing is evicted, so every chunk's
     keys and values are exactly those the online cache holds when the chunk completes.
     """
     from kv_vla.cache import EpisodeCache, EpisodeCacheConfig
@@ -91,7 +91,7 @@ def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
     )
     cache.pin_prefix()
     img = model.encode_pixels(model.pixel_values(torch.as_tensor(ep.frames, device=device)))  # [T, N, H]
-    act = model.embed_tokens(ep.action_ids.to(device)[None])[0]  # [T, D, H]
+    act = model.action_slot_embeds(ep.action_ids.to(device)[None])[0]  # [T, D, H]
     steps = torch.cat([img, act.to(img.dtype)], dim=1).reshape(1, -1, img.shape[-1])
     start = cache.get_seq_length() + model.position_offset
     pos = torch.arange(start, start + steps.shape[1], device=device)[None]
