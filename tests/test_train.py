@@ -171,5 +171,7 @@ def test_gate_features_offline_equal_the_runtime_cache(decoding):
     rt.reset(instruction)
     ids = [torch.as_tensor(rt.step(f).action_token_ids) for f in frames]
     online = rt.cache.chunk_summaries()
-    ep = EpisodeTensors(model.prompt_ids(build_prompt(instruction))[0], frames, torch.stack(ids), "cued_reach", 0)
+    ep = EpisodeTensors(
+        model.prompt_ids(build_prompt(instruction))[0], frames, torch.stack(ids), "cued_reach", 0
+    )
     torch.testing.assert_close(episode_summaries(model, ep), online, atol=1e-5, rtol=1e-4)
