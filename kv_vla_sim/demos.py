@@ -7,11 +7,20 @@ Layout of a demonstration directory::
     DIR/<task>-<seed>.npz          one compressed episode: frames uint8 [T,H,W,3] (the frame the
                                     action was chosen on), actions float32 [T,4] (the clean expert
                                     labels), proprio float32 [T,4], instruction, task, seed,
-                                    success, image_size, noise
+                                    success, image_size, noise, sim_signature
 
 Only successful expert episodes are kept as demonstrations; a failed seed is listed under
 "rejected" and never retried (episodes are deterministic). Seeds start at
 :data:`DEMO_SEED_OFFSET` so they never overlap evaluation seeds (< 1_000_000).
+
+Stale data is refused, not trained on: every episode carries the ``sim_signature`` of the code that
+recorded it (:func:`sim_signature`: a hash of a probe episode's first frame, instruction and expert
+actions), and :func:`load_episodes` skips, with a warning, episodes whose signature differs from
+the current simulator's. Why: a camera or layout change makes old demonstrations look like a
+different world; mixed into training they silently teach the wrong mapping (this happened:
+``reach``/``push``/``pick_place`` demos recorded before a camera change). Files written before
+signatures existed can be checked once with ``python -m kv_vla_sim.demos --stamp DIR``, which
+re-renders each episode's first frame and stamps only the ones that still match.
 
 Every file is written to a temporary name and ``os.replace``d, so an interrupted run leaves either
 a complete episode or none. On restart the ``.npz`` files on disk are the truth: the index is
@@ -29,6 +38,9 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import hashlib
+import logging
+
 import numpy as np
 from tqdm import tqdm
 
@@ -37,6 +49,8 @@ from kv_vla_sim.tasks import TASKS
 DEMO_SEED_OFFSET = 1_000_000
 DEFAULT_NOISE = 0.1  # see experts.noisy: perturbs full-speed steps only, labels stay clean
 INDEX = "index.json"
+SIGNATURE_SEED = 999_999  # the probe episode behind sim_signature (never a demonstration seed)
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,9 +62,42 @@ class Episode:
     task: str
     seed: int
     success: bool
+    sim_signature: str = ""  # "" = recorded before signatures existed (unverified)
+    image_size: int = 64
 
     def __len__(self) -> int:
         return len(self.actions)
+
+
+_SIGNATURES: dict[tuple[str, int], str] = {}
+
+
+def sim_signature(task: str, image_size: int = 64) -> str:
+    """A short hash of what the current simulator shows and the expert does for one probe seed.
+
+    It changes when rendering (camera, colours, meshes), scene layout sampling, instructions or the
+    expert's labels change -- the things that make recorded demonstrations stale -- and not when
+    code is merely edited. Costs one reset and three expert steps (~0.1 s), cached per process.
+    """
+    key = (task, image_size)
+    if key not in _SIGNATURES:
+        from kv_vla_sim.env import TabletopEnv
+        from kv_vla_sim.experts import Expert
+
+        env = TabletopEnv(task, image_size=image_size)
+        try:
+            obs, info = env.reset(seed=SIGNATURE_SEED)
+            h = hashlib.sha256(np.ascontiguousarray(obs["image"]).tobytes())
+            h.update(str(info["instruction"]).encode())
+            expert = Expert(env)
+            for _ in range(3):
+                a = np.asarray(expert.act(), dtype=np.float32)
+                h.update(np.round(a, 4).tobytes())
+                obs, *_ = env.step(a)
+            _SIGNATURES[key] = h.hexdigest()[:16]
+        finally:
+            env.close()
+    return _SIGNATURES[key]
 
 
 def episode_file(task: str, seed: int) -> str:
@@ -75,7 +122,9 @@ def write_json_atomic(path: str, obj: object) -> None:
     _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def save_episode(out_dir: str, ep: Episode, image_size: int, noise: float) -> str:
+def save_episode(
+    out_dir: str, ep: Episode, image_size: int, noise: float, signature: str | None = None
+) -> str:
     name = episode_file(ep.task, ep.seed)
     arrays = {
         "frames": ep.frames,
@@ -87,6 +136,7 @@ def save_episode(out_dir: str, ep: Episode, image_size: int, noise: float) -> st
         "success": np.array(ep.success),
         "image_size": np.array(image_size),
         "noise": np.array(noise, dtype=np.float32),
+        "sim_signature": np.array(signature if signature is not None else sim_signature(ep.task, image_size)),
     }
     _atomic_write_bytes(os.path.join(out_dir, name), lambda f: np.savez_compressed(f, **arrays))
     return name
@@ -102,19 +152,76 @@ def load_episode(path: str) -> Episode:
             task=str(z["task"]),
             seed=int(z["seed"]),
             success=bool(z["success"]),
+            sim_signature=str(z["sim_signature"]) if "sim_signature" in z.files else "",
+            image_size=int(z["image_size"]) if "image_size" in z.files else int(z["frames"].shape[1]),
         )
 
 
-def load_episodes(directory: str, tasks: Iterable[str] | None = None) -> list[Episode]:
-    """All episodes in ``directory`` (optionally only some tasks), sorted by (task, seed)."""
+def load_episodes(
+    directory: str, tasks: Iterable[str] | None = None, check_signature: bool = True
+) -> list[Episode]:
+    """Episodes in ``directory`` (optionally only some tasks), sorted by (task, seed).
+
+    With ``check_signature`` (the default) episodes recorded by a different simulator, or never
+    verified, are skipped with a warning naming how many and why (see the module docstring).
+    """
     wanted = None if tasks is None else set(tasks)
     out = []
     for path in sorted(glob.glob(os.path.join(directory, "*.npz"))):
         task = os.path.basename(path).rsplit("-", 1)[0]
         if wanted is None or task in wanted:
             out.append(load_episode(path))
+    if check_signature:
+        current = {(e.task, e.image_size) for e in out}
+        sig = {key: sim_signature(*key) for key in current}
+        stale = [e for e in out if e.sim_signature != sig[(e.task, e.image_size)]]
+        if stale:
+            unsigned = sum(1 for e in stale if not e.sim_signature)
+            _log.warning(
+                "%s: skipping %d of %d episodes recorded by a different simulator (%d unsigned: "
+                "check them with `python -m kv_vla_sim.demos --stamp %s`, or re-collect)",
+                directory,
+                len(stale),
+                len(out),
+                unsigned,
+                directory,
+            )
+            keep = {id(e) for e in out} - {id(e) for e in stale}
+            out = [e for e in out if id(e) in keep]
     out.sort(key=lambda e: (e.task, e.seed))
     return out
+
+
+def stamp_verified(directory: str, progress: bool = True) -> dict[str, int]:
+    """Sign unsigned episodes whose first frame the current simulator reproduces exactly.
+
+    For files recorded before signatures existed: each seed is reset and its first frame and
+    instruction compared with the recorded ones; matches are re-written (atomically) with the
+    current signature, mismatches are left unsigned, so :func:`load_episodes` keeps skipping them.
+    """
+    from kv_vla_sim.env import TabletopEnv
+
+    envs: dict[tuple[str, int], TabletopEnv] = {}
+    counts = {"stamped": 0, "stale": 0, "already": 0}
+    paths = sorted(glob.glob(os.path.join(directory, "*.npz")))
+    for path in tqdm(paths, desc=f"verify {directory}", disable=not progress):
+        ep = load_episode(path)
+        if ep.sim_signature:
+            counts["already"] += 1
+            continue
+        key = (ep.task, ep.image_size)
+        env = envs.setdefault(key, TabletopEnv(ep.task, image_size=ep.image_size))
+        obs, info = env.reset(seed=ep.seed)
+        if np.array_equal(obs["image"], ep.frames[0]) and info["instruction"] == ep.instruction:
+            with np.load(path, allow_pickle=False) as z:
+                noise = float(z["noise"]) if "noise" in z.files else DEFAULT_NOISE
+            save_episode(directory, ep, ep.image_size, noise)
+            counts["stamped"] += 1
+        else:
+            counts["stale"] += 1
+    for env in envs.values():
+        env.close()
+    return counts
 
 
 def _read_index(out_dir: str) -> dict[str, list[dict[str, object]]]:
@@ -162,7 +269,7 @@ def _run_one(job: tuple[str, int, int, float, str]) -> dict[str, object]:
             seed=seed,
             success=True,
         )
-        meta["file"] = save_episode(out_dir, ep, image_size, noise)
+        meta["file"] = save_episode(out_dir, ep, image_size, noise, sim_signature(task, image_size))
         meta["instruction"] = ep.instruction
     return meta
 
@@ -238,3 +345,19 @@ def collect(
         bar.close()
         counts[t] = len(done)
     return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kv_vla_sim.demos --stamp DIR [DIR ...]``: verify and sign older recordings."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--stamp", nargs="+", required=True, metavar="DIR")
+    args = parser.parse_args(argv)
+    for d in args.stamp:
+        print(d, stamp_verified(d))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -173,3 +173,31 @@ def test_binned_cross_entropy_soft_targets_respect_bin_order():
     assert torch.allclose(_binned_cross_entropy(near, labels, 0.0), _binned_cross_entropy(far, labels, 0.0))
     soft = [float(_binned_cross_entropy(x, labels, 2.0)) for x in (exact, near, far)]
     assert soft[0] < soft[1] < soft[2]
+
+
+def test_spatial_softmax_projector_reads_where_a_feature_is():
+    """The keypoint projector's expected coordinates point at the grid cell holding a feature, so
+    moving a blob moves the coordinates (and the tokens), and a full model trains through it."""
+    from kv_vla.model.compact_vla import SpatialSoftmaxProjector
+
+    proj = SpatialSoftmaxProjector(in_dim=3, out_dim=8, grid=8, n_tokens=2, n_keypoints=1)
+    with torch.no_grad():
+        proj.keypoints.weight.copy_(torch.tensor([[10.0, 0.0, 0.0]]))
+        proj.keypoints.bias.zero_()
+    patches = torch.zeros(1, 64, 3)
+    patches[0, 2 * 8 + 5, 0] = 5.0  # row 2, column 5
+    attn = torch.softmax(proj.keypoints(patches), dim=1)
+    xy = (attn.transpose(1, 2) @ proj.coords)[0, 0]
+    axis = torch.linspace(-1, 1, 8)
+    assert abs(float(xy[0]) - float(axis[5])) < 0.05 and abs(float(xy[1]) - float(axis[2])) < 0.05
+    assert proj(patches).shape == (1, 2, 8)
+
+    model = CompactVLA(CompactVLAConfig.tiny(projector="spatial_softmax", pool=4, action_decoding="parallel"))
+    assert model.num_image_tokens == 4
+    frames = np.random.default_rng(0).integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8)
+    ids = torch.full((1, 2, 4), model.action_tokenizer.action_token_begin_idx + 7)
+    out = model.forward_episode([model.prompt_ids(build_prompt("reach the red cube"))[0]], frames, ids)
+    out.loss.backward()
+    assert model.projector.keypoints.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="projector"):
+        CompactVLAConfig.tiny(projector="pooling")

@@ -84,3 +84,32 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(tmp_path):
 
     collect("reach", target, out, progress=False)  # already complete: nothing new
     assert len(load_episodes(out)) == target
+
+
+def test_stale_or_unsigned_recordings_are_skipped_and_verifiable(tmp_path, caplog):
+    """Episodes recorded by a different simulator never reach training: a wrong signature is
+    skipped with a warning; an unsigned file is skipped until ``stamp_verified`` re-renders its first
+    frame, which signs a faithful file and leaves one whose frame no longer matches unsigned."""
+    from kv_vla_sim.demos import Episode, save_episode, sim_signature, stamp_verified
+
+    collect("reach", 3, str(tmp_path), progress=False)
+    eps = load_episodes(str(tmp_path))
+    assert all(e.sim_signature == sim_signature("reach") for e in eps)
+    faithful, edited, foreign = eps
+
+    def resave(ep: Episode, signature: str, frames: np.ndarray | None = None) -> None:
+        os.unlink(tmp_path / f"reach-{ep.seed}.npz")
+        if frames is not None:
+            ep.frames = frames
+        save_episode(str(tmp_path), ep, 64, 0.1, signature=signature)
+
+    resave(faithful, "")  # recorded before signatures: unsigned but still true to the simulator
+    resave(edited, "", frames=255 - edited.frames)  # unsigned and no longer what the sim renders
+    resave(foreign, "0123456789abcdef")  # signed by some other simulator
+    with caplog.at_level("WARNING", logger="kv_vla_sim.demos"):
+        assert load_episodes(str(tmp_path)) == []
+    assert "skipping 3 of 3 episodes" in caplog.text and "2 unsigned" in caplog.text
+    assert len(load_episodes(str(tmp_path), check_signature=False)) == 3
+
+    assert stamp_verified(str(tmp_path), progress=False) == {"stamped": 1, "stale": 1, "already": 1}
+    assert [e.seed for e in load_episodes(str(tmp_path))] == [faithful.seed]

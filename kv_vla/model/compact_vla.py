@@ -67,6 +67,7 @@ from kv_vla.model.text_tokenizer import DEFAULT_WORDS, build_text_tokenizer, bui
 NORM_STATS_FILE = "norm_stats.json"
 VISION_BACKBONES = ("siglip", "resnet")
 ACTION_DECODINGS = ("autoregressive", "parallel")
+PROJECTORS = ("space_to_depth", "spatial_softmax")
 DEFAULT_UNNORM_KEY = "kv_vla_sim"
 
 
@@ -97,6 +98,8 @@ class CompactVLAConfig(PreTrainedConfig):
         attn_implementation_lm: str = "sdpa",
         vision_backbone: str = "siglip",
         action_decoding: str = "autoregressive",
+        projector: str = "space_to_depth",
+        num_keypoints: int = 32,
         **kwargs: Any,
     ) -> None:
         self.image_size = int(image_size)
@@ -119,6 +122,8 @@ class CompactVLAConfig(PreTrainedConfig):
         self.attn_implementation_lm = attn_implementation_lm
         self.vision_backbone = str(vision_backbone)
         self.action_decoding = str(action_decoding)
+        self.projector = str(projector)
+        self.num_keypoints = int(num_keypoints)
         super().__init__(**kwargs)
         self._check()
 
@@ -159,6 +164,10 @@ class CompactVLAConfig(PreTrainedConfig):
             raise ValueError(
                 f"action_decoding: {self.action_decoding!r}; allowed values: {list(ACTION_DECODINGS)}"
             )
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector: {self.projector!r}; allowed values: {list(PROJECTORS)}")
+        if self.num_keypoints < 1:
+            raise ValueError(f"num_keypoints must be >= 1, got {self.num_keypoints}")
         if self.vision_backbone == "resnet" and self.patch_size != 8:
             raise ValueError("vision_backbone 'resnet' downsamples by 8: patch_size must be 8")
 
@@ -221,6 +230,45 @@ class CompactVLAConfig(PreTrainedConfig):
         )
         cfg._attn_implementation = self.attn_implementation_lm
         return cfg
+
+
+class SpatialSoftmaxProjector(nn.Module):
+    """Patch grid ``[B, g*g, C]`` -> ``[B, N, D]`` through learned keypoints (spatial softmax).
+
+    Each of ``K`` keypoint channels is a softmax over the grid; its expected ``(x, y)`` (continuous,
+    finer than the grid) and the softmax-weighted feature under it (what is there: which colour,
+    lit or not) describe one thing in the scene. Levine et al. 2016 ("End-to-End Training of Deep
+    Visuomotor Policies") introduced it; robomimic and Diffusion Policy use it on ResNet features.
+    Why here: behaviour cloning from a few hundred layouts per task must map *where* a small cube
+    is to a motion direction, and coordinates make that a smooth function that generalises to
+    unseen layouts, where a flattened feature map lets a small model memorise layouts instead.
+    A mean-pooled global feature rides along for scene-wide state (the go lamp). The concatenation
+    goes through LayerNorm and a 2-layer MLP into ``N`` decoder tokens.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, grid: int, n_tokens: int, n_keypoints: int) -> None:
+        super().__init__()
+        self.grid, self.n_tokens, self.out_dim = grid, n_tokens, out_dim
+        feat = 16
+        self.keypoints = nn.Linear(in_dim, n_keypoints)
+        self.values = nn.Linear(in_dim, feat)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+        axis = torch.linspace(-1.0, 1.0, grid)
+        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+        self.register_buffer("coords", torch.stack([xs.reshape(-1), ys.reshape(-1)], -1), persistent=False)
+        cat = n_keypoints * (2 + feat) + in_dim
+        self.norm = nn.LayerNorm(cat)
+        self.fc1 = nn.Linear(cat, out_dim * n_tokens)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        b = patches.shape[0]
+        attn = torch.softmax(self.keypoints(patches) * self.log_temperature.exp(), dim=1)  # [B, g*g, K]
+        xy = attn.transpose(1, 2) @ self.coords.to(attn.dtype)  # [B, K, 2]
+        what = attn.transpose(1, 2) @ self.values(patches)  # [B, K, feat]
+        x = torch.cat([xy.flatten(1), what.flatten(1), patches.mean(1)], dim=-1)
+        x = F.gelu(self.fc1(self.norm(x))).reshape(b, self.n_tokens, self.out_dim)
+        return self.fc2(x)
 
 
 class SpaceToDepthProjector(nn.Module):
@@ -292,9 +340,18 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         else:
             self.vision = SiglipVisionModel(config.vision_config())
         grid = config.image_size // config.patch_size
-        self.projector = SpaceToDepthProjector(
-            config.vision_hidden_size, config.hidden_size, grid, config.pool
-        )
+        if config.projector == "spatial_softmax":
+            self.projector = SpatialSoftmaxProjector(
+                config.vision_hidden_size,
+                config.hidden_size,
+                grid,
+                config.num_image_tokens,
+                config.num_keypoints,
+            )
+        else:
+            self.projector = SpaceToDepthProjector(
+                config.vision_hidden_size, config.hidden_size, grid, config.pool
+            )
         self.language_model = LlamaForCausalLM(config.text_config())
         self.tokenizer = build_text_tokenizer(config.words, config.n_action_bins)
         self.action_tokenizer = ActionTokenizer(config.text_vocab_size, n_bins=config.n_action_bins)
@@ -309,6 +366,12 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, SpatialSoftmaxProjector):
+            for lin in (module.fc1, module.fc2):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+            nn.init.ones_(module.norm.weight)
+            nn.init.zeros_(module.norm.bias)
         if isinstance(module, SpaceToDepthProjector):
             for lin in (module.fc1, module.fc2):
                 nn.init.normal_(lin.weight, std=0.02)
