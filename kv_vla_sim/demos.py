@@ -31,15 +31,14 @@ number of successful episodes per task exists - never more, never a duplicate.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-import hashlib
-import logging
 
 import numpy as np
 from tqdm import tqdm
