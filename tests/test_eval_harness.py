@@ -78,3 +78,24 @@ def test_eval_cli_with_a_model_policy_and_agents(tmp_path):
     assert (out / "results.md").exists() and (out / "success_vs_kv.png").exists()
     with pytest.raises(SystemExit, match="unknown policy"):
         kv_vla_main(["eval", "--policies", "bogus", "--tasks", "reach", "--episodes", "1", "--out", str(out)])
+
+
+@pytest.mark.parametrize(("pool", "step_tokens"), [(2, 20), (4, 8)])
+def test_eval_cli_chunks_are_one_control_step_of_the_model(tmp_path, pool, step_tokens):
+    """Without --chunk-size the evaluated cache cuts chunks at the model's own control step (the
+    unit its gate is trained on), whatever the model's tokens per step; options apply on top."""
+    import argparse
+
+    from kv_vla.eval.cli import model_factory
+    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+
+    CompactVLA(CompactVLAConfig.tiny(pool=pool)).eval().save_pretrained(tmp_path / "model")
+    names = ("chunk_size", "sink_tokens", "max_tokens", "gate_threshold", "gate")
+    args = argparse.Namespace(
+        model=str(tmp_path / "model"), device="cpu", recent_chunks=3, **dict.fromkeys(names)
+    )
+    runtime = model_factory("window", args)(None)
+    assert runtime.cache_config.chunk_size == step_tokens
+    assert runtime.cache_config.policy == "window" and runtime.cache_config.recent_chunks == 3
+    args.chunk_size = 40
+    assert model_factory("window", args)(None).cache_config.chunk_size == 40

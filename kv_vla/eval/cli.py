@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-offset", type=int, default=0, help="first evaluation seed (< 1_000_000)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="tokens per chunk (default: one control step)"
+    )
     parser.add_argument("--recent-chunks", type=int, default=None)
     parser.add_argument("--sink-tokens", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -63,9 +65,12 @@ def model_factory(policy: str, args: argparse.Namespace) -> Any:
     options = cache_options(args)
     if policy in ZIPVL_POLICIES and zipvl_options(args):
         options["extra"] = zipvl_options(args)
-    cfg = EpisodeCacheConfig(policy=policy, **options)
+    EpisodeCacheConfig(policy=policy, **options)  # refuse bad options before loading anything
     gate = args.gate if args.gate is not None else shipped_gate(args.model)
-    runtime = EpisodeRuntime.from_pretrained(args.model, cache_config=cfg, device=args.device, gate_path=gate)
+    # no cache config at load: the runtime sizes chunks to one control step of *this* model (the
+    # unit its gate was trained on); then the policy and the given options are applied on top
+    runtime = EpisodeRuntime.from_pretrained(args.model, device=args.device, gate_path=gate)
+    runtime.update_cache_config(policy=policy, **options)
     return lambda env: runtime
 
 
