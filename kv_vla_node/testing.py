@@ -153,14 +153,15 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def save_random_model(path: str | Path, seed: int = 0, tiny: bool = True) -> Path:
-    """Save a randomly initialised ``CompactVLA`` (tiny config by default) to ``path``."""
+def save_random_model(path: str | Path, seed: int = 0, tiny: bool = True, **overrides: Any) -> Path:
+    """Save a randomly initialised ``CompactVLA`` (tiny config by default; ``overrides`` change the
+    config, e.g. ``pool=4, action_decoding="parallel"`` for the shipped model's 8-token steps)."""
     import torch
 
     from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
 
     torch.manual_seed(seed)
-    config = CompactVLAConfig.tiny() if tiny else CompactVLAConfig()
+    config = CompactVLAConfig.tiny(**overrides) if tiny else CompactVLAConfig(**overrides)
     CompactVLA(config).save_pretrained(path)
     return Path(path)
 

@@ -39,10 +39,12 @@ def _processes_with_env(key: str, value: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    """One tiny random checkpoint for both runs (the demo's --random-model would build one each time)."""
+    """One tiny random checkpoint for both runs (the demo's --random-model would build one each time),
+    with the shipped model's token layout (8-token steps), which the shipped YAML's budget is for."""
     from kv_vla_node.testing import save_random_model
 
-    return save_random_model(tmp_path_factory.mktemp("demo_model") / "tiny-vla")
+    path = tmp_path_factory.mktemp("demo_model") / "tiny-vla"
+    return save_random_model(path, pool=4, action_decoding="parallel")
 
 
 def _demo(tmp_path: Path, model: Path, *extra: str) -> subprocess.Popen:
