@@ -4,7 +4,7 @@ What is asserted is what the shipped model does reliably: it loads with its trai
 memory task end to end under the gated cache (as evaluated: 80-token budget, threshold 0) and
 under full history, and the gated cache holds its token budget and at most 30% of full history's
 peak KV memory. Success rates are reported in models/README.md (50 episodes per task and policy:
-gated 8% and full 12% on cued_reach, below the 33% of guessing); at that level a handful of
+gated 14% and full 12% on cued_reach, below the 33% of guessing); at that level a handful of
 episodes cannot carry a success bound with a safe margin, so none is asserted here.
 """
 
