@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="kv_vla_demo_"))
     if args.random_model:
-        model = save_random_model(work / "random-vla", pool=4, action_decoding="parallel")  # shipped layout
+        model = save_random_model(work / "random-vla")
     else:
         model = Path(args.model)
         if not model.is_absolute() and not model.exists():

@@ -154,14 +154,16 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def save_random_model(path: str | Path, seed: int = 0, tiny: bool = True, **overrides: Any) -> Path:
-    """Save a randomly initialised ``CompactVLA`` (tiny config by default; ``overrides`` change the
-    config, e.g. ``pool=4, action_decoding="parallel"`` for the shipped model's 8-token steps)."""
+    """Save a randomly initialised ``CompactVLA`` to ``path``: tiny, with the shipped model's token
+    layout (4 image tokens + 4 parallel action slots = 8-token steps), so the shipped
+    ``config/kv_vla.yaml`` budget fits it; ``overrides`` change the config."""
     import torch
 
     from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
 
     torch.manual_seed(seed)
-    config = CompactVLAConfig.tiny(**overrides) if tiny else CompactVLAConfig(**overrides)
+    layout = {"pool": 4, "action_decoding": "parallel"} | overrides
+    config = CompactVLAConfig.tiny(**layout) if tiny else CompactVLAConfig(**layout)
     CompactVLA(config).save_pretrained(path)
     return Path(path)
 

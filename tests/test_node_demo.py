@@ -44,7 +44,7 @@ def model(tmp_path_factory) -> Path:
     from kv_vla_node.testing import save_random_model
 
     path = tmp_path_factory.mktemp("demo_model") / "tiny-vla"
-    return save_random_model(path, pool=4, action_decoding="parallel")
+    return save_random_model(path)
 
 
 def _demo(tmp_path: Path, model: Path, *extra: str) -> subprocess.Popen:

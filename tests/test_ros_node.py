@@ -178,12 +178,13 @@ def test_live_parameters_show_in_diagnostics_and_invalid_ones_are_refused(ros):
     assert values == {"gate_threshold": 0.25, "cache_policy": "gated", "chunk_size": 0}
 
     # A next-episode parameter is pending until the reset, then active.
-    [ok] = client.set_parameters({"chunk_size": 40})
+    # (16 tokens = two control steps; the YAML's 80-token budget must still hold prefix + 3 chunks)
+    [ok] = client.set_parameters({"chunk_size": 16})
     assert ok.successful, ok.reason
-    assert client.wait_diag(lambda d: "chunk_size=40" in d["pending_next_episode"] and d["chunk_size"] == "0")
+    assert client.wait_diag(lambda d: "chunk_size=16" in d["pending_next_episode"] and d["chunk_size"] == "0")
     assert client.reset().success
-    diag = client.wait_diag(lambda d: d["chunk_size"] == "40" and d["pending_next_episode"] == "")
-    assert diag["chunk_size_tokens"] == "40"
+    diag = client.wait_diag(lambda d: d["chunk_size"] == "16" and d["pending_next_episode"] == "")
+    assert diag["chunk_size_tokens"] == "16"
 
     # dry_run: the step runs (diagnostics advance) but no action is published.
     [ok] = client.set_parameters({"dry_run": True})
