@@ -168,6 +168,46 @@ def save_random_model(path: str | Path, seed: int = 0, tiny: bool = True, **over
     return Path(path)
 
 
+@contextlib.contextmanager
+def in_process_node(
+    domain_id: int, parameters: dict[str, Any], runtime_factory: Callable[..., Any] | None = None
+) -> Any:
+    """A ``VLANode`` spun by a MultiThreadedExecutor in this process, and a :class:`RosClient` on
+    the same domain: ``with in_process_node(domain, params) as (node, client): ...``.
+
+    For tests that inject faults through ``runtime_factory`` or read the node's internals (the
+    subprocess nodes of :class:`NodeProcess` allow neither). Torn down in order on exit: client,
+    executor, spin thread, node, context.
+    """
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from kv_vla_node.vla_node import VLANode
+
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=domain_id)
+    node = VLANode(
+        runtime_factory=runtime_factory,
+        context=ctx,
+        parameter_overrides=[Parameter(name, value=value) for name, value in parameters.items()],
+    )
+    executor = MultiThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    client = RosClient(domain_id)
+    try:
+        yield node, client
+    finally:
+        client.close()
+        executor.shutdown(timeout_sec=5)
+        spinner.join(timeout=5)
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
 class RosClient:
     """Talks to the VLA node from another process: frames, instructions, parameters, reset."""
 

@@ -63,6 +63,7 @@ class Episode:
     success: bool
     sim_signature: str = ""  # "" = recorded before signatures existed (unverified)
     image_size: int = 64
+    noise: float = DEFAULT_NOISE
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -153,6 +154,7 @@ def load_episode(path: str) -> Episode:
             success=bool(z["success"]),
             sim_signature=str(z["sim_signature"]) if "sim_signature" in z.files else "",
             image_size=int(z["image_size"]) if "image_size" in z.files else int(z["frames"].shape[1]),
+            noise=float(z["noise"]) if "noise" in z.files else DEFAULT_NOISE,
         )
 
 
@@ -173,20 +175,19 @@ def load_episodes(
     if check_signature:
         current = {(e.task, e.image_size) for e in out}
         sig = {key: sim_signature(*key) for key in current}
-        stale = [e for e in out if e.sim_signature != sig[(e.task, e.image_size)]]
-        if stale:
-            unsigned = sum(1 for e in stale if not e.sim_signature)
+        current_eps = [e for e in out if e.sim_signature == sig[(e.task, e.image_size)]]
+        if len(current_eps) < len(out):
+            unsigned = sum(1 for e in out if not e.sim_signature)
             _log.warning(
                 "%s: skipping %d of %d episodes recorded by a different simulator (%d unsigned: "
                 "check them with `python -m kv_vla_sim.demos --stamp %s`, or re-collect)",
                 directory,
-                len(stale),
+                len(out) - len(current_eps),
                 len(out),
                 unsigned,
                 directory,
             )
-            keep = {id(e) for e in out} - {id(e) for e in stale}
-            out = [e for e in out if id(e) in keep]
+        out = current_eps
     out.sort(key=lambda e: (e.task, e.seed))
     return out
 
@@ -212,9 +213,7 @@ def stamp_verified(directory: str, progress: bool = True) -> dict[str, int]:
         env = envs.setdefault(key, TabletopEnv(ep.task, image_size=ep.image_size))
         obs, info = env.reset(seed=ep.seed)
         if np.array_equal(obs["image"], ep.frames[0]) and info["instruction"] == ep.instruction:
-            with np.load(path, allow_pickle=False) as z:
-                noise = float(z["noise"]) if "noise" in z.files else DEFAULT_NOISE
-            save_episode(directory, ep, ep.image_size, noise)
+            save_episode(directory, ep, ep.image_size, ep.noise)
             counts["stamped"] += 1
         else:
             counts["stale"] += 1
@@ -268,7 +267,7 @@ def _run_one(job: tuple[str, int, int, float, str]) -> dict[str, object]:
             seed=seed,
             success=True,
         )
-        meta["file"] = save_episode(out_dir, ep, image_size, noise, sim_signature(task, image_size))
+        meta["file"] = save_episode(out_dir, ep, image_size, noise)
         meta["instruction"] = ep.instruction
     return meta
 

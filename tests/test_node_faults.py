@@ -7,7 +7,6 @@ client run in this process (separate contexts, so separate DDS participants) on 
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("kv_vla.runtime")
 
-from kv_vla_node.testing import RosClient, free_domain_id, save_random_model
+from kv_vla_node.testing import free_domain_id, in_process_node, save_random_model
 
 
 class FaultOnce:
@@ -36,35 +35,17 @@ class FaultOnce:
 
 
 def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatch):
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
-
     from kv_vla_node.runtime_glue import build_runtime
-    from kv_vla_node.vla_node import VLANode
 
     monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     model = save_random_model(tmp_path / "tiny-vla")
-    domain = free_domain_id()
-    ctx = Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    node = VLANode(
-        runtime_factory=lambda settings: FaultOnce(build_runtime(settings), fail_at=2),
-        context=ctx,
-        parameter_overrides=[
-            Parameter("model_path", value=str(model)),
-            Parameter("control_rate_hz", value=50.0),
-        ],
-    )
-    executor = MultiThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    client = RosClient(domain)
     rng = np.random.default_rng(0)
-    try:
+    with in_process_node(
+        free_domain_id(),
+        {"model_path": str(model), "control_rate_hz": 50.0},
+        runtime_factory=lambda settings: FaultOnce(build_runtime(settings), fail_at=2),
+    ) as (_node, client):
         client.publish_instruction("touch the green cube")
         assert client.wait_diag(lambda d: d["episode"] == "1")
         assert client.exchange(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) is not None
@@ -81,12 +62,6 @@ def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatc
         assert not any(a[1] in sent for a in client.actions)
         assert client.exchange(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) is not None
         assert client.wait_diag(lambda d: d["episode"] == "2" and d["episode_step"] == "1")
-    finally:
-        client.close()
-        executor.shutdown(timeout_sec=5)
-        spinner.join(timeout=5)
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,6 @@ options reach the cache after ``~/reset`` and are refused with a reason when inv
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -145,36 +143,19 @@ def test_real_runtime_takes_the_options_and_a_live_tau_change(tmp_path):
 def test_node_over_dds_applies_the_options_after_reset(tmp_path, monkeypatch):
     pytest.importorskip("rclpy")
     pytest.importorskip("kv_vla.runtime")
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
-
-    from kv_vla_node.testing import RosClient, free_domain_id, save_random_model
-    from kv_vla_node.vla_node import VLANode
+    from kv_vla_node.testing import free_domain_id, in_process_node, save_random_model
 
     monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     model = save_random_model(tmp_path / "tiny-vla")
-    domain = free_domain_id()
-    ctx = Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    node = VLANode(
-        context=ctx,
-        parameter_overrides=[
-            Parameter("model_path", value=str(model)),
-            Parameter("control_rate_hz", value=50.0),
-            Parameter("max_image_age_s", value=5.0),
-            Parameter("cache_policy", value="gated"),
-        ],
-    )
-    executor = MultiThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    client = RosClient(domain)
+    parameters = {
+        "model_path": str(model),
+        "control_rate_hz": 50.0,
+        "max_image_age_s": 5.0,
+        "cache_policy": "gated",
+    }
     rng = np.random.default_rng(0)
-    try:
+    with in_process_node(free_domain_id(), parameters) as (node, client):
         client.publish_instruction("touch the green cube")
         assert client.wait_diag(lambda d: d["episode"] == "1" and d["cache_extra"] == "")
 
@@ -213,12 +194,6 @@ def test_node_over_dds_applies_the_options_after_reset(tmp_path, monkeypatch):
         assert ok.successful, ok.reason
         [res] = client.set_parameters({"tiered_full_threshold": 0.2})
         assert not res.successful and "full_threshold" in res.reason
-    finally:
-        client.close()
-        executor.shutdown(timeout_sec=5)
-        spinner.join(timeout=5)
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_full_policy_ignores_the_shared_budget():

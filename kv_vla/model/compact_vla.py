@@ -366,13 +366,7 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, SpatialSoftmaxProjector):
-            for lin in (module.fc1, module.fc2):
-                nn.init.normal_(lin.weight, std=0.02)
-                nn.init.zeros_(lin.bias)
-            nn.init.ones_(module.norm.weight)
-            nn.init.zeros_(module.norm.bias)
-        if isinstance(module, SpaceToDepthProjector):
+        if isinstance(module, (SpaceToDepthProjector, SpatialSoftmaxProjector)):
             for lin in (module.fc1, module.fc2):
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.zeros_(lin.bias)

@@ -71,8 +71,9 @@ def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
     """``[T, F]`` chunk summaries of a teacher-forced episode, as the runtime's cache computes them.
 
     The prompt is prefilled and pinned, then all steps (frame tokens + action tokens or parallel
-    decoding's action slots, the runtime's layout and positions) are appended; with the ``full`` policy nothing is evicted, so every chunk's
-    keys and values are exactly those the online cache holds when the chunk completes.
+    decoding's action slots, the runtime's layout and positions) are appended; with the ``full``
+    policy nothing is evicted, so every chunk's keys and values are exactly those the online cache
+    holds when the chunk completes.
     """
     from kv_vla.cache import EpisodeCache, EpisodeCacheConfig
 
