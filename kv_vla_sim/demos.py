@@ -158,6 +158,39 @@ def load_episode(path: str) -> Episode:
         )
 
 
+def _simulator_available() -> bool:
+    try:
+        import pybullet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _current_signatures(
+    keys: set[tuple[str, int]], episodes: list[Episode], directory: str
+) -> dict[tuple[str, int], str]:
+    """The signature each (task, image size) must carry to be loaded.
+
+    With the simulator installed this is :func:`sim_signature`. A training machine may have no
+    PyBullet (a GPU box with torch only); there the most common signed value per task stands in for
+    it, and a warning says so. Why that is still safe enough: collection signs every file from one
+    simulator, so a mixed directory is exactly what this catches; what it cannot catch is a directory
+    that is stale as a whole, which the warning names, so check it where the simulator runs.
+    """
+    if _simulator_available():
+        return {key: sim_signature(*key) for key in keys}
+    out = {}
+    for key in keys:
+        signed = [e.sim_signature for e in episodes if (e.task, e.image_size) == key and e.sim_signature]
+        out[key] = max(set(signed), key=signed.count) if signed else ""
+    _log.warning(
+        "%s: PyBullet is not installed, so signatures are checked for agreement only (the most "
+        "common one per task is kept); verify the directory where the simulator runs",
+        directory,
+    )
+    return out
+
+
 def load_episodes(
     directory: str, tasks: Iterable[str] | None = None, check_signature: bool = True
 ) -> list[Episode]:
@@ -174,7 +207,7 @@ def load_episodes(
             out.append(load_episode(path))
     if check_signature:
         current = {(e.task, e.image_size) for e in out}
-        sig = {key: sim_signature(*key) for key in current}
+        sig = _current_signatures(current, out, directory)
         current_eps = [e for e in out if e.sim_signature == sig[(e.task, e.image_size)]]
         if len(current_eps) < len(out):
             unsigned = sum(1 for e in out if not e.sim_signature)

@@ -45,3 +45,19 @@ def test_bench_cache_json_schema_and_ratios(tmp_path, capsys):
     # the budgeted policies hold the same history size as window+sinks at the longest history
     assert by[("gated", 5)]["kv_bytes"] < by[("full", 5)]["kv_bytes"]
     assert "latency/full" in capsys.readouterr().out
+
+
+def test_partial_reports_hold_the_points_measured_so_far():
+    """Each finished history point is reported before the run ends (so a timed-out 7B run keeps
+    what it measured); the KV bytes in a partial report equal the final report's for that point."""
+    from kv_vla.bench.cache_bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        obs_tokens=6, action_tokens=1, history=[1, 3, 4], policies=["full", "window"], repeats=1, keep_steps=1
+    )
+    partial: list[dict] = []
+    final = run_bench(cfg, progress=False, on_point=partial.append)
+    assert [sorted({r["history_steps"] for r in p["results"]}) for p in partial] == [[1], [1, 3]]
+    assert [p["complete"] for p in partial] == [False, False] and final["complete"]
+    kv = {(r["policy"], r["history_steps"]): r["kv_bytes"] for r in final["results"]}
+    assert all(kv[(r["policy"], r["history_steps"])] == r["kv_bytes"] for p in partial for r in p["results"])

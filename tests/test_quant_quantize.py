@@ -140,8 +140,9 @@ def test_rejects_bad_arguments() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
-    x = torch.randn(1, 4, 40, 64).to(dtype)
-    for bits in (8, 4, 2):
+    # many draws: a device difference in rounding shows up in a few elements of some draws only
+    g = torch.Generator().manual_seed(0)
+    for x, bits in [(torch.randn(1, 4, 40, 64, generator=g).to(dtype), b) for _ in range(20) for b in (8, 4, 2)]:
         qc = quantize_keys(x.cuda(), bits, 16)
         ref = quantize_keys(x, bits, 16)
         assert qc.data.is_cuda

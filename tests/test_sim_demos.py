@@ -113,3 +113,24 @@ def test_stale_or_unsigned_recordings_are_skipped_and_verifiable(tmp_path, caplo
 
     assert stamp_verified(str(tmp_path), progress=False) == {"stamped": 1, "stale": 1, "already": 1}
     assert [e.seed for e in load_episodes(str(tmp_path))] == [faithful.seed]
+
+
+def test_without_the_simulator_signatures_must_agree(tmp_path, caplog, monkeypatch):
+    """On a training machine without PyBullet the majority signature per task stands in for the
+    simulator's: a file signed by another simulator, or unsigned, is still skipped, with a warning
+    that says the directory as a whole was not verified."""
+    from kv_vla_sim import demos
+    from kv_vla_sim.demos import save_episode
+
+    collect("reach", 3, str(tmp_path), progress=False)
+    eps = load_episodes(str(tmp_path))
+    odd = eps[0]
+    os.unlink(tmp_path / f"reach-{odd.seed}.npz")
+    save_episode(str(tmp_path), odd, 64, 0.1, signature="0123456789abcdef")
+
+    monkeypatch.setattr(demos, "_simulator_available", lambda: False)
+    monkeypatch.setattr(demos, "sim_signature", lambda *a: pytest.fail("needs the simulator"))
+    with caplog.at_level("WARNING", logger="kv_vla_sim.demos"):
+        kept = load_episodes(str(tmp_path))
+    assert sorted(e.seed for e in kept) == sorted(e.seed for e in eps[1:])
+    assert "PyBullet is not installed" in caplog.text and "skipping 1 of 3" in caplog.text

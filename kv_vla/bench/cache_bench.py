@@ -17,6 +17,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
-    """Run every policy in lockstep and return the JSON-ready report."""
+def run_bench(
+    cfg: BenchConfig, progress: bool = True, on_point: Callable[[dict], None] | None = None
+) -> dict:
+    """Run every policy in lockstep and return the JSON-ready report.
+
+    ``on_point`` receives the report so far each time a history point is complete. Why: a 7B run
+    at long history can take longer than the session it runs in; with the callback writing the
+    report, the points already measured survive a timeout.
+    """
     from kv_vla.cache import POLICIES
     from kv_vla.cache.probe import register_probe
 
@@ -199,14 +207,22 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         from tqdm import tqdm
 
         steps = tqdm(steps, desc=f"bench cache ({cfg.preset}, {cfg.device})", unit="step")
-    for _ in steps:
+    for i in steps:
         obs = torch.randint(0, vocab, (1, cfg.obs_tokens), generator=gen).to(device)
         for runner in runners:
             runner.step(obs)
+        if on_point is not None and i + 1 < total and i + 1 in {h + cfg.repeats for h in cfg.history}:
+            on_point(_report(cfg, runners, device, dtype, [h for h in cfg.history if h + cfg.repeats <= i + 1]))
+    return _report(cfg, runners, device, dtype, cfg.history)
+
+
+def _report(
+    cfg: BenchConfig, runners: list[_Runner], device: torch.device, dtype: torch.dtype, history: list[int]
+) -> dict:
     results = []
     full = next(r for r in runners if r.policy == "full")
     for runner in runners:
-        for h in sorted(cfg.history):
+        for h in sorted(history):
             ms = statistics.median(runner.step_ms[h : h + cfg.repeats])
             full_ms = statistics.median(full.step_ms[h : h + cfg.repeats])
             kv = runner.kv_bytes[h]
@@ -230,6 +246,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         "repeats": cfg.repeats,
         "torch": torch.__version__,
         "config": asdict(cfg),
+        "complete": sorted(history) == sorted(cfg.history),
         "results": results,
     }
 

@@ -76,7 +76,12 @@ def _run_cache(args: argparse.Namespace) -> int:
         keep_steps=args.keep_steps,
         seed=args.seed,
     )
-    report = run_bench(cfg, progress=not args.no_progress)
+    def save_partial(report: dict) -> None:
+        done = max(r["history_steps"] for r in report["results"])
+        write_json(report, args.json)  # replaced by the complete report at the end
+        print(f"history up to {done} steps measured; partial report in {args.json}", flush=True)
+
+    report = run_bench(cfg, progress=not args.no_progress, on_point=save_partial)
     print(format_table(report))
     path = write_json(report, args.json)
     plot = write_plot(report, path.with_suffix(".png"))

@@ -155,11 +155,15 @@ def quantize(
     lo = g.amin(dim=dim, keepdim=True)
     hi = g.amax(dim=dim, keepdim=True)
     zero = _round_outward(lo, scale_dtype, up=False)
-    scale = _round_outward((hi - zero.float()) / levels, scale_dtype, up=True)
+    # divide by a tensor, not a Python number: CUDA turns division by a scalar into multiplication
+    # by its reciprocal, whose rounding differs from the CPU's true division (seen on an H100: a
+    # few 4- and 8-bit scales one float16 step apart, and so different codes)
+    span = hi - zero.float()
+    scale = _round_outward(span / torch.full_like(span, levels), scale_dtype, up=True)
     if scale_dtype != torch.float32 and not bool(torch.isfinite(scale).all() & torch.isfinite(zero).all()):
         # outside float16's range (|x| > 65504): keep this tensor's scales in float32 instead
         scale_dtype = torch.float32
-        zero, scale = lo, (hi - lo) / levels
+        zero, scale = lo, (hi - lo) / torch.full_like(lo, levels)
     s = scale.float()
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round((g - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
