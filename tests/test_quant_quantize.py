@@ -142,7 +142,9 @@ def test_rejects_bad_arguments() -> None:
 def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     # many draws: a device difference in rounding shows up in a few elements of some draws only
     g = torch.Generator().manual_seed(0)
-    for x, bits in [(torch.randn(1, 4, 40, 64, generator=g).to(dtype), b) for _ in range(20) for b in (8, 4, 2)]:
+    for x, bits in [
+        (torch.randn(1, 4, 40, 64, generator=g).to(dtype), b) for _ in range(20) for b in (8, 4, 2)
+    ]:
         qc = quantize_keys(x.cuda(), bits, 16)
         ref = quantize_keys(x, bits, 16)
         assert qc.data.is_cuda

@@ -212,7 +212,9 @@ def run_bench(
         for runner in runners:
             runner.step(obs)
         if on_point is not None and i + 1 < total and i + 1 in {h + cfg.repeats for h in cfg.history}:
-            on_point(_report(cfg, runners, device, dtype, [h for h in cfg.history if h + cfg.repeats <= i + 1]))
+            on_point(
+                _report(cfg, runners, device, dtype, [h for h in cfg.history if h + cfg.repeats <= i + 1])
+            )
     return _report(cfg, runners, device, dtype, cfg.history)
 
 

@@ -76,6 +76,7 @@ def _run_cache(args: argparse.Namespace) -> int:
         keep_steps=args.keep_steps,
         seed=args.seed,
     )
+
     def save_partial(report: dict) -> None:
         done = max(r["history_steps"] for r in report["results"])
         write_json(report, args.json)  # replaced by the complete report at the end
