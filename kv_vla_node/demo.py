@@ -154,6 +154,18 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed or not records else 0
 
 
+REFUSED_INSTRUCTION = "refused instruction: "  # what VLANode._refuse logs for an instruction
+
+
+def instruction_refusal(node_log: str) -> str | None:
+    """The reason of the first instruction the node refused (from its log), or None."""
+    for line in node_log.splitlines():
+        at = line.find(REFUSED_INSTRUCTION)
+        if at >= 0:
+            return line[at + len(REFUSED_INSTRUCTION) :].strip()
+    return None
+
+
 def _follow(node: Any, bridge: Any, total: int, timeout_s: float, bar: Any) -> int:
     """Wait for the bridge, advancing ``bar`` per finished episode; fail fast if the node dies."""
     deadline = time.monotonic() + timeout_s
@@ -171,6 +183,13 @@ def _follow(node: Any, bridge: Any, total: int, timeout_s: float, bar: Any) -> i
                 print(
                     f"[demo] the VLA node exited ({node.poll()}):\n{node.log_text()[-2000:]}", file=sys.stderr
                 )
+                return 1
+            refusal = instruction_refusal(node.log_text())
+            if refusal is not None:
+                # the bridge only sends valid instructions, so a refusal is the node's configuration
+                # (e.g. a budget too small for the model's steps): no episode can run, say why now
+                # rather than after the bridge's startup timeout
+                print(f"[demo] the VLA node refused the episode: {refusal}", file=sys.stderr)
                 return 1
             if time.monotonic() > deadline:
                 print(f"[demo] timed out after {timeout_s:.0f} s", file=sys.stderr)

@@ -105,3 +105,19 @@ def test_demo_interrupted_leaves_no_processes(tmp_path, model):
     assert proc.returncode == 130, out
     assert "interrupted" in out
     assert _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros")) == []
+
+
+def test_demo_fails_fast_with_the_reason_when_the_node_refuses_the_episode(tmp_path, model):
+    """A budget too small for the model's steps (30 tokens: not even the prompt and three 8-token
+    chunks) makes the node refuse every instruction; the demo stops with the node's reason instead
+    of waiting for the bridge's startup timeout, and leaves no process behind."""
+    from kv_vla_node.demo import instruction_refusal
+
+    proc = _demo(tmp_path, model, "--tasks", "reach", "--max-tokens", "30", "--timeout", "240")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "the VLA node refused the episode:" in out and "timed out" not in out
+    node_log = (tmp_path / "logs" / "vla_node_gated.log").read_text(errors="replace")
+    reason = instruction_refusal(node_log)
+    assert reason and "max_tokens" in reason and reason in out
+    assert _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros")) == []
