@@ -124,6 +124,7 @@ class EpisodeRuntime:
         self.instruction: str | None = None
         self.step_index = 0
         self._broken: str | None = None
+        self._condition: torch.Tensor | None = None  # FiLM input of the episode (set by reset)
         #: ``[action_dim, n_bins]`` float32 logits over the action bins of the last step's decoded dims.
         self.last_action_logits: torch.Tensor | None = None
         tok = model.action_tokenizer
@@ -244,10 +245,13 @@ class EpisodeRuntime:
         else:
             prefix = self.model.embed_prompt(prompt)
             n_step = int(self.model.num_image_tokens + self.model.action_dim)
+        condition_of = getattr(self.model, "instruction_condition", None)
+        condition = condition_of(self.model.prompt_ids(prompt)) if condition_of is not None else None
         cache = self._new_cache()
         self._lm(prefix, cache)
         cache.pin_prefix()
         self.cache = cache
+        self._condition = condition  # FiLM input of this episode's frames (None: no FiLM)
         self.step_tokens = n_step
         self._step_text = step_text
         self.instruction = instruction
@@ -276,7 +280,10 @@ class EpisodeRuntime:
         self._sync()
         t0 = time.perf_counter()
         try:
-            img = self.model.embed_image(frame)
+            if self._condition is None:
+                img = self.model.embed_image(frame)
+            else:
+                img = self.model.embed_image(frame, condition=self._condition)
             self._sync()
             t1 = time.perf_counter()
             if self._step_text is not None:

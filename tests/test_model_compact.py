@@ -201,3 +201,30 @@ def test_spatial_softmax_projector_reads_where_a_feature_is():
     assert model.projector.keypoints.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="projector"):
         CompactVLAConfig.tiny(projector="pooling")
+
+
+def test_film_starts_as_identity_and_then_conditions_the_image_tokens_on_the_instruction(tmp_path):
+    """FiLM is zero-initialised: a new FiLM model gives exactly the image tokens of the same weights
+    without FiLM, whatever the instruction. Once its weights move, the tokens of one frame differ
+    between "red" and "green" instructions; it saves and loads, and refuses to run unconditioned."""
+    plain = make_model(5, action_decoding="parallel")
+    film = make_model(5, action_decoding="parallel", film=True)
+    missing = film.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["film.bias", "film.weight"]
+    f = frames(1, 2)[0]
+    red, green = (film.prompt_ids(build_prompt(f"reach the {c} cube")) for c in ("red", "green"))
+    with torch.no_grad():
+        for ids in (red, green):
+            assert torch.equal(film.embed_image(f, film.instruction_condition(ids)), plain.embed_image(f))
+        film.film.weight.normal_(0, 0.5)
+        tok_red = film.embed_image(f, film.instruction_condition(red))
+        tok_green = film.embed_image(f, film.instruction_condition(green))
+        assert (tok_red - tok_green).abs().max() > 1e-3
+        assert plain.instruction_condition(red) is None
+    with pytest.raises(ValueError, match="FiLM"):
+        film.embed_image(f)
+    film.save_pretrained(tmp_path / "film")
+    again = CompactVLA.from_pretrained(tmp_path / "film").eval()
+    assert again.config.film
+    with torch.no_grad():
+        assert torch.equal(again.embed_image(f, again.instruction_condition(red)), tok_red)

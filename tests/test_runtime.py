@@ -231,13 +231,24 @@ def parallel_model() -> CompactVLA:
     return model
 
 
-@pytest.mark.parametrize("decoding", ["autoregressive", "parallel"])
+@pytest.fixture(scope="module")
+def film_model() -> CompactVLA:
+    torch.manual_seed(4)
+    model = CompactVLA(CompactVLAConfig.tiny(action_decoding="parallel", film=True)).eval()
+    with torch.no_grad():  # a trained-looking modulation (zero-initialised FiLM would be a no-op)
+        model.action_queries.normal_(0, 1.0)
+        model.film.weight.normal_(0, 0.5)
+        model.film.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("decoding", ["autoregressive", "parallel", "parallel_film"])
 @pytest.mark.parametrize("policy", ["full", "window", "random"])
-def test_runtime_equals_full_sequence_forward(model, parallel_model, policy, decoding):
+def test_runtime_equals_full_sequence_forward(model, parallel_model, film_model, policy, decoding):
     """The step-by-step cached runtime and the one-pass training forward agree (with eviction: the
     training pass masks the same evicted steps), tying the runtime and training paths together;
-    for both autoregressive and parallel (OpenVLA-OFT) action decoding."""
-    model = parallel_model if decoding == "parallel" else model
+    for autoregressive and parallel (OpenVLA-OFT) action decoding, and with FiLM conditioning."""
+    model = {"autoregressive": model, "parallel": parallel_model, "parallel_film": film_model}[decoding]
     prompt_ids = model.prompt_ids(build_prompt(INSTR))[0]
     prompt_len = prompt_ids.numel()
     kw = {"max_tokens": prompt_len + 3 * STEP} if policy == "random" else {}

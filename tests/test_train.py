@@ -151,7 +151,7 @@ def test_invalid_train_config_is_refused():
         TrainConfig(data=[], out="x", drop_rates=[1.5]).validate()
 
 
-@pytest.mark.parametrize("decoding", ["autoregressive", "parallel"])
+@pytest.mark.parametrize("decoding", ["autoregressive", "parallel", "parallel_film"])
 def test_gate_features_offline_equal_the_runtime_cache(decoding):
     """Gate training reads the chunk summaries a live episode cache computes: the offline pass over
     a recorded episode (``episode_summaries``) equals the runtime's own, for both action decodings."""
@@ -163,7 +163,13 @@ def test_gate_features_offline_equal_the_runtime_cache(decoding):
     from kv_vla.train.gate import episode_summaries
 
     torch.manual_seed(1)
-    model = CompactVLA(CompactVLAConfig(**TINY, action_decoding=decoding)).eval()
+    film = decoding.endswith("_film")
+    model = CompactVLA(
+        CompactVLAConfig(**TINY, action_decoding=decoding.removesuffix("_film"), film=film)
+    ).eval()
+    if film:
+        with torch.no_grad():
+            model.film.weight.normal_(0, 0.5)
     frames = np.random.default_rng(3).integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
     step = model.num_image_tokens + model.action_dim
     rt = EpisodeRuntime(model, EpisodeCacheConfig(policy="gated", chunk_size=step, gate_threshold=0.0))
@@ -175,3 +181,27 @@ def test_gate_features_offline_equal_the_runtime_cache(decoding):
         model.prompt_ids(build_prompt(instruction))[0], frames, torch.stack(ids), "cued_reach", 0
     )
     torch.testing.assert_close(episode_summaries(model, ep), online, atol=1e-5, rtol=1e-4)
+
+
+def test_fine_tuning_into_film_keeps_every_trained_weight_and_refuses_shape_changes():
+    """``--init`` with ``--model-config '{"film": true}'``: the rebuilt model has the trained weights
+    and a zero FiLM, so it computes exactly what the trained model did; a change that would resize
+    trained weights, or an unknown field, is refused with the reason."""
+    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.prompt import build_prompt
+    from kv_vla.train.bc import with_overrides
+
+    torch.manual_seed(2)
+    trained = CompactVLA(CompactVLAConfig(**TINY, action_decoding="parallel")).eval()
+    film = with_overrides(trained, {"film": True}).eval()
+    assert film.config.film and not trained.config.film
+    frame = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    ids = film.prompt_ids(build_prompt("reach the red cube"))
+    with torch.no_grad():
+        assert torch.equal(
+            film.embed_image(frame, film.instruction_condition(ids)), trained.embed_image(frame)
+        )
+    with pytest.raises(ValueError, match="shape"):
+        with_overrides(trained, {"hidden_size": 2 * trained.config.hidden_size})
+    with pytest.raises(ValueError, match="not a CompactVLAConfig field"):
+        with_overrides(trained, {"flim": True})

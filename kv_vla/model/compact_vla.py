@@ -100,6 +100,7 @@ class CompactVLAConfig(PreTrainedConfig):
         action_decoding: str = "autoregressive",
         projector: str = "space_to_depth",
         num_keypoints: int = 32,
+        film: bool = False,
         **kwargs: Any,
     ) -> None:
         self.image_size = int(image_size)
@@ -124,6 +125,7 @@ class CompactVLAConfig(PreTrainedConfig):
         self.action_decoding = str(action_decoding)
         self.projector = str(projector)
         self.num_keypoints = int(num_keypoints)
+        self.film = bool(film)
         super().__init__(**kwargs)
         self._check()
 
@@ -355,6 +357,14 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         self.language_model = LlamaForCausalLM(config.text_config())
         self.tokenizer = build_text_tokenizer(config.words, config.n_action_bins)
         self.action_tokenizer = ActionTokenizer(config.text_vocab_size, n_bins=config.n_action_bins)
+        # FiLM (as RT-1 conditions its EfficientNet on the instruction): a per-channel scale and shift
+        # of the vision features, computed from the instruction, before they are cut into tokens.
+        # Why: the decoder alone must bind a colour word to a place in four pooled image tokens, which
+        # the policy trained without it hardly does; conditioned features can carry "where the named
+        # cube is" directly. Zero-initialised, so a FiLM model starts as the same function as without.
+        self.film: nn.Linear | None = None
+        if config.film:
+            self.film = nn.Linear(config.hidden_size, 2 * config.vision_hidden_size)
         self.action_queries: nn.Parameter | None = None
         if config.action_decoding == "parallel":
             self.action_queries = nn.Parameter(torch.randn(config.action_dim, config.hidden_size) * 0.02)
@@ -366,6 +376,10 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
+        if module is getattr(self, "film", None):
+            nn.init.zeros_(module.weight)  # identity modulation at the start (see __init__)
+            nn.init.zeros_(module.bias)
+            return
         if isinstance(module, (SpaceToDepthProjector, SpatialSoftmaxProjector)):
             for lin in (module.fc1, module.fc2):
                 nn.init.normal_(lin.weight, std=0.02)
@@ -410,17 +424,43 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         """uint8 frames ``[..., H, W, 3]`` -> ``[B, 3, S, S]`` in the model's dtype and device."""
         return frames_to_pixel_values(frames, self.config.image_size, device=self.device, dtype=self.dtype)
 
-    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, S, S]`` -> projected visual tokens ``[B, N, H]``."""
+    def instruction_condition(self, prompt_ids: torch.Tensor) -> torch.Tensor | None:
+        """The FiLM input of one prompt (``[P]`` or ``[1, P]`` ids): its mean token embedding ``[1, H]``.
+
+        None for a model without FiLM. A mean (not the decoder's state) so that training and the
+        runtime compute exactly the same vector from the ids alone, before any image is seen.
+        """
+        if self.film is None:
+            return None
+        ids = torch.as_tensor(prompt_ids, device=self.device).reshape(1, -1)
+        return self.embed_tokens(ids).mean(dim=1)
+
+    def encode_pixels(
+        self, pixel_values: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> projected visual tokens ``[B, N, H]``.
+
+        ``condition`` (``[B, H]`` or ``[1, H]``, from :meth:`instruction_condition`) modulates the
+        features of a FiLM model; it is required there and ignored by a model without FiLM.
+        """
         feats = self.vision(pixel_values=pixel_values).last_hidden_state
         # the ResNet returns a [B, C, h, w] map: flatten it to the ViT's [B, h*w, C] patch sequence
         patches = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
+        if self.film is not None:
+            if condition is None:
+                raise ValueError(
+                    "this model is FiLM-conditioned: pass the instruction_condition of the prompt"
+                )
+            scale, shift = self.film(condition.to(patches.dtype)).chunk(2, dim=-1)
+            patches = patches * (1 + scale[:, None, :]) + shift[:, None, :]
         return self.projector(patches)
 
-    def embed_image(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def embed_image(
+        self, image: np.ndarray | torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if isinstance(image, np.ndarray) or (isinstance(image, torch.Tensor) and image.dtype == torch.uint8):
             image = self.pixel_values(image)
-        return self.encode_pixels(image)
+        return self.encode_pixels(image, condition)
 
     # ---- training path -----------------------------------------------------------------------
     def forward_episode(
@@ -478,7 +518,11 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         else:
             pix = frames_t.reshape(-1, *frames_t.shape[2:]).to(self.dtype)
         n_img, n_act = cfg.num_image_tokens, cfg.action_dim
-        img = self.encode_pixels(pix).reshape(bsz, n_steps, n_img, -1)
+        condition = None
+        if self.film is not None:
+            per_episode = torch.cat([self.instruction_condition(p) for p in prompts])  # [B, H]
+            condition = per_episode.repeat_interleave(n_steps, dim=0)  # one row per frame
+        img = self.encode_pixels(pix, condition).reshape(bsz, n_steps, n_img, -1)
         act = self.action_slot_embeds(action_ids).to(img.dtype)  # [B, T, D, H]
         steps = torch.cat([img, act], dim=2).reshape(bsz, n_steps * (n_img + n_act), -1)
 

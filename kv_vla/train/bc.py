@@ -93,6 +93,33 @@ def build_model(episodes: Sequence[Any], overrides: dict[str, Any], seed: int) -
     return CompactVLA(config, norm_stats={"kv_vla_sim": compute_norm_stats(actions, mask=mask)})
 
 
+def with_overrides(model: Any, overrides: dict[str, Any]) -> Any:
+    """``model`` rebuilt with some configuration fields changed, keeping every weight that still fits.
+
+    For fine-tuning into a larger architecture (e.g. ``{"film": true}`` on a model trained without
+    FiLM): parameters the change adds keep their own initialisation (FiLM's is the identity), every
+    other weight is copied; a change that alters the shape of an existing weight is refused.
+    """
+    import copy
+
+    from kv_vla.model.compact_vla import CompactVLA
+
+    config = copy.deepcopy(model.config)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"model_overrides: {key!r} is not a CompactVLAConfig field")
+        setattr(config, key, value)
+    config._check()
+    new = CompactVLA(config, norm_stats=model.norm_stats)
+    try:
+        result = new.load_state_dict(model.state_dict(), strict=False)
+    except RuntimeError as exc:  # size mismatch
+        raise ValueError(f"model_overrides {overrides} change the shape of trained weights: {exc}") from None
+    if result.unexpected_keys:
+        raise ValueError(f"model_overrides {overrides} drop trained weights: {result.unexpected_keys}")
+    return new
+
+
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -153,6 +180,8 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
         model = CompactVLA.from_pretrained(out / "checkpoint_model")
     elif cfg.init_from is not None:
         model = CompactVLA.from_pretrained(cfg.init_from)  # keeps its vocabulary and norm stats
+        if cfg.model_overrides:
+            model = with_overrides(model, cfg.model_overrides)
     else:
         model = build_model(episodes, cfg.model_overrides, cfg.seed)
     model.to(device)

@@ -91,7 +91,10 @@ def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
         use_cache=True,
     )
     cache.pin_prefix()
-    img = model.encode_pixels(model.pixel_values(torch.as_tensor(ep.frames, device=device)))  # [T, N, H]
+    condition = model.instruction_condition(prompt)  # None unless the model is FiLM-conditioned
+    img = model.encode_pixels(
+        model.pixel_values(torch.as_tensor(ep.frames, device=device)), condition
+    )  # [T, N, H]
     act = model.action_slot_embeds(ep.action_ids.to(device)[None])[0]  # [T, D, H]
     steps = torch.cat([img, act.to(img.dtype)], dim=1).reshape(1, -1, img.shape[-1])
     start = cache.get_seq_length() + model.position_offset
