@@ -61,3 +61,18 @@ def test_partial_reports_hold_the_points_measured_so_far():
     assert [p["complete"] for p in partial] == [False, False] and final["complete"]
     kv = {(r["policy"], r["history_steps"]): r["kv_bytes"] for r in final["results"]}
     assert all(kv[(r["policy"], r["history_steps"])] == r["kv_bytes"] for p in partial for r in p["results"])
+
+
+def test_dynamic_cache_reference_holds_what_full_holds():
+    """The `hf_dynamic` reference row (transformers' DynamicCache) keeps the same tokens as `full`,
+    so its KV bytes equal full's at every history point and only the latency ratio tells them apart."""
+    from kv_vla.bench.cache_bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        obs_tokens=6, action_tokens=2, history=[1, 3], policies=["full", "hf_dynamic"], repeats=1
+    )
+    rows = run_bench(cfg, progress=False)["results"]
+    by = {(r["policy"], r["history_steps"]): r for r in rows}
+    for h in (1, 3):
+        assert by[("hf_dynamic", h)]["kv_bytes"] == by[("full", h)]["kv_bytes"] > 0
+        assert by[("hf_dynamic", h)]["kv_ratio_vs_full"] == 1.0

@@ -25,6 +25,9 @@ from typing import Any
 import torch
 
 ALL_POLICIES = ("full", "none", "window", "sinks", "attention", "random", "gated", "zipvl", "gated_tiered")
+# not a cache policy: transformers' own DynamicCache, so that a run separates what the episode cache
+# costs from what the decoder costs (same tokens, nothing evicted: its KV bytes equal `full`'s)
+REFERENCE_POLICY = "hf_dynamic"
 PROMPT_TOKENS = 24  # instruction prefix, pinned
 SINK_TOKENS = 4
 
@@ -137,13 +140,32 @@ class _Runner:
         from kv_vla.cache import EpisodeCache
 
         self.model, self.policy, self.cfg = model, policy, cfg
-        chunk = cfg.obs_tokens + cfg.action_tokens
-        self.cache = EpisodeCache(policy_config(policy, chunk, cfg.keep_steps), model.config)
-        self.attn = "kv_vla_probe" if self.cache.policy.needs_attention else "sdpa"
         self.step_ms: list[float] = []
         self.kv_bytes: list[int] = []  # before each step: bytes held with `len(kv_bytes)-1` steps of history
+        self.attn = "sdpa"
+        if policy == REFERENCE_POLICY:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+            self._forward(prompt)
+            return
+        chunk = cfg.obs_tokens + cfg.action_tokens
+        self.cache = EpisodeCache(policy_config(policy, chunk, cfg.keep_steps), model.config)
+        if self.cache.policy.needs_attention:
+            self.attn = "kv_vla_probe"
         self._forward(prompt)
         self.cache.pin_prefix()
+
+    def _evict(self) -> None:
+        if self.policy != REFERENCE_POLICY:
+            self.cache.maybe_evict()
+
+    def _held_bytes(self) -> int:
+        if self.policy != REFERENCE_POLICY:
+            return int(self.cache.stats().kv_bytes)
+        return sum(
+            t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values)
+        )
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         start = self.cache.get_seq_length()
@@ -157,14 +179,14 @@ class _Runner:
     def step(self, obs: torch.Tensor) -> None:
         if self.model.config._attn_implementation != self.attn:
             self.model.set_attn_implementation(self.attn)
-        self.cache.maybe_evict()
-        self.kv_bytes.append(self.cache.stats().kv_bytes)
+        self._evict()
+        self.kv_bytes.append(self._held_bytes())
         _sync(obs.device)
         t0 = time.perf_counter()
         logits = self._forward(obs)
         for _ in range(self.cfg.action_tokens):
             logits = self._forward(logits.argmax(-1, keepdim=True))
-        self.cache.maybe_evict()  # the runtime frees evicted chunks after each step
+        self._evict()  # the runtime frees evicted chunks after each step
         _sync(obs.device)
         self.step_ms.append((time.perf_counter() - t0) * 1e3)
 
@@ -187,8 +209,9 @@ def run_bench(
     from kv_vla.cache.probe import register_probe
 
     for p in cfg.policies:
-        if p not in POLICIES:
-            raise ValueError(f"policies: unknown policy {p!r}; allowed values: {sorted(POLICIES)}")
+        if p not in POLICIES and p != REFERENCE_POLICY:
+            allowed = [*sorted(POLICIES), REFERENCE_POLICY]
+            raise ValueError(f"policies: unknown policy {p!r}; allowed values: {allowed}")
     if "full" not in cfg.policies:
         cfg.policies = ["full", *cfg.policies]
     if not cfg.history or min(cfg.history) < 1:

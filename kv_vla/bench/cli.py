@@ -33,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--history", type=_int_list, default=[10, 20, 40, 80, 160], help="e.g. 10,20,40,80,160"
     )
-    cache.add_argument("--policies", type=_str_list, default=None, help="comma-separated; default: all")
+    cache.add_argument(
+        "--policies",
+        type=_str_list,
+        default=None,
+        help="comma-separated; default: every cache policy. 'hf_dynamic' adds transformers' DynamicCache "
+        "as a reference row (separates the episode cache's own cost from the decoder's)",
+    )
     cache.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     cache.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     cache.add_argument("--repeats", type=int, default=3, help="timed steps per history point (median)")
