@@ -79,14 +79,26 @@ def cache_kwargs(
     return out
 
 
-def check_cache_values(node_values: dict[str, Any], step_tokens: int | None = None) -> str | None:
-    """Why this full set of cache parameters is not a valid ``EpisodeCacheConfig`` (None if it is)."""
+def check_cache_values(
+    node_values: dict[str, Any], step_tokens: int | None = None, pinned_tokens: int | None = None
+) -> str | None:
+    """Why this full set of cache parameters is not a valid ``EpisodeCacheConfig`` (None if it is).
+
+    With ``pinned_tokens`` (the running episode's prompt) the budget is also checked against it, so
+    a chunk size or budget that cannot hold the prompt, the recent chunks and the open chunk is
+    refused when it is set rather than at the next episode start.
+    """
     from kv_vla.cache import EpisodeCacheConfig
 
     try:
-        EpisodeCacheConfig(**cache_kwargs(node_values, step_tokens))
+        config = EpisodeCacheConfig(**cache_kwargs(node_values, step_tokens))
     except (ValueError, TypeError) as exc:
         return str(exc)
+    if pinned_tokens is not None:
+        try:
+            config.check_budget(pinned_tokens)
+        except ValueError as exc:
+            return f"with the running episode's {pinned_tokens}-token prompt: {exc}"
     return None
 
 

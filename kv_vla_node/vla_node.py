@@ -199,8 +199,10 @@ class VLANode(Node):
         if cache_changes and self._policies is not None:
             with self._lock:
                 candidate = {k: self._values[k] for k in params.CACHE_KEYS}
+                running = self._instruction is not None
             candidate.update(cache_changes)
-            reason = check_cache_values(candidate, self._step_tokens)
+            pinned = getattr(self._last_stats, "pinned_tokens", None) if running else None
+            reason = check_cache_values(candidate, self._step_tokens, pinned_tokens=pinned)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)

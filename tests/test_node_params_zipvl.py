@@ -159,6 +159,19 @@ def test_node_over_dds_applies_the_options_after_reset(tmp_path, monkeypatch):
         client.publish_instruction("touch the green cube")
         assert client.wait_diag(lambda d: d["episode"] == "1" and d["cache_extra"] == "")
 
+        # a chunk size an 80-token budget cannot hold beside this episode's prompt is refused when it
+        # is set (not only at the next episode start); one it can hold is accepted
+        for change in ({"max_tokens": 80}, {"chunk_size": 16}):
+            [ok] = client.set_parameters(change)
+            assert ok.successful, ok.reason
+        [res] = client.set_parameters({"chunk_size": 40})
+        assert not res.successful and "running episode" in res.reason and "max_tokens" in res.reason, (
+            res.reason
+        )
+        for change in ({"chunk_size": 0}, {"max_tokens": 0}):  # back to the defaults
+            [ok] = client.set_parameters(change)
+            assert ok.successful, ok.reason
+
         for name, value, fragment in [
             ("zipvl_low_bits", 6, "2, 4, 8"),
             ("zipvl_tau", 0.0, "(0, 1]"),
@@ -211,3 +224,14 @@ def test_full_policy_ignores_the_shared_budget():
     assert (
         cfg.replace(**cache_kwargs({"cache_policy": "full"}, active={"max_tokens": 240})).max_tokens is None
     )
+
+
+def test_budget_is_checked_against_the_running_prompt():
+    """With the running episode's prompt length the set-time check applies the cache's own rule:
+    prompt + sinks + recent chunks + the open chunk must fit the budget."""
+    values = node_defaults(cache_policy="gated", max_tokens=80, recent_chunks=2, chunk_size=16)
+    assert check_cache_values(values, 8) is None  # valid on its own
+    assert check_cache_values(values, 8, pinned_tokens=20) is None  # 20 + 3 x 16 = 68 <= 80
+    reason = check_cache_values(values, 8, pinned_tokens=40)  # 40 + 48 = 88 > 80
+    assert reason is not None and "40-token prompt" in reason and "max_tokens" in reason
+    assert check_cache_values({**values, "cache_policy": "full"}, 8, pinned_tokens=400) is None
