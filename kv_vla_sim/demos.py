@@ -168,21 +168,22 @@ def _simulator_available() -> bool:
 
 def _current_signatures(
     keys: set[tuple[str, int]], episodes: list[Episode], directory: str
-) -> dict[tuple[str, int], str]:
+) -> dict[tuple[str, int], str | None]:
     """The signature each (task, image size) must carry to be loaded.
 
     With the simulator installed this is :func:`sim_signature`. A training machine may have no
     PyBullet (a GPU box with torch only); there the most common signed value per task stands in for
-    it, and a warning says so. Why that is still safe enough: collection signs every file from one
+    it (None, which no file matches, where none is signed: unsigned files are never loaded), and a
+    warning says so. Why that is still safe enough: collection signs every file from one
     simulator, so a mixed directory is exactly what this catches; what it cannot catch is a directory
     that is stale as a whole, which the warning names, so check it where the simulator runs.
     """
     if _simulator_available():
         return {key: sim_signature(*key) for key in keys}
-    out = {}
+    out: dict[tuple[str, int], str | None] = {}
     for key in keys:
         signed = [e.sim_signature for e in episodes if (e.task, e.image_size) == key and e.sim_signature]
-        out[key] = max(set(signed), key=signed.count) if signed else ""
+        out[key] = max(set(signed), key=signed.count) if signed else None
     _log.warning(
         "%s: PyBullet is not installed, so signatures are checked for agreement only (the most "
         "common one per task is kept); verify the directory where the simulator runs",

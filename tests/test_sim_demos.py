@@ -134,3 +134,8 @@ def test_without_the_simulator_signatures_must_agree(tmp_path, caplog, monkeypat
         kept = load_episodes(str(tmp_path))
     assert sorted(e.seed for e in kept) == sorted(e.seed for e in eps[1:])
     assert "PyBullet is not installed" in caplog.text and "skipping 1 of 3" in caplog.text
+
+    for ep in eps:  # a directory with no signed file at all: nothing to agree with, nothing loaded
+        os.unlink(tmp_path / f"reach-{ep.seed}.npz")
+        save_episode(str(tmp_path), ep, 64, 0.1, signature="")
+    assert load_episodes(str(tmp_path)) == []
