@@ -210,7 +210,7 @@ def test_film_starts_as_identity_and_then_conditions_the_image_tokens_on_the_ins
     plain = make_model(5, action_decoding="parallel")
     film = make_model(5, action_decoding="parallel", film=True)
     missing = film.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["film.bias", "film.weight"]
+    assert sorted(missing) == ["film.bias", "film.weight", "film_words.weight"]
     f = frames(1, 2)[0]
     red, green = (film.prompt_ids(build_prompt(f"reach the {c} cube")) for c in ("red", "green"))
     with torch.no_grad():

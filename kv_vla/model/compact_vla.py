@@ -69,6 +69,7 @@ VISION_BACKBONES = ("siglip", "resnet")
 ACTION_DECODINGS = ("autoregressive", "parallel")
 PROJECTORS = ("space_to_depth", "spatial_softmax")
 DEFAULT_UNNORM_KEY = "kv_vla_sim"
+FILM_WORD_STD = 0.25  # init std of the FiLM word table (see CompactVLA.__init__)
 
 
 class CompactVLAConfig(PreTrainedConfig):
@@ -362,8 +363,13 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         # Why: the decoder alone must bind a colour word to a place in four pooled image tokens, which
         # the policy trained without it hardly does; conditioned features can carry "where the named
         # cube is" directly. Zero-initialised, so a FiLM model starts as the same function as without.
+        # Its input is a bag of the prompt's words in a table of its own (not the decoder's token
+        # embeddings): summed, so the one colour word among ~17 prompt tokens is not averaged away,
+        # and at unit scale, so the zero-initialised layer gets a usable gradient from the start.
         self.film: nn.Linear | None = None
+        self.film_words: nn.Embedding | None = None
         if config.film:
+            self.film_words = nn.Embedding(config.text_vocab_size, config.hidden_size)
             self.film = nn.Linear(config.hidden_size, 2 * config.vision_hidden_size)
         self.action_queries: nn.Parameter | None = None
         if config.action_decoding == "parallel":
@@ -379,6 +385,10 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         if module is getattr(self, "film", None):
             nn.init.zeros_(module.weight)  # identity modulation at the start (see __init__)
             nn.init.zeros_(module.bias)
+            return
+        if module is getattr(self, "film_words", None):
+            # a bag of ~17 words summed then has about unit scale per channel
+            nn.init.normal_(module.weight, std=FILM_WORD_STD)
             return
         if isinstance(module, (SpaceToDepthProjector, SpatialSoftmaxProjector)):
             for lin in (module.fc1, module.fc2):
@@ -425,15 +435,17 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         return frames_to_pixel_values(frames, self.config.image_size, device=self.device, dtype=self.dtype)
 
     def instruction_condition(self, prompt_ids: torch.Tensor) -> torch.Tensor | None:
-        """The FiLM input of one prompt (``[P]`` or ``[1, P]`` ids): its mean token embedding ``[1, H]``.
+        """The FiLM input of one prompt (``[P]`` or ``[1, P]`` ids): the sum of its words' FiLM
+        embeddings, ``[1, H]``.
 
-        None for a model without FiLM. A mean (not the decoder's state) so that training and the
-        runtime compute exactly the same vector from the ids alone, before any image is seen.
+        None for a model without FiLM. A bag of words (not the decoder's state) so that training and
+        the runtime compute exactly the same vector from the ids alone, before any image is seen;
+        word order is left to the decoder, which reads the prompt itself.
         """
-        if self.film is None:
+        if self.film is None or self.film_words is None:
             return None
         ids = torch.as_tensor(prompt_ids, device=self.device).reshape(1, -1)
-        return self.embed_tokens(ids).mean(dim=1)
+        return self.film_words(ids).sum(dim=1)
 
     def encode_pixels(
         self, pixel_values: torch.Tensor, condition: torch.Tensor | None = None
@@ -443,9 +455,20 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         ``condition`` (``[B, H]`` or ``[1, H]``, from :meth:`instruction_condition`) modulates the
         features of a FiLM model; it is required there and ignored by a model without FiLM.
         """
+        return self.project_patches(self.vision_patches(pixel_values), condition)
+
+    def vision_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> the vision backbone's patch features ``[B, n_patches, C]``.
+
+        Split from :meth:`project_patches` so that training with a frozen backbone can compute these
+        once per frame and reuse them every epoch (``kv-vla train --freeze-vision``).
+        """
         feats = self.vision(pixel_values=pixel_values).last_hidden_state
         # the ResNet returns a [B, C, h, w] map: flatten it to the ViT's [B, h*w, C] patch sequence
-        patches = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
+        return feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
+
+    def project_patches(self, patches: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch features ``[B, n_patches, C]`` -> visual tokens ``[B, N, H]`` (FiLM, then projector)."""
         if self.film is not None:
             if condition is None:
                 raise ValueError(
@@ -466,12 +489,13 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
     def forward_episode(
         self,
         prompt_ids: Sequence[torch.Tensor] | torch.Tensor,
-        frames: np.ndarray | torch.Tensor,
+        frames: np.ndarray | torch.Tensor | None,
         action_ids: torch.Tensor,
         step_valid: torch.Tensor | None = None,
         step_keep: torch.Tensor | None = None,
         step_bias: torch.Tensor | None = None,
         label_sigma: float = 0.0,
+        vision_patches: torch.Tensor | None = None,
     ) -> EpisodeOutput:
         """Teacher-forced pass over whole episodes in one sequence each (the runtime's token layout).
 
@@ -493,6 +517,9 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
                 factor ``u_j``, which makes a learned keep/evict gate trainable (see kv_vla.train.gate).
             label_sigma: 0 for plain cross-entropy on the label bin; ``> 0`` spreads the target over
                 neighbouring bins as a Gaussian of this width in bins (see ``_binned_cross_entropy``).
+            vision_patches: optional ``[B, T, n_patches, C]`` backbone features of the frames
+                (:meth:`vision_patches`), used instead of running the backbone on ``frames`` (which
+                may then be None): the frozen-backbone training path.
 
         Returns:
             :class:`EpisodeOutput` with the loss over the action bins and ``[B, T, D, n_bins]`` logits.
@@ -510,19 +537,29 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
                 f"action_ids must be [B={bsz}, T, {cfg.action_dim}], got {tuple(action_ids.shape)}"
             )
         n_steps = action_ids.shape[1]
-        frames_t = torch.as_tensor(frames, device=device)
-        if frames_t.shape[:2] != (bsz, n_steps):
-            raise ValueError(f"frames must start with [B={bsz}, T={n_steps}], got {tuple(frames_t.shape)}")
-        if frames_t.dtype == torch.uint8:
-            pix = self.pixel_values(frames_t)
+        if vision_patches is not None:
+            if vision_patches.shape[:2] != (bsz, n_steps):
+                raise ValueError(
+                    f"vision_patches must start with [B={bsz}, T={n_steps}], got {tuple(vision_patches.shape)}"
+                )
+            patches = vision_patches.to(device=device, dtype=self.dtype).flatten(0, 1)
         else:
-            pix = frames_t.reshape(-1, *frames_t.shape[2:]).to(self.dtype)
+            frames_t = torch.as_tensor(frames, device=device)
+            if frames_t.shape[:2] != (bsz, n_steps):
+                raise ValueError(
+                    f"frames must start with [B={bsz}, T={n_steps}], got {tuple(frames_t.shape)}"
+                )
+            if frames_t.dtype == torch.uint8:
+                pix = self.pixel_values(frames_t)
+            else:
+                pix = frames_t.reshape(-1, *frames_t.shape[2:]).to(self.dtype)
+            patches = self.vision_patches(pix)
         n_img, n_act = cfg.num_image_tokens, cfg.action_dim
         condition = None
         if self.film is not None:
             per_episode = torch.cat([self.instruction_condition(p) for p in prompts])  # [B, H]
             condition = per_episode.repeat_interleave(n_steps, dim=0)  # one row per frame
-        img = self.encode_pixels(pix, condition).reshape(bsz, n_steps, n_img, -1)
+        img = self.project_patches(patches, condition).reshape(bsz, n_steps, n_img, -1)
         act = self.action_slot_embeds(action_ids).to(img.dtype)  # [B, T, D, H]
         steps = torch.cat([img, act], dim=2).reshape(bsz, n_steps * (n_img + n_act), -1)
 

@@ -26,6 +26,7 @@ class EpisodeTensors:
     action_ids: torch.Tensor  # [T, D] int64
     task: str
     seed: int
+    patches: torch.Tensor | None = None  # [T, n_patches, C] frozen-backbone features, if cached
 
     @property
     def n_steps(self) -> int:
@@ -76,12 +77,20 @@ def collate(batch: Sequence[EpisodeTensors]) -> dict[str, Any]:
         actions[b, : e.n_steps] = e.action_ids
         actions[b, e.n_steps :] = e.action_ids[-1]  # any valid id; padding is masked out of the loss
         valid[b, : e.n_steps] = True
-    return {
+    out: dict[str, Any] = {
         "prompt_ids": [e.prompt_ids for e in batch],
         "frames": frames,
         "action_ids": actions,
         "step_valid": valid,
     }
+    if all(e.patches is not None for e in batch):
+        first = batch[0].patches
+        assert first is not None
+        patches = torch.zeros((len(batch), n_max, *first.shape[1:]), dtype=first.dtype)
+        for b, e in enumerate(batch):
+            patches[b, : e.n_steps] = e.patches
+        out["vision_patches"] = patches
+    return out
 
 
 def sample_step_visibility(
