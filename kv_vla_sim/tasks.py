@@ -367,3 +367,20 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}") from None
+
+
+def first_target_xy(task: str, seed: int) -> np.ndarray | None:
+    """Where the episode's first target cube sits, scaled to ``[-1, 1]`` over the object region, or
+    None for a task without one.
+
+    "First target": the cube the instruction names (reach, push, pick_place), the lit one (cued
+    tasks) or the first of the sequence (touch_sequence) -- what frame 0 alone, read with the
+    instruction, must reveal. Training uses it as an auxiliary label (``kv-vla train --target-aux``).
+    """
+    spec = TASKS[task].sample(seed)
+    idx = spec.sequence[0] if spec.sequence else spec.target
+    if idx < 0:
+        return None
+    lo = np.array([X_RANGE[0], Y_RANGE[0]])
+    hi = np.array([X_RANGE[1], Y_RANGE[1]])
+    return (2.0 * (np.asarray(spec.cube_xy[idx], dtype=np.float64) - lo) / (hi - lo) - 1.0).astype(np.float32)

@@ -158,3 +158,21 @@ def test_touch_sequence_predicates():
     for touches in [(b,), (c,), (a, a), (a, c), (b, a)]:
         assert task.failure(spec, state(spec, touches=touches))
         assert not task.success(spec, state(spec, touches=touches))
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_first_target_xy_is_the_named_lit_or_first_cube_scaled_to_the_object_region(task):
+    from kv_vla_sim.tasks import X_RANGE, Y_RANGE, first_target_xy
+
+    for seed in range(5):
+        spec = TASKS[task].sample(seed)
+        idx = spec.sequence[0] if spec.sequence else spec.target
+        xy = first_target_xy(task, seed)
+        assert xy is not None and xy.shape == (2,) and np.all(np.abs(xy) <= 1.0)
+        back = np.array(
+            [
+                X_RANGE[0] + (xy[0] + 1) / 2 * (X_RANGE[1] - X_RANGE[0]),
+                Y_RANGE[0] + (xy[1] + 1) / 2 * (Y_RANGE[1] - Y_RANGE[0]),
+            ]
+        )
+        np.testing.assert_allclose(back, spec.cube_xy[idx], atol=1e-6)

@@ -285,3 +285,48 @@ def test_forward_on_cached_vision_patches_equals_the_forward_on_frames(film):
             b["prompt_ids"], None, b["action_ids"], vision_patches=b["vision_patches"].float()
         )
     torch.testing.assert_close(cached.action_logits, ref.action_logits, atol=2e-3, rtol=1e-3)
+
+
+def _shown_target_episodes(n: int, steps: int = 3) -> list[_Episode]:
+    """Frames that draw the seed's first target cube as a bright square where it lies."""
+    from kv_vla_sim.tasks import first_target_xy
+
+    eps = []
+    for k in range(n):
+        seed = 3_000_000 + k
+        x, y = ((first_target_xy("reach", seed) + 1) / 2 * 52).astype(int)
+        frames = np.full((steps, 64, 64, 3), 60, dtype=np.uint8)
+        frames[:, x : x + 12, y : y + 12] = 250
+        actions = np.zeros((steps, 4), dtype=np.float32)
+        actions[:, 3] = 1.0
+        eps.append(_Episode(frames, actions, "reach the red cube", "reach", seed))
+    return eps
+
+
+def test_target_aux_loss_is_logged_lowered_and_checkpointed(tmp_path):
+    """``--target-aux``: frame 0's image tokens learn to say where the first target cube is (labels
+    from the task's seed); the head's state is in the checkpoint so a resumed run keeps it."""
+    eps = _shown_target_episodes(16)
+    cfg = TrainConfig(
+        data=[],
+        out=str(tmp_path / "run"),
+        epochs=100,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=80,
+        model_overrides=TINY | {"action_decoding": "parallel", "film": True},
+        target_aux=1.0,
+        device="cpu",
+        drop_rates=[0.0],
+        checkpoint_every=20,
+        shift_pad=0,
+    )
+    train_bc(cfg, episodes=eps)
+    hist = json.loads((tmp_path / "run" / "loss.json").read_text())["history"]
+    mse = [h["target_mse"] for h in hist]
+    assert np.mean(mse[-10:]) < 0.5 * np.mean(mse[:5]), mse
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["target_head"] is not None and "net.0.weight" in state["target_head"]
+    with pytest.raises(ValueError, match="target_aux"):
+        TrainConfig(data=[], out="x", target_aux=-1.0).validate()

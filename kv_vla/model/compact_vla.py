@@ -304,11 +304,13 @@ class EpisodeOutput:
         loss: mean cross-entropy over the 256 action bins of every valid action token (or None).
         action_logits: ``[B, T, action_dim, n_bins]`` logits over the action slice of the vocabulary.
         accuracy: fraction of valid action tokens whose argmax bin equals the label (or None).
+        image_tokens: ``[B, T, N, H]`` projected visual tokens of every frame (for auxiliary losses).
     """
 
     loss: torch.Tensor | None
     action_logits: torch.Tensor
     accuracy: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
 
 
 def _binned_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -614,7 +616,7 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         if sel.any():
             loss = _binned_cross_entropy(logits[sel], labels[sel], label_sigma)
             acc = (logits[sel].argmax(-1) == labels[sel]).float().mean()
-        return EpisodeOutput(loss=loss, action_logits=logits, accuracy=acc)
+        return EpisodeOutput(loss=loss, action_logits=logits, accuracy=acc, image_tokens=img)
 
     @staticmethod
     def _step_bias_mask(group: torch.Tensor, n_steps: int, step_bias: torch.Tensor) -> torch.Tensor:

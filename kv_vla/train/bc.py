@@ -60,6 +60,9 @@ class TrainConfig:
     # per frame: ~4x fewer FLOPs per CPU update; random-shift augmentation is then off
     freeze_vision: bool = False
     film_lr_mult: float = 1.0  # learning-rate multiplier of the FiLM layers (zero-initialised)
+    # weight of the auxiliary loss that reads the first target cube's position from frame 0's image
+    # tokens (0 = off); see TargetHead
+    target_aux: float = 0.0
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"recent_choices: each must be >= 0, got {self.recent_choices}")
         if self.film_lr_mult <= 0:
             raise ValueError(f"film_lr_mult must be > 0, got {self.film_lr_mult}")
+        if self.target_aux < 0:
+            raise ValueError(f"target_aux must be >= 0, got {self.target_aux}")
         if self.freeze_vision and self.init_from is None:
             raise ValueError("freeze_vision keeps a trained backbone: it needs init_from (--init)")
         return self
@@ -126,6 +131,27 @@ def with_overrides(model: Any, overrides: dict[str, Any]) -> Any:
     if result.unexpected_keys:
         raise ValueError(f"model_overrides {overrides} drop trained weights: {result.unexpected_keys}")
     return new
+
+
+class TargetHead(torch.nn.Module):
+    """Reads the first target cube's position (``[-1, 1]^2``) from frame 0's image tokens.
+
+    Why: behaviour cloning alone rewards reading the colour word only through the first few actions
+    of an episode (later ones can follow the arm's own heading), and a policy trained that way
+    barely reads it (``kv-vla probe``). Asking the image tokens of the first frame -- FiLM-conditioned
+    on the instruction -- to say where the named (or lit) cube is gives that path a direct, dense
+    signal. Used in training only; it is not part of the saved model.
+    """
+
+    def __init__(self, n_tokens: int, hidden: int, width: int = 128) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n_tokens * hidden, width), torch.nn.GELU(), torch.nn.Linear(width, 2)
+        )
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, N, H]`` -> ``[B, 2]``."""
+        return self.net(image_tokens.flatten(1).float())
 
 
 def _param_groups(model: Any, film_lr_mult: float) -> list[dict[str, Any]]:
@@ -235,7 +261,13 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     if cfg.freeze_vision:
         model.vision.requires_grad_(False)
         cache_vision_patches(model, data)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.film_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = _param_groups(model, cfg.film_lr_mult)
+    target_head = None
+    if cfg.target_aux > 0:
+        torch.manual_seed(cfg.seed)
+        target_head = TargetHead(model.config.num_image_tokens, model.config.hidden_size).to(device)
+        groups.append({"params": list(target_head.parameters()), "lr_mult": 1.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     aug_rng = np.random.default_rng(cfg.seed)
@@ -249,6 +281,8 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     step, history = 0, []
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
+        if target_head is not None:
+            target_head.load_state_dict(resume["target_head"])
         step, history = resume["step"], resume["history"]
         rng.setstate(resume["epoch_rng"])  # replays the interrupted epoch's batch order
         gen.set_state(resume["torch_rng"])
@@ -290,9 +324,16 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
                     label_sigma=cfg.label_sigma,
                     vision_patches=b.get("vision_patches"),
                 )
+            loss = res.loss
+            record = {"step": step + 1, "loss": float(res.loss.detach()), "accuracy": float(res.accuracy)}
+            if target_head is not None and "target_xy" in b:
+                pred = target_head(res.image_tokens[:, 0])
+                target_mse = torch.nn.functional.mse_loss(pred, b["target_xy"].to(pred.device))
+                loss = loss + cfg.target_aux * target_mse
+                record["target_mse"] = float(target_mse.detach())
             opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             opt.step()
             step += 1
             if step - first_step == 20:
@@ -306,11 +347,11 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
                 fits = step + int((cfg.time_budget_s - (time.perf_counter() - t_start)) / per_update)
                 total = max(step, min(full_total, fits))
                 bar.total = total
-            history.append({"step": step, "loss": float(res.loss.detach()), "accuracy": float(res.accuracy)})
+            history.append(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(res.loss):.3f}", acc=f"{float(res.accuracy):.2f}")
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "step"})
             if step % cfg.checkpoint_every == 0 or step == total:
-                _save_checkpoint(model, opt, step, history, epoch_rng, gen, out)
+                _save_checkpoint(model, opt, step, history, epoch_rng, gen, out, target_head)
         if step >= total:
             break
     bar.close()
@@ -331,7 +372,14 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
 
 
 def _save_checkpoint(
-    model: Any, opt: Any, step: int, history: list, epoch_rng: Any, gen: Any, out: Path
+    model: Any,
+    opt: Any,
+    step: int,
+    history: list,
+    epoch_rng: Any,
+    gen: Any,
+    out: Path,
+    target_head: torch.nn.Module | None = None,
 ) -> None:
     model.save_pretrained(out / "checkpoint_model")
     state = {
@@ -340,6 +388,7 @@ def _save_checkpoint(
         "history": history,
         "epoch_rng": epoch_rng,
         "torch_rng": gen.get_state(),
+        "target_head": None if target_head is None else target_head.state_dict(),
     }
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
@@ -349,6 +398,7 @@ def _smooth(history: list[dict[str, float]], window: int = 20) -> list[dict[str,
     for i in range(len(history)):
         chunk = history[max(0, i - window + 1) : i + 1]
         out.append(
-            {k: float(np.mean([h[k] for h in chunk])) for k in history[i]} | {"step": history[i]["step"]}
+            {k: float(np.mean([h[k] for h in chunk if k in h])) for k in history[i]}
+            | {"step": history[i]["step"]}
         )
     return out

@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--film-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the FiLM layers"
     )
     parser.add_argument(
+        "--target-aux",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary loss reading the first target cube's position from frame 0's "
+        "image tokens (0 = off)",
+    )
+    parser.add_argument(
         "--model-config",
         default="{}",
         help="JSON overrides of CompactVLAConfig, e.g. '{\"hidden_size\": 128}'",
@@ -77,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         model_overrides=json.loads(args.model_config),
         freeze_vision=args.freeze_vision,
         film_lr_mult=args.film_lr_mult,
+        target_aux=args.target_aux,
     )
     path = train_bc(cfg)
     print(f"model saved to {path}")

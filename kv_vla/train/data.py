@@ -27,6 +27,7 @@ class EpisodeTensors:
     task: str
     seed: int
     patches: torch.Tensor | None = None  # [T, n_patches, C] frozen-backbone features, if cached
+    target_xy: torch.Tensor | None = None  # [2] first target cube in [-1, 1] (auxiliary label)
 
     @property
     def n_steps(self) -> int:
@@ -60,8 +61,21 @@ def tokenize_episodes(model: Any, episodes: Sequence[Any]) -> list[EpisodeTensor
         prompt = model.prompt_ids(build_prompt(ep.instruction))[0].cpu()
         norm = normalize_actions(np.asarray(ep.actions, dtype=np.float32), model.norm_stats)
         ids = torch.as_tensor(model.action_tokenizer.encode(norm), dtype=torch.long)
-        out.append(EpisodeTensors(prompt, np.asarray(ep.frames), ids, ep.task, int(ep.seed)))
+        target = _first_target(ep.task, int(ep.seed))
+        out.append(
+            EpisodeTensors(prompt, np.asarray(ep.frames), ids, ep.task, int(ep.seed), target_xy=target)
+        )
     return out
+
+
+def _first_target(task: str, seed: int) -> torch.Tensor | None:
+    """The auxiliary target label of a simulator episode; None for episodes from elsewhere."""
+    from kv_vla_sim.tasks import TASKS, first_target_xy
+
+    if task not in TASKS:
+        return None
+    xy = first_target_xy(task, seed)
+    return None if xy is None else torch.as_tensor(xy)
 
 
 def collate(batch: Sequence[EpisodeTensors]) -> dict[str, Any]:
@@ -90,6 +104,8 @@ def collate(batch: Sequence[EpisodeTensors]) -> dict[str, Any]:
         for b, e in enumerate(batch):
             patches[b, : e.n_steps] = e.patches
         out["vision_patches"] = patches
+    if all(e.target_xy is not None for e in batch):
+        out["target_xy"] = torch.stack([e.target_xy for e in batch])  # type: ignore[misc]
     return out
 
 
