@@ -228,3 +228,40 @@ def test_film_starts_as_identity_and_then_conditions_the_image_tokens_on_the_ins
     assert again.config.film
     with torch.no_grad():
         assert torch.equal(again.embed_image(f, again.instruction_condition(red)), tok_red)
+
+
+def test_colour_highlight_starts_as_identity_then_lights_the_named_colour(tmp_path):
+    """The instruction's colour highlight adds ``a * relu(w . rgb + b)`` to the pixels; its gain is
+    zero at the start (same tokens as the model without it). With a gain and a "red" direction, a
+    red-instruction frame changes only where the pixels are red; it needs the condition, cannot use
+    cached backbone features, and saves and loads."""
+    plain = make_model(6, action_decoding="parallel")
+    lit = make_model(6, action_decoding="parallel", highlight=True)
+    missing = lit.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["film_words.weight", "highlight.bias", "highlight.weight"]
+    f = frames(1, 3)[0]
+    red = lit.prompt_ids(build_prompt("reach the red cube"))
+    cond = lit.instruction_condition(red)
+    with torch.no_grad():
+        assert torch.equal(lit.embed_image(f, cond), plain.embed_image(f))
+        lit.highlight.weight.zero_()
+        lit.highlight.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+        lit.highlight.weight[0].copy_(cond[0] / cond[0].pow(2).sum())  # w_r = 1, b = 0: relu(red)
+        img = np.zeros((64, 64, 3), dtype=np.uint8)
+        img[10:20, 10:20, 0] = 255  # a red square on black
+        pix = lit.pixel_values(img)
+        out = lit.highlight_pixels(pix, cond)
+        changed = (out - pix).abs().sum(1)[0] > 1e-4
+        red_px = pix[0, 0] > 0  # pixels are scaled to [-1, 1]: black is -1
+        assert changed.any() and torch.equal(changed, changed & red_px)
+        assert (lit.embed_image(img, cond) - plain.embed_image(img)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="instruction_condition"):
+        lit.embed_image(f)
+    ids = torch.full((1, 2, 4), lit.action_tokenizer.action_token_begin_idx, dtype=torch.long)
+    with pytest.raises(ValueError, match="cached vision_patches"):
+        lit.forward_episode([red[0]], None, ids, vision_patches=torch.zeros(1, 2, 64, 8))
+    lit.save_pretrained(tmp_path / "lit")
+    again = CompactVLA.from_pretrained(tmp_path / "lit").eval()
+    assert again.config.highlight
+    with torch.no_grad():
+        assert torch.equal(again.embed_image(img, cond), lit.embed_image(img, cond))

@@ -234,11 +234,13 @@ def parallel_model() -> CompactVLA:
 @pytest.fixture(scope="module")
 def film_model() -> CompactVLA:
     torch.manual_seed(4)
-    model = CompactVLA(CompactVLAConfig.tiny(action_decoding="parallel", film=True)).eval()
-    with torch.no_grad():  # a trained-looking modulation (zero-initialised FiLM would be a no-op)
+    model = CompactVLA(CompactVLAConfig.tiny(action_decoding="parallel", film=True, highlight=True)).eval()
+    with torch.no_grad():  # trained-looking conditioning (zero-initialised, both would be no-ops)
         model.action_queries.normal_(0, 1.0)
         model.film.weight.normal_(0, 0.5)
         model.film.bias.normal_(0, 0.5)
+        model.highlight.weight.normal_(0, 0.5)
+        model.highlight.bias.normal_(0, 0.5)
     return model
 
 
@@ -247,7 +249,8 @@ def film_model() -> CompactVLA:
 def test_runtime_equals_full_sequence_forward(model, parallel_model, film_model, policy, decoding):
     """The step-by-step cached runtime and the one-pass training forward agree (with eviction: the
     training pass masks the same evicted steps), tying the runtime and training paths together;
-    for autoregressive and parallel (OpenVLA-OFT) action decoding, and with FiLM conditioning."""
+    for autoregressive and parallel (OpenVLA-OFT) action decoding, and with FiLM and colour-highlight
+    conditioning."""
     model = {"autoregressive": model, "parallel": parallel_model, "parallel_film": film_model}[decoding]
     prompt_ids = model.prompt_ids(build_prompt(INSTR))[0]
     prompt_len = prompt_ids.numel()

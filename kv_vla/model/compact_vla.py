@@ -70,6 +70,8 @@ ACTION_DECODINGS = ("autoregressive", "parallel")
 PROJECTORS = ("space_to_depth", "spatial_softmax")
 DEFAULT_UNNORM_KEY = "kv_vla_sim"
 FILM_WORD_STD = 0.25  # init std of the FiLM word table (see CompactVLA.__init__)
+HIGHLIGHT_PARAMS = 7  # colour direction w (3), threshold b (1), per-channel gain a (3)
+HIGHLIGHT_INIT_STD = 0.1
 
 
 class CompactVLAConfig(PreTrainedConfig):
@@ -102,6 +104,7 @@ class CompactVLAConfig(PreTrainedConfig):
         projector: str = "space_to_depth",
         num_keypoints: int = 32,
         film: bool = False,
+        highlight: bool = False,
         **kwargs: Any,
     ) -> None:
         self.image_size = int(image_size)
@@ -127,6 +130,7 @@ class CompactVLAConfig(PreTrainedConfig):
         self.projector = str(projector)
         self.num_keypoints = int(num_keypoints)
         self.film = bool(film)
+        self.highlight = bool(highlight)
         super().__init__(**kwargs)
         self._check()
 
@@ -370,9 +374,20 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         # and at unit scale, so the zero-initialised layer gets a usable gradient from the start.
         self.film: nn.Linear | None = None
         self.film_words: nn.Embedding | None = None
-        if config.film:
+        if config.film or config.highlight:
             self.film_words = nn.Embedding(config.text_vocab_size, config.hidden_size)
+        if config.film:
             self.film = nn.Linear(config.hidden_size, 2 * config.vision_hidden_size)
+        # Colour highlight (instruction-conditioned early fusion): before the backbone, each pixel
+        # gains a * relu(w . rgb + b), with (w, b, a) computed from the instruction. It lets "the red
+        # cube" light the red pixels up, which turns a task named in words into one the policy
+        # already solves, a lit target (the cued tasks). Why at the input: FiLM on the backbone's
+        # output could not localise the named cube even with a direct auxiliary label (held-out
+        # position error at the label's variance), while this did (models/README.md). The gain a
+        # starts at zero, so a trained model fine-tuned into it starts as the same function.
+        self.highlight: nn.Linear | None = None
+        if config.highlight:
+            self.highlight = nn.Linear(config.hidden_size, HIGHLIGHT_PARAMS)
         self.action_queries: nn.Parameter | None = None
         if config.action_decoding == "parallel":
             self.action_queries = nn.Parameter(torch.randn(config.action_dim, config.hidden_size) * 0.02)
@@ -386,6 +401,11 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if module is getattr(self, "film", None):
             nn.init.zeros_(module.weight)  # identity modulation at the start (see __init__)
+            nn.init.zeros_(module.bias)
+            return
+        if module is getattr(self, "highlight", None):
+            nn.init.normal_(module.weight[:4], std=HIGHLIGHT_INIT_STD)  # colour direction w and b
+            nn.init.zeros_(module.weight[4:])  # gain a: zero, the identity at the start
             nn.init.zeros_(module.bias)
             return
         if module is getattr(self, "film_words", None):
@@ -444,7 +464,7 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         the runtime compute exactly the same vector from the ids alone, before any image is seen;
         word order is left to the decoder, which reads the prompt itself.
         """
-        if self.film is None or self.film_words is None:
+        if self.film_words is None:
             return None
         ids = torch.as_tensor(prompt_ids, device=self.device).reshape(1, -1)
         return self.film_words(ids).sum(dim=1)
@@ -457,7 +477,20 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         ``condition`` (``[B, H]`` or ``[1, H]``, from :meth:`instruction_condition`) modulates the
         features of a FiLM model; it is required there and ignored by a model without FiLM.
         """
+        if self.highlight is not None:
+            pixel_values = self.highlight_pixels(pixel_values, condition)
         return self.project_patches(self.vision_patches(pixel_values), condition)
+
+    def highlight_pixels(self, pixel_values: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """The instruction's colour highlight on ``[B, 3, S, S]`` pixels (see ``__init__``)."""
+        if self.highlight is None:
+            return pixel_values
+        if condition is None:
+            raise ValueError("this model highlights the instruction's colour: pass its instruction_condition")
+        params = self.highlight(condition.to(pixel_values.dtype))
+        w, b, a = params[:, :3, None, None], params[:, 3:4, None, None], params[:, 4:, None, None]
+        mask = torch.relu((pixel_values * w).sum(dim=1, keepdim=True) + b)
+        return pixel_values + a * mask
 
     def vision_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> the vision backbone's patch features ``[B, n_patches, C]``.
@@ -539,6 +572,14 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
                 f"action_ids must be [B={bsz}, T, {cfg.action_dim}], got {tuple(action_ids.shape)}"
             )
         n_steps = action_ids.shape[1]
+        condition = None
+        if self.film_words is not None:
+            per_episode = torch.cat([self.instruction_condition(p) for p in prompts])  # [B, H]
+            condition = per_episode.repeat_interleave(n_steps, dim=0)  # one row per frame
+        if vision_patches is not None and self.highlight is not None:
+            raise ValueError(
+                "a colour-highlight model conditions its pixels: it cannot use cached vision_patches"
+            )
         if vision_patches is not None:
             if vision_patches.shape[:2] != (bsz, n_steps):
                 raise ValueError(
@@ -555,12 +596,8 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
                 pix = self.pixel_values(frames_t)
             else:
                 pix = frames_t.reshape(-1, *frames_t.shape[2:]).to(self.dtype)
-            patches = self.vision_patches(pix)
+            patches = self.vision_patches(self.highlight_pixels(pix, condition))
         n_img, n_act = cfg.num_image_tokens, cfg.action_dim
-        condition = None
-        if self.film is not None:
-            per_episode = torch.cat([self.instruction_condition(p) for p in prompts])  # [B, H]
-            condition = per_episode.repeat_interleave(n_steps, dim=0)  # one row per frame
         img = self.project_patches(patches, condition).reshape(bsz, n_steps, n_img, -1)
         act = self.action_slot_embeds(action_ids).to(img.dtype)  # [B, T, D, H]
         steps = torch.cat([img, act], dim=2).reshape(bsz, n_steps * (n_img + n_act), -1)

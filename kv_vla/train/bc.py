@@ -29,6 +29,7 @@ from kv_vla.atomic import atomic_write, atomic_write_text
 from kv_vla.train.data import EpisodeTensors, collate, random_shift, sample_step_visibility, tokenize_episodes
 
 CHECKPOINT = "checkpoint.pt"
+TARGET_AUX_FRAMES = 3  # frames per episode that the auxiliary target loss reads (cue steps)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class TrainConfig:
     # per frame: ~4x fewer FLOPs per CPU update; random-shift augmentation is then off
     freeze_vision: bool = False
     film_lr_mult: float = 1.0  # learning-rate multiplier of the FiLM layers (zero-initialised)
-    # weight of the auxiliary loss that reads the first target cube's position from frame 0's image
+    # weight of the auxiliary loss that reads the first target cube's position from the first frames'
     # tokens (0 = off); see TargetHead
     target_aux: float = 0.0
 
@@ -134,11 +135,11 @@ def with_overrides(model: Any, overrides: dict[str, Any]) -> Any:
 
 
 class TargetHead(torch.nn.Module):
-    """Reads the first target cube's position (``[-1, 1]^2``) from frame 0's image tokens.
+    """Reads the first target cube's position (``[-1, 1]^2``) from an early frame's image tokens.
 
     Why: behaviour cloning alone rewards reading the colour word only through the first few actions
     of an episode (later ones can follow the arm's own heading), and a policy trained that way
-    barely reads it (``kv-vla probe``). Asking the image tokens of the first frame -- FiLM-conditioned
+    barely reads it (``kv-vla probe``). Asking the image tokens of the first frames -- conditioned
     on the instruction -- to say where the named (or lit) cube is gives that path a direct, dense
     signal. Used in training only; it is not part of the saved model.
     """
@@ -160,7 +161,9 @@ def _param_groups(model: Any, film_lr_mult: float) -> list[dict[str, Any]]:
     Why a multiplier: FiLM starts at zero inside a model that already acts well without it, so at
     the fine-tuning learning rate the rest of the network adapts long before FiLM says anything.
     """
-    film_ids = {id(p) for name in ("film", "film_words") for p in _params_of(getattr(model, name, None))}
+    film_ids = {
+        id(p) for name in ("film", "film_words", "highlight") for p in _params_of(getattr(model, name, None))
+    }
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if id(p) not in film_ids], "lr_mult": 1.0},
@@ -327,8 +330,11 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
             loss = res.loss
             record = {"step": step + 1, "loss": float(res.loss.detach()), "accuracy": float(res.accuracy)}
             if target_head is not None and "target_xy" in b:
-                pred = target_head(res.image_tokens[:, 0])
-                target_mse = torch.nn.functional.mse_loss(pred, b["target_xy"].to(pred.device))
+                # the first frames: the cue is still lit (cued tasks) and no cube has moved yet
+                tokens = res.image_tokens[:, :TARGET_AUX_FRAMES]
+                pred = target_head(tokens.flatten(0, 1))
+                labels = b["target_xy"].to(pred.device).repeat_interleave(tokens.shape[1], dim=0)
+                target_mse = torch.nn.functional.mse_loss(pred, labels)
                 loss = loss + cfg.target_aux * target_mse
                 record["target_mse"] = float(target_mse.detach())
             opt.zero_grad(set_to_none=True)

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target-aux",
         type=float,
         default=0.0,
-        help="weight of the auxiliary loss reading the first target cube's position from frame 0's "
+        help="weight of the auxiliary loss reading the first target cube's position from the first frames' "
         "image tokens (0 = off)",
     )
     parser.add_argument(
