@@ -42,6 +42,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--model", default="models/compact-vla")
     parser.add_argument("--data", nargs="+", default=["data/demos2", "data/demos3"])
+    parser.add_argument(
+        "--save",
+        default=None,
+        help="save the model here afterwards (e.g. to start behaviour cloning from it)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -100,6 +105,10 @@ def main() -> None:
                 f"{loss.item():.3f}, held-out mse {per_task}",
                 flush=True,
             )
+    if args.save:
+        model.eval()
+        model.save_pretrained(args.save)
+        print(f"saved to {args.save}")
 
 
 if __name__ == "__main__":
