@@ -457,10 +457,10 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         return frames_to_pixel_values(frames, self.config.image_size, device=self.device, dtype=self.dtype)
 
     def instruction_condition(self, prompt_ids: torch.Tensor) -> torch.Tensor | None:
-        """The FiLM input of one prompt (``[P]`` or ``[1, P]`` ids): the sum of its words' FiLM
-        embeddings, ``[1, H]``.
+        """The instruction condition of one prompt (``[P]`` or ``[1, P]`` ids): the sum of its words'
+        embeddings in the conditioning table, ``[1, H]``; FiLM and the colour highlight read it.
 
-        None for a model without FiLM. A bag of words (not the decoder's state) so that training and
+        None for a model with neither. A bag of words (not the decoder's state) so that training and
         the runtime compute exactly the same vector from the ids alone, before any image is seen;
         word order is left to the decoder, which reads the prompt itself.
         """

@@ -60,7 +60,8 @@ class TrainConfig:
     # keep the vision backbone's weights as they are (from --init) and compute its features once
     # per frame: ~4x fewer FLOPs per CPU update; random-shift augmentation is then off
     freeze_vision: bool = False
-    film_lr_mult: float = 1.0  # learning-rate multiplier of the FiLM layers (zero-initialised)
+    # learning-rate multiplier of the instruction-conditioning layers (FiLM, its word table, highlight)
+    film_lr_mult: float = 1.0
     # weight of the auxiliary loss that reads the first target cube's position from the first frames'
     # tokens (0 = off); see TargetHead
     target_aux: float = 0.0
@@ -156,10 +157,11 @@ class TargetHead(torch.nn.Module):
 
 
 def _param_groups(model: Any, film_lr_mult: float) -> list[dict[str, Any]]:
-    """The trainable parameters, FiLM's in a group of their own with its learning-rate multiplier.
+    """The trainable parameters, the instruction-conditioning layers' (FiLM, its word table, the
+    colour highlight) in a group of their own with their learning-rate multiplier.
 
-    Why a multiplier: FiLM starts at zero inside a model that already acts well without it, so at
-    the fine-tuning learning rate the rest of the network adapts long before FiLM says anything.
+    Why a multiplier: they start as the identity inside a model that already acts well without
+    them, so at the fine-tuning learning rate the rest adapts long before they say anything.
     """
     film_ids = {
         id(p) for name in ("film", "film_words", "highlight") for p in _params_of(getattr(model, name, None))

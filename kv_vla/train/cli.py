@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "faster on a CPU; disables --shift-pad)",
     )
     parser.add_argument(
-        "--film-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the FiLM layers"
+        "--film-lr-mult",
+        type=float,
+        default=1.0,
+        help="learning-rate multiplier of the instruction-conditioning layers (FiLM, word table, highlight)",
     )
     parser.add_argument(
         "--target-aux",

@@ -91,7 +91,7 @@ def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
         use_cache=True,
     )
     cache.pin_prefix()
-    condition = model.instruction_condition(prompt)  # None unless the model is FiLM-conditioned
+    condition = model.instruction_condition(prompt)  # None without FiLM or highlight
     img = model.encode_pixels(
         model.pixel_values(torch.as_tensor(ep.frames, device=device)), condition
     )  # [T, N, H]
