@@ -377,10 +377,21 @@ def first_target_xy(task: str, seed: int) -> np.ndarray | None:
     tasks) or the first of the sequence (touch_sequence) -- what frame 0 alone, read with the
     instruction, must reveal. Training uses it as an auxiliary label (``kv-vla train --target-aux``).
     """
+    both = target_sequence_xy(task, seed)
+    return None if both is None else both[0]
+
+
+def target_sequence_xy(task: str, seed: int) -> np.ndarray | None:
+    """``[2, 2]``: where the episode's first and second target cubes sit, scaled like
+    :func:`first_target_xy`; the second is the first for a task with one target. None for a task
+    without one. Why: the label that tells whether an instruction's word *order* reaches the
+    image tokens (touch_sequence), ``scripts/binding_feasibility.py highlight2``.
+    """
     spec = TASKS[task].sample(seed)
-    idx = spec.sequence[0] if spec.sequence else spec.target
-    if idx < 0:
+    order = spec.sequence if spec.sequence else (spec.target, spec.target)
+    if order[0] < 0:
         return None
     lo = np.array([X_RANGE[0], Y_RANGE[0]])
     hi = np.array([X_RANGE[1], Y_RANGE[1]])
-    return (2.0 * (np.asarray(spec.cube_xy[idx], dtype=np.float64) - lo) / (hi - lo) - 1.0).astype(np.float32)
+    xy = np.asarray(spec.cube_xy, dtype=np.float64)[list(order)]
+    return (2.0 * (xy - lo) / (hi - lo) - 1.0).astype(np.float32)

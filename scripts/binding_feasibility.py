@@ -12,6 +12,8 @@ Designs:
   film-frozen  FiLM on the backbone's output, backbone frozen (features computed once)
   film         FiLM on the backbone's output, backbone trained, random-shift augmentation
   highlight    colour highlight on the input pixels, backbone trained, random-shift augmentation
+  highlight2   two ordered highlights (``highlight_slots=2``): the label is the first *and* second
+               target, so touch_sequence's error shows whether word order reaches the image tokens
 
 Usage: .venv/bin/python scripts/binding_feasibility.py DESIGN [--steps 1400] [--model models/compact-vla]
 (reads data/demos2 and data/demos3, recorded with the `kv-vla collect` commands in models/README.md)
@@ -30,14 +32,14 @@ from kv_vla.model.prompt import build_prompt
 from kv_vla.train.bc import TargetHead, with_overrides
 from kv_vla.train.data import random_shift
 from kv_vla_sim.demos import load_episodes
-from kv_vla_sim.tasks import first_target_xy
+from kv_vla_sim.tasks import target_sequence_xy
 
 TASKS = ("reach", "pick_place", "touch_sequence")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("design", choices=["film-frozen", "film", "highlight"])
+    parser.add_argument("design", choices=["film-frozen", "film", "highlight", "highlight2"])
     parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--model", default="models/compact-vla")
@@ -50,12 +52,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    overrides = {"film": True} if args.design.startswith("film") else {"highlight": True}
+    overrides: dict = {"film": True} if args.design.startswith("film") else {"highlight": True}
+    n_targets = 2 if args.design == "highlight2" else 1
+    if n_targets == 2:
+        overrides["highlight_slots"] = 2
     model = with_overrides(CompactVLA.from_pretrained(args.model), overrides)
     eps = [e for d in args.data for e in load_episodes(d) if e.task in TASKS]
     frames = [np.asarray(e.frames) for e in eps]
     ids = [model.prompt_ids(build_prompt(e.instruction))[0] for e in eps]
-    labels = torch.tensor(np.stack([first_target_xy(e.task, e.seed) for e in eps]))
+    labels = torch.tensor(np.stack([target_sequence_xy(e.task, e.seed)[:n_targets].ravel() for e in eps]))
     task = np.array([e.task for e in eps])
     perm = torch.randperm(len(eps))
     train, test = perm[: int(0.85 * len(eps))], perm[int(0.85 * len(eps)) :]
@@ -66,8 +71,8 @@ def main() -> None:
         with torch.no_grad():
             first = model.pixel_values(torch.as_tensor(np.stack([f[0] for f in frames])))
             cached = torch.cat([model.vision_patches(first[k : k + 256]) for k in range(0, len(first), 256)])
-    head = TargetHead(model.config.num_image_tokens, model.config.hidden_size)
-    trained = [model.film_words, model.projector, head]
+    head = TargetHead(model.config.num_image_tokens, model.config.hidden_size, n_targets=n_targets)
+    trained = [model.film_words, model.projector, head] + ([model.word_order] if model.word_order else [])
     trained += [model.film] if model.film is not None else [model.highlight]
     if not frozen:
         trained.append(model.vision)
@@ -98,8 +103,11 @@ def main() -> None:
         if step % 200 == 0 or step == args.steps - 1:
             model.eval()
             with torch.no_grad():
-                err = ((predict(test, None if frozen else test_pix) - labels[test]) ** 2).mean(1).numpy()
-            per_task = {t: round(float(err[task[test.numpy()] == t].mean()), 3) for t in TASKS}
+                sq = ((predict(test, None if frozen else test_pix) - labels[test]) ** 2).numpy()
+            # one mse per target: [first] or [first, second]
+            err = sq.reshape(len(sq), n_targets, 2).mean(2)
+            in_task = {t: task[test.numpy()] == t for t in TASKS}
+            per_task = {t: [round(float(e), 3) for e in err[m].mean(0)] for t, m in in_task.items()}
             print(
                 f"{args.design} step {step} ({time.perf_counter() - start:.0f} s): train mse "
                 f"{loss.item():.3f}, held-out mse {per_task}",

@@ -2,7 +2,8 @@
 # The closed-loop evaluation behind models/README.md: every cache policy on the three memory tasks
 # at one token budget, and full / gated / none on the tasks that need no memory. Two chains run in
 # parallel (one per core); the merged report lands in $OUT (eval_info.json, results.md,
-# success_vs_kv.png). Usage: scripts/eval_suite.sh [EPISODES] [OUT]
+# success_vs_kv.png). Usage: [MODEL=DIR] scripts/eval_suite.sh [EPISODES] [OUT]
+# (MODEL defaults to the shipped models/compact-vla).
 #
 # Token budget (shipped model: 4 image tokens + 4 action slots = 8 tokens = one chunk per step, a
 # prompt of 19-26 tokens): BUDGET=80 is the prompt, the open chunk, 2 recent chunks and ~4 chunks
@@ -16,7 +17,8 @@ OUT=${2:-outputs/eval_suite}
 BUDGET=80
 MEM=cued_reach,cued_pick,touch_sequence
 PLAIN=reach,push,pick_place
-E=".venv/bin/kv-vla eval --episodes $N --no-progress"
+MODEL=${MODEL:-models/compact-vla}
+E=".venv/bin/kv-vla eval --model $MODEL --episodes $N --no-progress"
 BUDGETED="--recent-chunks 2 --max-tokens $BUDGET --gate-threshold 0.0"
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"

@@ -176,3 +176,19 @@ def test_first_target_xy_is_the_named_lit_or_first_cube_scaled_to_the_object_reg
             ]
         )
         np.testing.assert_allclose(back, spec.cube_xy[idx], atol=1e-6)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_target_sequence_xy_is_the_first_then_second_target(task):
+    """touch_sequence's two rows are its two cubes in the instruction's order (different cubes);
+    every other task repeats its one target."""
+    from kv_vla_sim.tasks import first_target_xy, target_sequence_xy
+
+    for seed in range(5):
+        both = target_sequence_xy(task, seed)
+        assert both is not None and both.shape == (2, 2)
+        np.testing.assert_array_equal(both[0], first_target_xy(task, seed))
+        if task == "touch_sequence":
+            assert np.abs(both[0] - both[1]).max() > 0.1
+        else:
+            np.testing.assert_array_equal(both[1], both[0])

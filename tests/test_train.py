@@ -330,3 +330,30 @@ def test_target_aux_loss_is_logged_lowered_and_checkpointed(tmp_path):
     assert state["target_head"] is not None and "net.0.weight" in state["target_head"]
     with pytest.raises(ValueError, match="target_aux"):
         TrainConfig(data=[], out="x", target_aux=-1.0).validate()
+
+
+def test_target_aux_of_an_ordered_highlight_model_names_both_targets(tmp_path):
+    """A model with two ordered highlight slots gets the two-target label (first, then second cube)
+    so its second slot is asked for touch_sequence's second cube; the saved model keeps the slots."""
+    eps = _shown_target_episodes(4)
+    cfg = TrainConfig(
+        data=[],
+        out=str(tmp_path / "run"),
+        epochs=5,
+        batch_size=4,
+        warmup_steps=1,
+        max_steps=3,
+        model_overrides=TINY | {"action_decoding": "parallel", "highlight": True, "highlight_slots": 2},
+        target_aux=1.0,
+        device="cpu",
+        drop_rates=[0.0],
+        shift_pad=0,
+    )
+    train_bc(cfg, episodes=eps)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["target_head"]["net.2.weight"].shape[0] == 4
+    hist = json.loads((tmp_path / "run" / "loss.json").read_text())["history"]
+    assert all(np.isfinite(h["target_mse"]) for h in hist)
+    from kv_vla.model.compact_vla import CompactVLA
+
+    assert CompactVLA.from_pretrained(tmp_path / "run" / "model").config.highlight_slots == 2

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from kv_vla.atomic import atomic_write, atomic_write_text
-from kv_vla.train.data import EpisodeTensors, collate, random_shift, sample_step_visibility, tokenize_episodes
+from kv_vla.train.data import (
+    EpisodeTensors,
+    aux_targets,
+    collate,
+    random_shift,
+    sample_step_visibility,
+    tokenize_episodes,
+)
 
 CHECKPOINT = "checkpoint.pt"
 TARGET_AUX_FRAMES = 3  # frames per episode that the auxiliary target loss reads (cue steps)
@@ -145,14 +152,14 @@ class TargetHead(torch.nn.Module):
     signal. Used in training only; it is not part of the saved model.
     """
 
-    def __init__(self, n_tokens: int, hidden: int, width: int = 128) -> None:
+    def __init__(self, n_tokens: int, hidden: int, width: int = 128, n_targets: int = 1) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(n_tokens * hidden, width), torch.nn.GELU(), torch.nn.Linear(width, 2)
+            torch.nn.Linear(n_tokens * hidden, width), torch.nn.GELU(), torch.nn.Linear(width, 2 * n_targets)
         )
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, N, H]`` -> ``[B, 2]``."""
+        """``[B, N, H]`` -> ``[B, 2 * n_targets]`` (x, y of each target in turn)."""
         return self.net(image_tokens.flatten(1).float())
 
 
@@ -164,7 +171,9 @@ def _param_groups(model: Any, film_lr_mult: float) -> list[dict[str, Any]]:
     them, so at the fine-tuning learning rate the rest adapts long before they say anything.
     """
     film_ids = {
-        id(p) for name in ("film", "film_words", "highlight") for p in _params_of(getattr(model, name, None))
+        id(p)
+        for name in ("film", "film_words", "highlight", "word_order")
+        for p in _params_of(getattr(model, name, None))
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -270,7 +279,9 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     target_head = None
     if cfg.target_aux > 0:
         torch.manual_seed(cfg.seed)
-        target_head = TargetHead(model.config.num_image_tokens, model.config.hidden_size).to(device)
+        target_head = TargetHead(
+            model.config.num_image_tokens, model.config.hidden_size, n_targets=aux_targets(model)
+        ).to(device)
         groups.append({"params": list(target_head.parameters()), "lr_mult": 1.0})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)

@@ -27,7 +27,8 @@ class EpisodeTensors:
     task: str
     seed: int
     patches: torch.Tensor | None = None  # [T, n_patches, C] frozen-backbone features, if cached
-    target_xy: torch.Tensor | None = None  # [2] first target cube in [-1, 1] (auxiliary label)
+    # [2 * n] the first n target cubes' x, y in [-1, 1] (auxiliary label; see aux_targets)
+    target_xy: torch.Tensor | None = None
 
     @property
     def n_steps(self) -> int:
@@ -61,21 +62,29 @@ def tokenize_episodes(model: Any, episodes: Sequence[Any]) -> list[EpisodeTensor
         prompt = model.prompt_ids(build_prompt(ep.instruction))[0].cpu()
         norm = normalize_actions(np.asarray(ep.actions, dtype=np.float32), model.norm_stats)
         ids = torch.as_tensor(model.action_tokenizer.encode(norm), dtype=torch.long)
-        target = _first_target(ep.task, int(ep.seed))
+        target = _target_label(ep.task, int(ep.seed), aux_targets(model))
         out.append(
             EpisodeTensors(prompt, np.asarray(ep.frames), ids, ep.task, int(ep.seed), target_xy=target)
         )
     return out
 
 
-def _first_target(task: str, seed: int) -> torch.Tensor | None:
-    """The auxiliary target label of a simulator episode; None for episodes from elsewhere."""
-    from kv_vla_sim.tasks import TASKS, first_target_xy
+def aux_targets(model: Any) -> int:
+    """How many target cubes the auxiliary label names: two (first, then second) for a model with
+    ordered highlights, whose second slot should come to mark touch_sequence's second cube; one
+    otherwise."""
+    return 2 if getattr(model.config, "highlight_slots", 1) > 1 else 1
+
+
+def _target_label(task: str, seed: int, n_targets: int = 1) -> torch.Tensor | None:
+    """The auxiliary target label of a simulator episode, ``[2 * n_targets]``; None for episodes
+    from elsewhere."""
+    from kv_vla_sim.tasks import TASKS, target_sequence_xy
 
     if task not in TASKS:
         return None
-    xy = first_target_xy(task, seed)
-    return None if xy is None else torch.as_tensor(xy)
+    xy = target_sequence_xy(task, seed)
+    return None if xy is None else torch.as_tensor(xy[:n_targets].ravel())
 
 
 def collate(batch: Sequence[EpisodeTensors]) -> dict[str, Any]:
