@@ -15,7 +15,8 @@ Designs:
   highlight2   two ordered highlights (``highlight_slots=2``): the label is the first *and* second
                target, so touch_sequence's error shows whether word order reaches the image tokens
 
-Usage: .venv/bin/python scripts/binding_feasibility.py DESIGN [--steps 1400] [--model models/compact-vla]
+Usage: .venv/bin/python scripts/binding_feasibility.py DESIGN [--steps 1400] [--model DIR]
+(--model: a trained model without the highlight, e.g. the H100 stages of models/README.md)
 (reads data/demos2 and data/demos3, recorded with the `kv-vla collect` commands in models/README.md)
 """
 
@@ -42,7 +43,11 @@ def main() -> None:
     parser.add_argument("design", choices=["film-frozen", "film", "highlight", "highlight2"])
     parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--model", default="models/compact-vla")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a trained model without the highlight to start from (the shipped one already has it)",
+    )
     parser.add_argument("--data", nargs="+", default=["data/demos2", "data/demos3"])
     parser.add_argument(
         "--save",
