@@ -307,3 +307,18 @@ def test_ordered_highlight_slots_tell_word_order_apart(tmp_path):
         assert torch.equal(again.embed_image(f, c_rb), two.embed_image(f, c_rb))
     with pytest.raises(ValueError, match="highlight_slots"):
         CompactVLAConfig.tiny(highlight=True, film=True, highlight_slots=2)
+
+
+def test_ordered_reads_see_the_instruction_words_not_the_template():
+    """The ordered reads run over the instruction inside OpenVLA's fixed template (whose ten prefix
+    words would otherwise take the early read); a prompt not in the template's form is read whole."""
+    two = make_model(6, action_decoding="parallel", highlight=True, highlight_slots=2)
+    ids = two.prompt_ids(build_prompt("touch the red cube, then the blue cube"))
+    words = two.instruction_words(ids)
+    assert two.tokenizer.convert_ids_to_tokens(words[0].tolist()) == [
+        "touch", "the", "red", "cube", ",", "then", "the", "blue", "cube",
+    ]  # fmt: skip
+    expected = two.word_order(words, two.film_words(words)).flatten(1)
+    assert torch.equal(two.instruction_condition(ids), expected)
+    bare = two.prompt_ids("touch the red cube")
+    assert torch.equal(two.instruction_words(bare), bare)
