@@ -77,7 +77,7 @@ def main() -> None:
             first = model.pixel_values(torch.as_tensor(np.stack([f[0] for f in frames])))
             cached = torch.cat([model.vision_patches(first[k : k + 256]) for k in range(0, len(first), 256)])
     head = TargetHead(model.config.num_image_tokens, model.config.hidden_size, n_targets=n_targets)
-    trained = [model.film_words, model.projector, head] + ([model.word_order] if model.word_order else [])
+    trained = [model.film_words, model.projector, head]
     trained += [model.film] if model.film is not None else [model.highlight]
     if not frozen:
         trained.append(model.vision)

@@ -287,8 +287,6 @@ def test_ordered_highlight_slots_tell_word_order_apart(tmp_path):
         "film_words.weight",
         "highlight.bias",
         "highlight.weight",
-        "word_order.relevance.weight",
-        "word_order.slope",
     ]
     c_rb, c_br = (two.instruction_condition(two.prompt_ids(p)) for p in (rb, br))
     h = two.config.hidden_size
@@ -312,13 +310,32 @@ def test_ordered_highlight_slots_tell_word_order_apart(tmp_path):
 def test_ordered_reads_see_the_instruction_words_not_the_template():
     """The ordered reads run over the instruction inside OpenVLA's fixed template (whose ten prefix
     words would otherwise take the early read); a prompt not in the template's form is read whole."""
+    from kv_vla.model.compact_vla import word_order_weights
+
     two = make_model(6, action_decoding="parallel", highlight=True, highlight_slots=2)
     ids = two.prompt_ids(build_prompt("touch the red cube, then the blue cube"))
     words = two.instruction_words(ids)
     assert two.tokenizer.convert_ids_to_tokens(words[0].tolist()) == [
         "touch", "the", "red", "cube", ",", "then", "the", "blue", "cube",
     ]  # fmt: skip
-    expected = two.word_order(words, two.film_words(words)).flatten(1)
+    weights = word_order_weights(words.shape[1], 2)
+    expected = torch.einsum("pk,bph->bkh", weights, two.film_words(words)).flatten(1)
     assert torch.equal(two.instruction_condition(ids), expected)
     bare = two.prompt_ids("touch the red cube")
     assert torch.equal(two.instruction_words(bare), bare)
+
+
+def test_ordered_reads_weigh_the_first_and_the_last_colour_of_each_template():
+    """In every touch_sequence template the first read weighs the first colour at least 10x the
+    second and the last read the reverse; a one-word instruction is read alike by both."""
+    from kv_vla.model.compact_vla import word_order_weights
+    from kv_vla_sim.tasks import TASKS
+
+    model = make_model(6, action_decoding="parallel", highlight=True, highlight_slots=2)
+    for template in TASKS["touch_sequence"].templates:
+        ids = model.instruction_words(model.prompt_ids(build_prompt(template.format(a="red", b="blue"))))
+        words = model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+        a, b = words.index("red"), words.index("blue")
+        w = word_order_weights(len(words), 2)
+        assert w[a, 0] > 10 * w[b, 0] and w[b, 1] > 10 * w[a, 1], (template, w[:, 0], w[:, 1])
+    assert torch.equal(word_order_weights(1, 2), torch.ones(1, 2))

@@ -171,9 +171,7 @@ def _param_groups(model: Any, film_lr_mult: float) -> list[dict[str, Any]]:
     them, so at the fine-tuning learning rate the rest adapts long before they say anything.
     """
     film_ids = {
-        id(p)
-        for name in ("film", "film_words", "highlight", "word_order")
-        for p in _params_of(getattr(model, name, None))
+        id(p) for name in ("film", "film_words", "highlight") for p in _params_of(getattr(model, name, None))
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
