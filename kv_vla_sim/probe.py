@@ -10,6 +10,11 @@ the same action for all three and scores 1/3; the scripted expert scores 1.
 
 It also reports how far the action moves when only the word changes (mean pairwise distance of the
 lateral actions, in the env's action units), to put beside the expert's (``--expert``).
+
+``--order`` probes word *order* instead, on the first frame of ``touch_sequence`` scenes: all six
+ordered pairs "touch the {a} cube, then the {b} cube", scored on whether the first action heads for
+cube a. A word-blind policy scores 1/3, and a policy that reads the words but not their order (a
+bag of words: the same action for (a, b) and (b, a)) at most 1/2.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 
 TEMPLATE = "reach the {c} cube"
+ORDER_TEMPLATE = "touch the {a} cube, then the {b} cube"
 
 
 FirstAction = Callable[[str, np.ndarray, Any, int], np.ndarray]
@@ -31,43 +37,60 @@ units; the env and the index are there for the scripted expert, which is told it
 
 
 def instruction_binding(
-    first_action: FirstAction, seeds: list[int], image_size: int = 64, progress: bool = True
+    first_action: FirstAction,
+    seeds: list[int],
+    image_size: int = 64,
+    progress: bool = True,
+    order: bool = False,
 ) -> dict[str, Any]:
-    """The probe over ``reach`` scenes ``seeds``; ``first_action`` is asked once per cube colour."""
+    """The probe over scenes ``seeds``: ``reach`` scenes asked once per cube colour, or with
+    ``order`` ``touch_sequence`` scenes asked once per ordered pair of colours."""
     from tqdm import tqdm
 
     from kv_vla_sim.env import make_env
 
-    env = make_env("reach", image_size=image_size)
-    hits, spreads, per_scene = 0, [], []
+    task = "touch_sequence" if order else "reach"
+    env = make_env(task, image_size=image_size)
+    hits, asks_total, spreads, per_scene = 0, 0, [], []
     try:
-        for seed in tqdm(seeds, desc="instruction probe (reach)", unit="scene", disable=not progress):
+        for seed in tqdm(seeds, desc=f"instruction probe ({task})", unit="scene", disable=not progress):
             obs, _ = env.reset(seed=seed)
             spec = env.spec
             assert spec is not None
+            colours = spec.cube_colours
+            if order:
+                asks = [
+                    (ORDER_TEMPLATE.format(a=colours[a], b=colours[b]), a)
+                    for a in range(3)
+                    for b in range(3)
+                    if a != b
+                ]
+            else:
+                asks = [(TEMPLATE.format(c=colour), k) for k, colour in enumerate(colours)]
             to_cubes = spec.cube_xy - env.ee_pos()[:2]
             to_cubes = to_cubes / np.linalg.norm(to_cubes, axis=1, keepdims=True)
             lateral = [
-                np.asarray(first_action(TEMPLATE.format(c=colour), obs["image"], env, k), dtype=np.float64)[
-                    :2
-                ]
-                for k, colour in enumerate(spec.cube_colours)
+                np.asarray(first_action(text, obs["image"], env, k), dtype=np.float64)[:2] for text, k in asks
             ]
             chosen = []
-            for k, move in enumerate(lateral):
+            for (_, k), move in zip(asks, lateral):
                 cos = to_cubes @ move / max(float(np.linalg.norm(move)), 1e-9)
                 chosen.append(int(np.argmax(cos)))
                 hits += int(chosen[-1] == k)
-            pairs = [np.linalg.norm(lateral[i] - lateral[j]) for i in range(3) for j in range(i + 1, 3)]
+            asks_total += len(asks)
+            n = len(lateral)
+            pairs = [np.linalg.norm(lateral[i] - lateral[j]) for i in range(n) for j in range(i + 1, n)]
             spreads.append(float(np.mean(pairs)))
-            per_scene.append({"seed": seed, "chosen_cube_per_word": chosen})
+            per_scene.append(
+                {"seed": seed, "named_first": [k for _, k in asks], "chosen_cube_per_ask": chosen}
+            )
     finally:
         env.close()
     return {
-        "task": "reach",
-        "template": TEMPLATE,
+        "task": task,
+        "template": ORDER_TEMPLATE if order else TEMPLATE,
         "scenes": len(seeds),
-        "binding_accuracy": hits / (3 * len(seeds)),
+        "binding_accuracy": hits / asks_total,
         "chance": 1 / 3,
         "mean_action_change_between_words": float(np.mean(spreads)),
         "per_scene": per_scene,
@@ -91,13 +114,18 @@ def model_first_action(model: Any) -> FirstAction:
 
 def expert_first_action(_instruction: str, _image: np.ndarray, env: Any, target: int) -> np.ndarray:
     """The scripted expert's first action toward cube ``target`` (it is told, not asked to read):
-    the probe's ceiling, and the scale of how much the action should change between words."""
+    the probe's ceiling, and the scale of how much the action should change between words. In a
+    ``touch_sequence`` scene ``target`` is the cube to touch first."""
     import dataclasses
 
     from kv_vla_sim.experts import Expert
 
     spec = env.spec
-    env.spec = dataclasses.replace(spec, target=target)
+    if spec.sequence:
+        told = dataclasses.replace(spec, sequence=(target, (target + 1) % 3), target=(target + 1) % 3)
+    else:
+        told = dataclasses.replace(spec, target=target)
+    env.spec = told
     try:
         return Expert(env).act()
     finally:
@@ -106,7 +134,12 @@ def expert_first_action(_instruction: str, _image: np.ndarray, env: Any, target:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/compact-vla", help="compact VLA folder")
-    parser.add_argument("--scenes", type=int, default=50, help="reach scenes (evaluation seeds 0..N-1)")
+    parser.add_argument("--scenes", type=int, default=50, help="scenes (evaluation seeds 0..N-1)")
+    parser.add_argument(
+        "--order",
+        action="store_true",
+        help="probe word order on touch_sequence scenes ('touch the A cube, then the B cube')",
+    )
     parser.add_argument(
         "--expert", action="store_true", help="probe the scripted expert instead (the ceiling)"
     )
@@ -123,11 +156,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = CompactVLA.from_pretrained(args.model).eval()
         agent, image_size, name = model_first_action(model), model.image_size, str(args.model)
-    report = instruction_binding(agent, list(range(args.scenes)), image_size, not args.no_progress)
+    report = instruction_binding(
+        agent, list(range(args.scenes)), image_size, not args.no_progress, order=args.order
+    )
     report["agent"] = name
     print(
-        f"binding accuracy {report['binding_accuracy']:.2f} (chance {report['chance']:.2f}) over "
-        f"{report['scenes']} reach scenes; mean action change between colour words "
+        f"binding accuracy {report['binding_accuracy']:.2f} (chance {report['chance']:.2f}"
+        f"{', word order ignored: <= 0.50' if args.order else ''}) over "
+        f"{report['scenes']} {report['task']} scenes; mean action change between instructions "
         f"{report['mean_action_change_between_words']:.3f} (action units)"
     )
     if args.json:

@@ -31,7 +31,7 @@ def test_a_word_blind_policy_scores_exactly_one_third():
     report = instruction_binding(blind, SCENES, progress=False)
     assert report["binding_accuracy"] == pytest.approx(1 / 3)
     assert report["mean_action_change_between_words"] == 0.0
-    assert all(len(set(s["chosen_cube_per_word"])) == 1 for s in report["per_scene"])
+    assert all(len(set(s["chosen_cube_per_ask"])) == 1 for s in report["per_scene"])
 
 
 def test_a_policy_that_heads_for_the_wrong_cube_scores_zero():
@@ -39,3 +39,22 @@ def test_a_policy_that_heads_for_the_wrong_cube_scores_zero():
         return expert_first_action(instruction, image, env, (target + 1) % 3)
 
     assert instruction_binding(contrary, SCENES, progress=False)["binding_accuracy"] == 0.0
+
+
+def test_order_probe_expert_scores_one_and_a_bag_of_words_policy_one_half():
+    """On touch_sequence scenes, asked "touch the A cube, then the B cube" for all six ordered
+    pairs: the expert (told A) heads for A every time; a policy that reads which colours are named
+    but not their order -- here it heads for the alphabetically first of the two -- answers (A, B)
+    and (B, A) alike, so it is right on exactly one of each pair."""
+    expert = instruction_binding(expert_first_action, SCENES[:3], progress=False, order=True)
+    assert expert["task"] == "touch_sequence" and expert["binding_accuracy"] == 1.0
+
+    def bag_of_words(instruction, image, env, _target):
+        named = [i for i, c in enumerate(env.spec.cube_colours) if f" {c} " in instruction]
+        assert len(named) == 2
+        first = min(named, key=lambda i: env.spec.cube_colours[i])
+        return expert_first_action(instruction, image, env, first)
+
+    bag = instruction_binding(bag_of_words, SCENES[:3], progress=False, order=True)
+    assert bag["binding_accuracy"] == 0.5
+    assert all(len(s["chosen_cube_per_ask"]) == 6 for s in bag["per_scene"])
