@@ -244,14 +244,33 @@ def film_model() -> CompactVLA:
     return model
 
 
-@pytest.mark.parametrize("decoding", ["autoregressive", "parallel", "parallel_film"])
+@pytest.fixture(scope="module")
+def ordered_highlight_model() -> CompactVLA:
+    torch.manual_seed(5)
+    config = CompactVLAConfig.tiny(action_decoding="parallel", highlight=True, highlight_slots=2)
+    model = CompactVLA(config).eval()
+    with torch.no_grad():
+        model.action_queries.normal_(0, 1.0)
+        model.highlight.weight.normal_(0, 0.5)
+        model.highlight.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("decoding", ["autoregressive", "parallel", "parallel_film", "parallel_ordered"])
 @pytest.mark.parametrize("policy", ["full", "window", "random"])
-def test_runtime_equals_full_sequence_forward(model, parallel_model, film_model, policy, decoding):
+def test_runtime_equals_full_sequence_forward(
+    model, parallel_model, film_model, ordered_highlight_model, policy, decoding
+):
     """The step-by-step cached runtime and the one-pass training forward agree (with eviction: the
     training pass masks the same evicted steps), tying the runtime and training paths together;
-    for autoregressive and parallel (OpenVLA-OFT) action decoding, and with FiLM and colour-highlight
-    conditioning."""
-    model = {"autoregressive": model, "parallel": parallel_model, "parallel_film": film_model}[decoding]
+    for autoregressive and parallel (OpenVLA-OFT) action decoding, with FiLM and colour-highlight
+    conditioning, and with two ordered highlights (the shipped model's)."""
+    model = {
+        "autoregressive": model,
+        "parallel": parallel_model,
+        "parallel_film": film_model,
+        "parallel_ordered": ordered_highlight_model,
+    }[decoding]
     prompt_ids = model.prompt_ids(build_prompt(INSTR))[0]
     prompt_len = prompt_ids.numel()
     kw = {"max_tokens": prompt_len + 3 * STEP} if policy == "random" else {}
