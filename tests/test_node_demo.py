@@ -90,7 +90,10 @@ def test_demo_runs_episodes_over_dds_and_prints_the_table(tmp_path, model):
 
 
 def test_demo_interrupted_leaves_no_processes(tmp_path, model):
-    proc = _demo(tmp_path, model, "--tasks", "reach", "--max-steps", "500")
+    # 20 episodes, so the run is surely still going when the interrupt lands: one reach episode is
+    # truncated at its 30 steps (~2-3 s), and a first version of this test that ran one episode with
+    # a larger step cap lost that race once on a loaded machine (the demo had finished, exit 0).
+    proc = _demo(tmp_path, model, "--tasks", "reach", "--episodes", "20")
     node_log = tmp_path / "logs" / "vla_node_gated.log"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
