@@ -31,9 +31,8 @@ import torch
 from kv_vla.model.compact_vla import CompactVLA
 from kv_vla.model.prompt import build_prompt
 from kv_vla.train.bc import TargetHead, with_overrides
-from kv_vla.train.data import random_shift
+from kv_vla.train.data import aux_targets, random_shift, target_label
 from kv_vla_sim.demos import load_episodes
-from kv_vla_sim.tasks import target_sequence_xy
 
 TASKS = ("reach", "pick_place", "touch_sequence")
 
@@ -58,14 +57,14 @@ def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     overrides: dict = {"film": True} if args.design.startswith("film") else {"highlight": True}
-    n_targets = 2 if args.design == "highlight2" else 1
-    if n_targets == 2:
+    if args.design == "highlight2":
         overrides["highlight_slots"] = 2
     model = with_overrides(CompactVLA.from_pretrained(args.model), overrides)
+    n_targets = aux_targets(model)  # the label behaviour cloning's --target-aux gives this model
     eps = [e for d in args.data for e in load_episodes(d) if e.task in TASKS]
     frames = [np.asarray(e.frames) for e in eps]
     ids = [model.prompt_ids(build_prompt(e.instruction))[0] for e in eps]
-    labels = torch.tensor(np.stack([target_sequence_xy(e.task, e.seed)[:n_targets].ravel() for e in eps]))
+    labels = torch.stack([target_label(e.task, e.seed, n_targets) for e in eps])
     task = np.array([e.task for e in eps])
     perm = torch.randperm(len(eps))
     train, test = perm[: int(0.85 * len(eps))], perm[int(0.85 * len(eps)) :]

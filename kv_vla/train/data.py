@@ -62,7 +62,7 @@ def tokenize_episodes(model: Any, episodes: Sequence[Any]) -> list[EpisodeTensor
         prompt = model.prompt_ids(build_prompt(ep.instruction))[0].cpu()
         norm = normalize_actions(np.asarray(ep.actions, dtype=np.float32), model.norm_stats)
         ids = torch.as_tensor(model.action_tokenizer.encode(norm), dtype=torch.long)
-        target = _target_label(ep.task, int(ep.seed), aux_targets(model))
+        target = target_label(ep.task, int(ep.seed), aux_targets(model))
         out.append(
             EpisodeTensors(prompt, np.asarray(ep.frames), ids, ep.task, int(ep.seed), target_xy=target)
         )
@@ -76,9 +76,9 @@ def aux_targets(model: Any) -> int:
     return 2 if getattr(model.config, "highlight_slots", 1) > 1 else 1
 
 
-def _target_label(task: str, seed: int, n_targets: int = 1) -> torch.Tensor | None:
-    """The auxiliary target label of a simulator episode, ``[2 * n_targets]``; None for episodes
-    from elsewhere."""
+def target_label(task: str, seed: int, n_targets: int = 1) -> torch.Tensor | None:
+    """The auxiliary target label of a simulator episode, ``[2 * n_targets]`` (the first
+    ``n_targets`` target cubes' x, y); None for episodes from elsewhere."""
     from kv_vla_sim.tasks import TASKS, target_sequence_xy
 
     if task not in TASKS:
