@@ -393,6 +393,12 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
             )
         self.language_model = LlamaForCausalLM(config.text_config())
         self.tokenizer = build_text_tokenizer(config.words, config.n_action_bins)
+        # the ids of the prompt template's fixed words before and after the instruction (BOS first)
+        before, after = PROMPT_TEMPLATE.split("{instruction}")
+        self._template_ids = (
+            list(self.tokenizer(before).input_ids),
+            list(self.tokenizer(after, add_special_tokens=False).input_ids),
+        )
         self.action_tokenizer = ActionTokenizer(config.text_vocab_size, n_bins=config.n_action_bins)
         # FiLM (as RT-1 conditions its EfficientNet on the instruction): a per-channel scale and shift
         # of the vision features, computed from the instruction, before they are cut into tokens.
@@ -521,20 +527,12 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         (measured with an earlier design: after 1,000 binding steps it still put its largest
         weights on "<s>", "in" and ":"). A prompt that is not in the template's form is read whole.
         """
-        prefix, suffix = self._template_ids()
+        prefix, suffix = self._template_ids
         ids = prompt_ids[0].tolist()
         n_pre, n_suf = len(prefix), len(suffix)
         if len(ids) > n_pre + n_suf and ids[:n_pre] == prefix and ids[len(ids) - n_suf :] == suffix:
             return prompt_ids[:, n_pre : len(ids) - n_suf]
         return prompt_ids
-
-    def _template_ids(self) -> tuple[list[int], list[int]]:
-        if not hasattr(self, "_template_cache"):
-            before, after = PROMPT_TEMPLATE.split("{instruction}")
-            prefix = self.tokenizer(before).input_ids
-            suffix = self.tokenizer(after, add_special_tokens=False).input_ids
-            self._template_cache = (list(prefix), list(suffix))
-        return self._template_cache
 
     def encode_pixels(
         self, pixel_values: torch.Tensor, condition: torch.Tensor | None = None
