@@ -69,16 +69,7 @@ def _demo(tmp_path: Path, model: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_default_sigint,
     )
-
-
-def _default_sigint() -> None:
-    """Let the demo see Ctrl-C as a terminal would deliver it, however pytest itself was started: a
-    shell starts a background job (``cmd &``) with SIGINT ignored, children inherit that, and a
-    Python started with SIGINT ignored never raises KeyboardInterrupt (measured: the interrupt
-    test failed exactly that way when the suite ran as a background job)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_demo_runs_episodes_over_dds_and_prints_the_table(tmp_path, model):
