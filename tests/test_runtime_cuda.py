@@ -3,13 +3,15 @@ whole-episode forward; bf16 (the CUDA default) runs every step with finite, boun
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from kv_vla.cache import EpisodeCacheConfig
 from kv_vla.model import CompactVLA, CompactVLAConfig, build_prompt
-from kv_vla.runtime import EpisodeRuntime
+from kv_vla.runtime import EpisodeRuntime, shipped_gate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 INSTR = "touch the cube that was lit at the start"
@@ -55,3 +57,38 @@ def test_cuda_bf16_default_runs(policy):
     assert np.all(np.abs(res.action) <= 1)
     assert res.cache_stats == rt.cache.stats()
     assert res.timings_ms["total"] > 0
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "compact-vla"
+
+
+def _shipped_run(device: str, dtype: torch.dtype, fr: np.ndarray):
+    cfg = EpisodeCacheConfig(policy="gated", recent_chunks=2, max_tokens=80, gate_threshold=0.0)
+    rt = EpisodeRuntime.from_pretrained(
+        SHIPPED, cache_config=cfg, device=device, dtype=dtype, gate_path=shipped_gate(SHIPPED)
+    )
+    rt.update_cache_config(chunk_size=rt.step_tokens)  # as kv-vla eval: one chunk per step
+    rt.reset("touch the red cube, then the blue cube")  # the shipped model's two ordered highlights
+    logits, kept = [], []
+    for f in fr:
+        res = rt.step(f)
+        logits.append(rt.last_action_logits.float().cpu())
+        kept.append(rt.cache.kept_positions().cpu())
+        assert res.cache_stats.kept_tokens <= 80
+    return torch.stack(logits), kept
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped model")
+def test_cuda_shipped_model_gated_float32_matches_cpu_and_bf16_runs():
+    """The shipped checkpoint (ResNet, colour highlights, parallel slots) with its trained gate:
+    float32 on CUDA gives the CPU's logits and evicts the same chunks; bf16 stays in budget."""
+    fr = np.random.default_rng(2).integers(0, 256, size=(30, 64, 64, 3), dtype=np.uint8)
+    cpu, cpu_kept = _shipped_run("cpu", torch.float32, fr)
+    gpu, gpu_kept = _shipped_run("cuda", torch.float32, fr)
+    torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(gpu_kept, cpu_kept, strict=True))
+    bf16, _ = _shipped_run("cuda", torch.bfloat16, fr)
+    assert torch.isfinite(bf16).all()
+    agree = (bf16.argmax(-1) == cpu.argmax(-1)).float().mean().item()
+    bins_off = (bf16.argmax(-1) - cpu.argmax(-1)).abs().float().mean().item()
+    print(f"bf16 vs float32 action bins: {agree:.1%} equal, mean |diff| {bins_off:.2f} bins")
