@@ -76,3 +76,25 @@ def test_dynamic_cache_reference_holds_what_full_holds():
     for h in (1, 3):
         assert by[("hf_dynamic", h)]["kv_bytes"] == by[("full", h)]["kv_bytes"] > 0
         assert by[("hf_dynamic", h)]["kv_ratio_vs_full"] == 1.0
+
+
+def test_isolated_run_measures_each_policy_in_its_own_process_with_the_same_bytes():
+    """``--isolate`` (one spawned process per policy, for fair GPU latency) sees the same model and
+    tokens as lockstep: every row's KV bytes equal the lockstep run's exactly, and the partial
+    report after each policy holds the policies measured so far."""
+    from kv_vla.bench.cache_bench import BenchConfig, run_bench
+
+    kw = dict(obs_tokens=6, action_tokens=1, history=[1, 3], policies=["full", "gated"], repeats=1)
+    lockstep = run_bench(BenchConfig(keep_steps=1, **kw), progress=False)
+    partial: list[dict] = []
+    isolated = run_bench(
+        BenchConfig(keep_steps=1, isolate=True, **kw), progress=False, on_point=partial.append
+    )
+    key = lambda r: (r["policy"], r["history_steps"])  # noqa: E731
+    assert [(key(r), r["kv_bytes"]) for r in isolated["results"]] == [
+        (key(r), r["kv_bytes"]) for r in lockstep["results"]
+    ]
+    assert isolated["complete"] and isolated["config"]["isolate"]
+    assert [[r["policy"] for r in p["results"]] for p in partial] == [["full"] * 2]
+    assert not any(p["complete"] for p in partial)
+    assert all(r["step_ms_p50"] > 0 for r in isolated["results"])

@@ -5,6 +5,13 @@ greedily decoded tokens, each through ``past_key_values=EpisodeCache``. All poli
 process and in lockstep (step ``s`` of every policy before step ``s + 1`` of any), so drift of the
 machine affects them alike; ratios are taken against ``full`` at the same history length.
 
+Lockstep shares per-process state between policies. On a GPU that matters for latency: cuDNN
+attention builds a plan per new key length, and policies whose cache grows (``full``,
+``hf_dynamic``, ``zipvl``) meet the same lengths in the same step, so the first stepped pays for all
+of them (measured on an H100: README, "7B preset"). ``isolate=True`` runs each policy in its own
+spawned process instead (same seed, so the same weights and tokens); KV bytes are identical either
+way.
+
 Policies other than ``full``/``none`` keep ``keep_steps`` steps of history: ``window``/``sinks``
 through ``recent_chunks``, the scored ones (``attention``, ``random``, ``gated``) through a
 ``max_tokens`` budget of the same size (with 2 protected recent chunks).
@@ -46,6 +53,7 @@ class BenchConfig:
     repeats: int = 3  # timed steps per history point (median)
     keep_steps: int = 8
     seed: int = 0
+    isolate: bool = False  # one process per policy (fair GPU latency between growing caches)
 
     def resolved_dtype(self) -> torch.dtype:
         name = self.dtype or ("bfloat16" if self.preset == "openvla-7b" else "float32")
@@ -196,17 +204,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class PolicyTimings:
+    """What one policy's run measured: step times and the KV bytes held before each step."""
+
+    policy: str
+    step_ms: list[float]
+    kv_bytes: list[int]
+
+
 def run_bench(
     cfg: BenchConfig, progress: bool = True, on_point: Callable[[dict], None] | None = None
 ) -> dict:
-    """Run every policy in lockstep and return the JSON-ready report.
+    """Run every policy (in lockstep, or one process each with ``cfg.isolate``); the JSON-ready report.
 
-    ``on_point`` receives the report so far each time a history point is complete. Why: a 7B run
-    at long history can take longer than the session it runs in; with the callback writing the
-    report, the points already measured survive a timeout.
+    ``on_point`` receives the report so far each time a history point (lockstep) or a policy
+    (isolated) is complete. Why: a 7B run at long history can take longer than the session it runs
+    in; with the callback writing the report, what was already measured survives a timeout.
     """
     from kv_vla.cache import POLICIES
-    from kv_vla.cache.probe import register_probe
 
     for p in cfg.policies:
         if p not in POLICIES and p != REFERENCE_POLICY:
@@ -216,6 +232,42 @@ def run_bench(
         cfg.policies = ["full", *cfg.policies]
     if not cfg.history or min(cfg.history) < 1:
         raise ValueError("history: allowed values: a non-empty list of integers >= 1")
+    dtype = cfg.resolved_dtype()
+    device = torch.device(cfg.device)
+    if not cfg.isolate:
+        measured = _measure(cfg, progress, on_point)
+        return _report(cfg, measured, device, dtype, cfg.history)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh CUDA context, allocator and plan cache
+    measured = []
+    policies = ["full", *[p for p in cfg.policies if p != "full"]]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(policies), desc=f"bench cache ({cfg.preset}, {cfg.device}, isolated)", unit="policy"
+        )
+    for policy in policies:
+        one = BenchConfig(**{**asdict(cfg), "policies": [policy], "isolate": False})
+        with ctx.Pool(1) as pool:
+            measured += pool.apply(_measure, (one, False))
+        if bar is not None:
+            bar.update(1)
+        if on_point is not None and len(measured) < len(policies):
+            on_point(_report(cfg, measured, device, dtype, cfg.history, complete=False))
+    if bar is not None:
+        bar.close()
+    return _report(cfg, measured, device, dtype, cfg.history)
+
+
+def _measure(
+    cfg: BenchConfig, progress: bool, on_point: Callable[[dict], None] | None = None
+) -> list[PolicyTimings]:
+    """Step ``cfg.policies`` in lockstep in this process (a spawned worker's entry point too)."""
+    from kv_vla.cache.probe import register_probe
+
     dtype = cfg.resolved_dtype()
     device = torch.device(cfg.device)
     register_probe()
@@ -235,14 +287,22 @@ def run_bench(
         for runner in runners:
             runner.step(obs)
         if on_point is not None and i + 1 < total and i + 1 in {h + cfg.repeats for h in cfg.history}:
-            on_point(
-                _report(cfg, runners, device, dtype, [h for h in cfg.history if h + cfg.repeats <= i + 1])
-            )
-    return _report(cfg, runners, device, dtype, cfg.history)
+            done = [h for h in cfg.history if h + cfg.repeats <= i + 1]
+            on_point(_report(cfg, _timings(runners), device, dtype, done))
+    return _timings(runners)
+
+
+def _timings(runners: list[_Runner]) -> list[PolicyTimings]:
+    return [PolicyTimings(r.policy, list(r.step_ms), list(r.kv_bytes)) for r in runners]
 
 
 def _report(
-    cfg: BenchConfig, runners: list[_Runner], device: torch.device, dtype: torch.dtype, history: list[int]
+    cfg: BenchConfig,
+    runners: list[PolicyTimings],
+    device: torch.device,
+    dtype: torch.dtype,
+    history: list[int],
+    complete: bool | None = None,
 ) -> dict:
     results = []
     full = next(r for r in runners if r.policy == "full")
@@ -271,7 +331,7 @@ def _report(
         "repeats": cfg.repeats,
         "torch": torch.__version__,
         "config": asdict(cfg),
-        "complete": sorted(history) == sorted(cfg.history),
+        "complete": sorted(history) == sorted(cfg.history) if complete is None else complete,
         "results": results,
     }
 

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--repeats", type=int, default=3, help="timed steps per history point (median)")
     cache.add_argument("--keep-steps", type=int, default=8, help="history the bounded policies keep (steps)")
     cache.add_argument("--seed", type=int, default=0)
+    cache.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each policy in its own process (fresh CUDA context and cuDNN plan cache): for GPU "
+        "latency between policies whose cache grows (full, hf_dynamic, zipvl), which lockstep confounds",
+    )
     cache.add_argument("--no-progress", action="store_true")
 
 
@@ -81,12 +87,17 @@ def _run_cache(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         keep_steps=args.keep_steps,
         seed=args.seed,
+        isolate=args.isolate,
     )
 
     def save_partial(report: dict) -> None:
-        done = max(r["history_steps"] for r in report["results"])
         write_json(report, args.json)  # replaced by the complete report at the end
-        print(f"history up to {done} steps measured; partial report in {args.json}", flush=True)
+        if cfg.isolate:
+            done = ", ".join(dict.fromkeys(r["policy"] for r in report["results"]))
+            print(f"measured {done}; partial report in {args.json}", flush=True)
+        else:
+            last = max(r["history_steps"] for r in report["results"])
+            print(f"history up to {last} steps measured; partial report in {args.json}", flush=True)
 
     report = run_bench(cfg, progress=not args.no_progress, on_point=save_partial)
     print(format_table(report))
