@@ -18,6 +18,10 @@ Two families (see DESIGN.md, "The experiment that proves the method"):
 Chance levels (``Task.chance``) are for a policy that sees only the current frame and the
 instruction and does not write state into the world (e.g. by parking the arm somewhere); on the
 no-memory tasks the number given is that of a policy that picks an object at random, not a bound.
+A learned policy can break that assumption on ``touch_sequence``: the shipped model returns to
+within 2-8 mm of home rather than exactly, and with its cache reset every step it still solves 78%
+(models/README.md). Making the task memory-bound for it needs a start pose jittered by more than
+that error and a dwell at home longer than the evaluated recent window.
 """
 
 from __future__ import annotations
