@@ -298,22 +298,22 @@ def _timings(runners: list[_Runner]) -> list[PolicyTimings]:
 
 def _report(
     cfg: BenchConfig,
-    runners: list[PolicyTimings],
+    timings: list[PolicyTimings],
     device: torch.device,
     dtype: torch.dtype,
     history: list[int],
     complete: bool | None = None,
 ) -> dict:
     results = []
-    full = next(r for r in runners if r.policy == "full")
-    for runner in runners:
+    full = next(t for t in timings if t.policy == "full")
+    for one in timings:
         for h in sorted(history):
-            ms = statistics.median(runner.step_ms[h : h + cfg.repeats])
+            ms = statistics.median(one.step_ms[h : h + cfg.repeats])
             full_ms = statistics.median(full.step_ms[h : h + cfg.repeats])
-            kv = runner.kv_bytes[h]
+            kv = one.kv_bytes[h]
             results.append(
                 {
-                    "policy": runner.policy,
+                    "policy": one.policy,
                     "history_steps": h,
                     "step_ms_p50": round(ms, 3),
                     "kv_bytes": int(kv),
