@@ -18,10 +18,12 @@ Two families (see DESIGN.md, "The experiment that proves the method"):
 Chance levels (``Task.chance``) are for a policy that sees only the current frame and the
 instruction and does not write state into the world (e.g. by parking the arm somewhere); on the
 no-memory tasks the number given is that of a policy that picks an object at random, not a bound.
-A learned policy can break that assumption on ``touch_sequence``: the shipped model returns to
-within 2-8 mm of home rather than exactly, and with its cache reset every step it still solves 78%
-(models/README.md). Making the task memory-bound for it needs a start pose jittered by more than
-that error and a dwell at home longer than the evaluated recent window.
+A learned policy can break the "current frame only" assumption on ``touch_sequence`` through the
+clock: caches keep RoPE positions, so even with its cache reset every step (``none``) the policy
+knows how many steps have passed, and here the phase follows the step count. The shipped model
+solves 78% that way, 82% with the arm put exactly back at home (scripts/touch_sequence_leak.py,
+models/README.md). Making the task memory-bound needs a phase independent of time (e.g. a random
+wait before a visible go signal) and a dwell at home longer than the evaluated recent window.
 """
 
 from __future__ import annotations
