@@ -2,7 +2,9 @@
 
 A policy name is either a cache policy of the model (any key of ``kv_vla.cache.POLICIES``: the
 model at ``--model`` is loaded with that policy) or a model-free agent (``expert``,
-``random-actions``). torch and the model are imported only when a model policy is asked for.
+``random-actions``), or ``stateless`` (the model with the episode restarted before every step: no
+memory and no clock; :mod:`kv_vla.eval.stateless`). torch and the model are imported only when a
+model policy is asked for.
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ def model_factory(policy: str, args: argparse.Namespace) -> Any:
     return lambda env: runtime
 
 
+def stateless_factory(args: argparse.Namespace) -> Any:
+    """``stateless``: the model with no memory and no clock (see :mod:`kv_vla.eval.stateless`)."""
+    from kv_vla.eval.stateless import StatelessAgent
+    from kv_vla.runtime import EpisodeRuntime
+
+    agent = StatelessAgent(EpisodeRuntime.from_pretrained(args.model, device=args.device))
+    return lambda env: agent
+
+
 def run(args: argparse.Namespace) -> int:
     from kv_vla.eval.harness import MODEL_FREE, evaluate, model_free_factory
     from kv_vla.eval.report import write_report
@@ -86,11 +97,14 @@ def run(args: argparse.Namespace) -> int:
         if policy in MODEL_FREE:
             factories[policy] = model_free_factory(policy, seed=args.seed_offset)
             continue
+        if policy == "stateless":
+            factories[policy] = stateless_factory(args)
+            continue
         from kv_vla.cache import POLICIES
 
         if policy not in POLICIES:
             raise SystemExit(
-                f"unknown policy {policy!r}: use one of {sorted(POLICIES)} or {list(MODEL_FREE)}"
+                f"unknown policy {policy!r}: use one of {sorted(POLICIES)}, 'stateless' or {list(MODEL_FREE)}"
             )
         factories[policy] = model_factory(policy, args)
     result = evaluate(
