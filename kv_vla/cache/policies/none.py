@@ -16,6 +16,11 @@ class NoHistoryPolicy(ChunkPolicy):
     OpenVLA (Kim et al., 2024, "OpenVLA: An Open-Source Vision-Language-Action Model") predicts each
     action from the current frame only; with a pinned instruction prefix this policy reproduces that.
     The open (incomplete) chunk stays, so tokens of the current step still see each other.
+
+    It is memoryless about content, not about time: positions are kept (as for every policy), so the
+    current frame sits further from the prompt each step and a policy can read the step count from
+    it. OpenVLA proper re-encodes each step from position 0; ``kv-vla eval --policies stateless``
+    (:mod:`kv_vla.eval.stateless`) is that baseline.
     """
 
     name: ClassVar[str] = "none"
