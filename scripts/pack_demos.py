@@ -20,6 +20,8 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
+from kv_vla.atomic import atomic_write
+
 
 def pack(out: str, folders: list[str]) -> None:
     with tempfile.TemporaryDirectory() as staging:
@@ -30,12 +32,13 @@ def pack(out: str, folders: list[str]) -> None:
             for f in tqdm(files, desc=f"stage {name}"):
                 with np.load(os.path.join(folder, f), allow_pickle=False) as z:
                     np.savez(os.path.join(staging, name, f), **{k: z[k] for k in z.files})
-        tmp = out + ".partial"
         names = [os.path.basename(os.path.normpath(f)) for f in folders]
-        subprocess.run(
-            ["tar", "-C", staging, "-cf", tmp, "--use-compress-program=xz -6 -T0", *names], check=True
+        atomic_write(
+            out,
+            lambda tmp: subprocess.run(
+                ["tar", "-C", staging, "-cf", tmp, "--use-compress-program=xz -6 -T0", *names], check=True
+            ),
         )
-        os.replace(tmp, out)
 
 
 def main() -> None:

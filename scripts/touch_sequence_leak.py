@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from kv_vla.atomic import atomic_write_json
 from kv_vla.eval.harness import aggregate, run_episode
 from kv_vla.runtime import EpisodeRuntime, shipped_gate
 from kv_vla_sim.env import TabletopEnv
@@ -111,10 +111,7 @@ def main() -> None:
     rt = EpisodeRuntime.from_pretrained(args.model, gate_path=shipped_gate(args.model))
     if args.clock:
         report = clock_probe(rt, args.policies.split(","), list(range(args.episodes)))
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"config": vars(args), "clock": report}, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, {"config": vars(args), "clock": report}, indent=1)
         return
     env = SnapHomeEnv(radius=args.radius)
     records, summary = [], []
@@ -139,10 +136,7 @@ def main() -> None:
         records += recs
         print(json.dumps(summary[-1]))
     env.close()
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"config": vars(args), "summary": summary, "episodes": records}, f, indent=1)
-    os.replace(tmp, args.json)
+    atomic_write_json(args.json, {"config": vars(args), "summary": summary, "episodes": records}, indent=1)
 
 
 if __name__ == "__main__":

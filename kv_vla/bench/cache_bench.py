@@ -19,17 +19,17 @@ through ``recent_chunks``, the scored ones (``attention``, ``random``, ``gated``
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kv_vla.atomic import atomic_write, atomic_write_json
 
 ALL_POLICIES = ("full", "none", "window", "sinks", "attention", "random", "gated", "zipvl", "gated_tiered")
 # not a cache policy: transformers' own DynamicCache, so that a run separates what the episode cache
@@ -250,7 +250,7 @@ def run_bench(
             total=len(policies), desc=f"bench cache ({cfg.preset}, {cfg.device}, isolated)", unit="policy"
         )
     for policy in policies:
-        one = BenchConfig(**{**asdict(cfg), "policies": [policy], "isolate": False})
+        one = replace(cfg, policies=[policy], isolate=False)
         with ctx.Pool(1) as pool:
             measured += pool.apply(_measure, (one, False))
         if bar is not None:
@@ -355,18 +355,9 @@ def format_table(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> Path:
-    """Write the report atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write the report atomically (:func:`kv_vla.atomic.atomic_write_json`); returns the path."""
+    atomic_write_json(path, report)
+    return Path(path)
 
 
 def write_plot(report: dict, path: str | os.PathLike) -> Path | None:
@@ -393,13 +384,8 @@ def write_plot(report: dict, path: str | os.PathLike) -> Path | None:
     ax_m.legend(fontsize=8)
     fig.suptitle(f"kv_vla cache bench: {report['preset']} on {report['device']} ({report['dtype']})")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
