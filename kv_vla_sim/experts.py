@@ -85,7 +85,7 @@ class Expert:
         def above(i: int, z: float = TRAVEL_Z) -> np.ndarray:
             return np.array([cubes[i][0], cubes[i][1], z])
 
-        if spec.task in ("reach", "cued_reach"):
+        if spec.task in ("reach", "cued_reach", "late_cued_reach"):
             return [Waypoint(above(spec.target), OPEN), Waypoint(above(spec.target, TOUCH_Z), OPEN)]
         if spec.task == "touch_sequence":
             a, b = spec.sequence

@@ -28,7 +28,7 @@ wait before a visible go signal) and a dwell at home longer than the evaluated r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -50,6 +50,7 @@ RESTING_Z = 0.04  # a cube centre below this height rests on the table (or a zon
 CUE_STEPS = 3  # the cue is visible in frames 0, 1, 2
 MIN_CUE_GAP = 30  # the go lamp turns on at least this many steps after the cue disappears
 GO_JITTER = 5  # go step = CUE_STEPS + MIN_CUE_GAP + U{0..GO_JITTER-1}
+LATE_CUE_ONSETS = (3, 12)  # late_cued_reach: the cue's first frame, U{3..12}; go moves with it
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,13 @@ class EpisodeSpec:
     target: int = -1  # the cube the instruction (or the cue) designates
     zone: int = -1  # the zone the target cube must end in
     sequence: tuple[int, ...] = ()  # cubes to touch, in order (touch_sequence)
-    cue_steps: int = 0  # frames 0..cue_steps-1 show the cue on the target cube
+    cue_steps: int = 0  # frames cue_onset..cue_onset+cue_steps-1 show the cue on the target cube
+    cue_onset: int = 0  # the first frame that shows the cue (late_cued_reach: random, after frame 2)
     go_step: int = 0  # the arm obeys actions from this step on; the lamp is green from then
     max_steps: int = 40
 
     def cue_visible(self, t: int) -> bool:
-        return t < self.cue_steps
+        return self.cue_onset <= t < self.cue_onset + self.cue_steps
 
     def go(self, t: int) -> bool:
         return t >= self.go_step
@@ -321,6 +323,25 @@ class CuedPick(_Cued):
         return state.grasped not in (-1, spec.target)
 
 
+class LateCuedReach(CuedReach):
+    """``cued_reach`` with the cue lit at a random step (:data:`LATE_CUE_ONSETS`) instead of at once.
+
+    Why: with the cue in frames 0-2 every history-keeping heuristic finds it by position -- the
+    attention sinks hold frame 0, and accumulated attention (H2O) favours the oldest chunks. Here
+    3-12 identical grey frames come before the cue, so a policy must keep the cue for what it shows,
+    not for where it sits. The go lamp still lights ``MIN_CUE_GAP`` + U{0..4} steps after the cue.
+    """
+
+    name = "late_cued_reach"
+    max_steps = 50 + LATE_CUE_ONSETS[1]
+    chance_note = "1/3: as cued_reach; the cue comes after 3-12 frames of identical grey cubes"
+
+    def sample(self, seed: int) -> EpisodeSpec:
+        spec = super().sample(seed)
+        onset = int(np.random.default_rng([seed, 1]).integers(LATE_CUE_ONSETS[0], LATE_CUE_ONSETS[1] + 1))
+        return replace(spec, cue_onset=onset, go_step=spec.go_step + onset)
+
+
 class TouchSequence(Task):
     name = "touch_sequence"
     templates = (
@@ -362,7 +383,8 @@ class TouchSequence(Task):
 
 
 TASKS: dict[str, Task] = {
-    t.name: t for t in (Reach(), Push(), PickPlace(), CuedReach(), CuedPick(), TouchSequence())
+    t.name: t
+    for t in (Reach(), Push(), PickPlace(), CuedReach(), CuedPick(), TouchSequence(), LateCuedReach())
 }
 MEMORY_TASKS = tuple(n for n, t in TASKS.items() if t.needs_memory)
 PLAIN_TASKS = tuple(n for n, t in TASKS.items() if not t.needs_memory)
@@ -377,7 +399,7 @@ def get_task(name: str) -> Task:
 
 def first_target_xy(task: str, seed: int) -> np.ndarray | None:
     """Where the episode's first target cube sits, scaled to ``[-1, 1]`` over the object region, or
-    None for a task without one.
+    None for a task without one, or whose frame 0 does not show it yet (late_cued_reach).
 
     "First target": the cube the instruction names (reach, push, pick_place), the lit one (cued
     tasks) or the first of the sequence (touch_sequence) -- what frame 0 alone, read with the
@@ -395,7 +417,7 @@ def target_sequence_xy(task: str, seed: int) -> np.ndarray | None:
     """
     spec = TASKS[task].sample(seed)
     order = spec.sequence if spec.sequence else (spec.target, spec.target)
-    if order[0] < 0:
+    if order[0] < 0 or spec.cue_onset > 0:  # no target, or a cue that frame 0 does not show yet
         return None
     lo = np.array([X_RANGE[0], Y_RANGE[0]])
     hi = np.array([X_RANGE[1], Y_RANGE[1]])

@@ -86,6 +86,24 @@ def test_cue_then_identical_frames_until_go_and_arm_locked():
     assert np.allclose(env.commanded_target, HOME + MAX_STEP * np.array([1, 1, -1]))  # moved once, after go
 
 
+def test_late_cue_comes_after_identical_grey_frames_and_go_moves_with_it():
+    """late_cued_reach: frames before the cue equal each other (nothing tells the target), the cue
+    lights at ``cue_onset`` for ``cue_steps`` frames, and the wait after it is as long as cued_reach's."""
+    env = make_env("late_cued_reach")
+    obs, _ = env.reset(seed=5)
+    spec = env.spec
+    assert spec.cue_onset >= 3
+    frames = [obs["image"]]
+    for _ in range(spec.go_step + 1):
+        obs, *_ = env.step(np.zeros(4, dtype=np.float32))
+        frames.append(obs["image"])
+    before, cue = frames[: spec.cue_onset], frames[spec.cue_onset : spec.cue_onset + spec.cue_steps]
+    assert all(np.array_equal(before[0], f) for f in before)
+    assert not np.array_equal(before[-1], cue[0]) and all(np.array_equal(cue[0], f) for f in cue)
+    wait = frames[spec.cue_onset + spec.cue_steps : spec.go_step]
+    assert len(wait) >= 30 and all(np.array_equal(before[0], f) for f in wait)  # cue gone: as before
+
+
 def test_magnetic_grasp_lifts_and_releases():
     env = make_env("pick_place")
     env.reset(seed=4)
@@ -108,6 +126,7 @@ def test_magnetic_grasp_lifts_and_releases():
         ("cued_reach", (0,)),
         ("cued_pick", (1,)),
         ("touch_sequence", (0, 1)),
+        ("late_cued_reach", (0,)),
     ],
 )
 def test_expert_succeeds(task, seeds):

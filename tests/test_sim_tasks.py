@@ -7,6 +7,7 @@ import pytest
 
 from kv_vla_sim.tasks import (
     CUBE_HALF,
+    LATE_CUE_ONSETS,
     LIFT_Z,
     MIN_CUE_GAP,
     MIN_SEPARATION,
@@ -32,11 +33,19 @@ def state(spec, **kw) -> SceneState:
     return SceneState(**base)
 
 
-def test_registry_has_six_tasks_with_documented_chance():
-    assert set(TASKS) >= {"reach", "push", "pick_place", "cued_reach", "cued_pick", "touch_sequence"}
+def test_registry_has_seven_tasks_with_documented_chance():
+    assert set(TASKS) == {
+        "reach",
+        "push",
+        "pick_place",
+        "cued_reach",
+        "cued_pick",
+        "touch_sequence",
+        "late_cued_reach",
+    }
     for name, task in TASKS.items():
         assert task.name == name and task.templates and 0 < task.chance <= 1 and task.chance_note
-        assert task.max_steps <= (60 if task.needs_memory else 40)
+        assert task.max_steps <= (62 if task.needs_memory else 40)
     assert TASKS["cued_reach"].chance == pytest.approx(1 / 3)
     assert TASKS["touch_sequence"].chance == pytest.approx(1 / 4)
     with pytest.raises(ValueError, match="unknown task"):
@@ -74,6 +83,24 @@ def test_cued_timing_gives_a_long_gap():
         assert s.go_step - s.cue_steps >= MIN_CUE_GAP
         assert not s.go(s.go_step - 1) and s.go(s.go_step)
         assert s.go_step + 12 <= s.max_steps
+
+
+def test_late_cue_onset_varies_and_keeps_the_cued_layout_and_gap():
+    """Same layout, target and instruction as cued_reach for a seed; only the cue moves, to a random
+    frame in LATE_CUE_ONSETS, and the go step moves with it."""
+    onsets = set()
+    for seed in range(60):
+        late, cued = TASKS["late_cued_reach"].sample(seed), TASKS["cued_reach"].sample(seed)
+        assert np.array_equal(late.cube_xy, cued.cube_xy) and late.target == cued.target
+        assert late.instruction == cued.instruction
+        lo, hi = LATE_CUE_ONSETS
+        assert lo <= late.cue_onset <= hi and late.go_step == cued.go_step + late.cue_onset
+        assert not late.cue_visible(late.cue_onset - 1) and not late.cue_visible(0)
+        assert late.cue_visible(late.cue_onset) and late.cue_visible(late.cue_onset + late.cue_steps - 1)
+        assert not late.cue_visible(late.cue_onset + late.cue_steps)
+        assert late.go_step - (late.cue_onset + late.cue_steps) >= MIN_CUE_GAP
+        onsets.add(late.cue_onset)
+    assert onsets == set(range(LATE_CUE_ONSETS[0], LATE_CUE_ONSETS[1] + 1))
 
 
 def test_touching_and_in_zone_geometry():
@@ -168,6 +195,9 @@ def test_first_target_xy_is_the_named_lit_or_first_cube_scaled_to_the_object_reg
         spec = TASKS[task].sample(seed)
         idx = spec.sequence[0] if spec.sequence else spec.target
         xy = first_target_xy(task, seed)
+        if task == "late_cued_reach":  # frame 0 does not show the cue yet: no label
+            assert xy is None
+            continue
         assert xy is not None and xy.shape == (2,) and np.all(np.abs(xy) <= 1.0)
         back = np.array(
             [
@@ -186,6 +216,9 @@ def test_target_sequence_xy_is_the_first_then_second_target(task):
 
     for seed in range(5):
         both = target_sequence_xy(task, seed)
+        if task == "late_cued_reach":
+            assert both is None
+            continue
         assert both is not None and both.shape == (2, 2)
         np.testing.assert_array_equal(both[0], first_target_xy(task, seed))
         if task == "touch_sequence":

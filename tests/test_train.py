@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
 import torch
 
-from kv_vla.train.bc import TrainConfig, cache_vision_patches, train_bc
+from kv_vla.train.bc import TrainConfig, build_model, cache_vision_patches, train_bc
 from kv_vla.train.data import collate, sample_step_visibility, tokenize_episodes
 from kv_vla.train.gate import GateTrainConfig, gate_loss, train_gate
 
@@ -334,13 +334,21 @@ def test_target_aux_loss_is_logged_lowered_and_checkpointed(tmp_path):
 
 def test_target_aux_of_an_ordered_highlight_model_names_both_targets(tmp_path):
     """A model with two ordered highlight slots gets the two-target label (first, then second cube)
-    so its second slot is asked for touch_sequence's second cube; the saved model keeps the slots."""
+    so its second slot is asked for touch_sequence's second cube; the saved model keeps the slots.
+    A late_cued_reach episode (no label: frame 0 does not show its cue) in every batch leaves the
+    loss of the labelled ones on (a NaN label row would make the logged error NaN); the model
+    refuses --freeze-vision (its pixels depend on the instruction) before caching any feature."""
     eps = _shown_target_episodes(4)
+    late = eps[0]
+    eps.append(_Episode(late.frames, late.actions, "touch the cube that was lit", "late_cued_reach", 5))
+    model = build_model(eps, TINY | {"highlight": True, "highlight_slots": 2}, seed=0)
+    b = collate(tokenize_episodes(model, eps))
+    assert b["target_valid"].tolist() == [True] * 4 + [False] and torch.isnan(b["target_xy"][4]).all()
     cfg = TrainConfig(
         data=[],
         out=str(tmp_path / "run"),
         epochs=5,
-        batch_size=4,
+        batch_size=5,
         warmup_steps=1,
         max_steps=3,
         model_overrides=TINY | {"action_decoding": "parallel", "highlight": True, "highlight_slots": 2},
@@ -353,7 +361,10 @@ def test_target_aux_of_an_ordered_highlight_model_names_both_targets(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["target_head"]["net.2.weight"].shape[0] == 4
     hist = json.loads((tmp_path / "run" / "loss.json").read_text())["history"]
-    assert all(np.isfinite(h["target_mse"]) for h in hist)
+    assert len(hist) == 3 and all(np.isfinite(h["target_mse"]) for h in hist)
     from kv_vla.model.compact_vla import CompactVLA
 
     assert CompactVLA.from_pretrained(tmp_path / "run" / "model").config.highlight_slots == 2
+    frozen = replace(cfg, out=str(tmp_path / "frozen"), init_from=str(tmp_path / "run" / "model"))
+    with pytest.raises(ValueError, match="freeze_vision: a colour-highlight model"):
+        train_bc(replace(frozen, freeze_vision=True, model_overrides={}), episodes=eps)

@@ -271,6 +271,12 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     model.to(device)
     data = tokenize_episodes(model, episodes)
     if cfg.freeze_vision:
+        if getattr(model, "highlight", None) is not None:
+            # refuse before minutes of feature caching, not at the first update
+            raise ValueError(
+                "freeze_vision: a colour-highlight model conditions its pixels on the instruction, so "
+                "its vision features cannot be computed once; train it without --freeze-vision"
+            )
         model.vision.requires_grad_(False)
         cache_vision_patches(model, data)
     groups = _param_groups(model, cfg.film_lr_mult)
@@ -342,9 +348,11 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
             record = {"step": step + 1, "loss": float(res.loss.detach()), "accuracy": float(res.accuracy)}
             if target_head is not None and "target_xy" in b:
                 # the first frames: the cue is still lit (cued tasks) and no cube has moved yet
-                tokens = res.image_tokens[:, :TARGET_AUX_FRAMES]
+                labelled = b["target_valid"].to(res.image_tokens.device)
+                tokens = res.image_tokens[labelled, :TARGET_AUX_FRAMES]
                 pred = target_head(tokens.flatten(0, 1))
-                labels = b["target_xy"].to(pred.device).repeat_interleave(tokens.shape[1], dim=0)
+                labels = b["target_xy"][b["target_valid"]].to(pred.device)
+                labels = labels.repeat_interleave(tokens.shape[1], dim=0)
                 target_mse = torch.nn.functional.mse_loss(pred, labels)
                 loss = loss + cfg.target_aux * target_mse
                 record["target_mse"] = float(target_mse.detach())

@@ -113,8 +113,16 @@ def collate(batch: Sequence[EpisodeTensors]) -> dict[str, Any]:
         for b, e in enumerate(batch):
             patches[b, : e.n_steps] = e.patches
         out["vision_patches"] = patches
-    if all(e.target_xy is not None for e in batch):
-        out["target_xy"] = torch.stack([e.target_xy for e in batch])  # type: ignore[misc]
+    labelled = [e.target_xy for e in batch if e.target_xy is not None]
+    if labelled:
+        # episodes without a label (late_cued_reach, outside data) get NaN rows and a False mask, so
+        # one of them in a batch does not switch the auxiliary loss off for the others
+        target = torch.full((len(batch), labelled[0].numel()), float("nan"), dtype=labelled[0].dtype)
+        for b, e in enumerate(batch):
+            if e.target_xy is not None:
+                target[b] = e.target_xy
+        out["target_xy"] = target
+        out["target_valid"] = torch.tensor([e.target_xy is not None for e in batch])
     return out
 
 
