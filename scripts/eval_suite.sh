@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The closed-loop evaluation behind models/README.md: every cache policy on the three memory tasks
+# The closed-loop evaluation behind models/README.md: every cache policy on the four memory tasks
 # at one token budget, and full / gated / none on the tasks that need no memory. Two chains run in
 # parallel (one per core); the merged report lands in $OUT (eval_info.json, results.md,
 # success_vs_kv.png). Usage: [MODEL=DIR] scripts/eval_suite.sh [EPISODES] [OUT]
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 N=${1:-50}
 OUT=${2:-outputs/eval_suite}
 BUDGET=80
-MEM=cued_reach,cued_pick,touch_sequence
+MEM=cued_reach,cued_pick,touch_sequence,late_cued_reach
 PLAIN=reach,push,pick_place
 MODEL=${MODEL:-models/compact-vla}
 E=".venv/bin/kv-vla eval --model $MODEL --episodes $N --no-progress"

@@ -92,7 +92,27 @@ def test_short_bc_run_lowers_the_loss_and_resumes(tmp_path):
     assert (model_dir / "model.safetensors").exists()
 
 
-def test_gate_training_lowers_its_objective(tmp_path):
+def test_budget_bias_keeps_all_within_budget_and_makes_old_chunks_compete_over_it():
+    from kv_vla.train.gate import budget_step_bias
+
+    u = torch.tensor([0.9, 0.1, 0.1, 0.1, 0.5, 0.5], requires_grad=True)
+    bias = budget_step_bias(u, recent=1, budget=2)
+    # step 3 sees chunks 0 and 1 as old: two, within the budget, so both are fully kept
+    assert torch.equal(bias[3], torch.zeros(6))
+    # step 5 sees chunks 0-3 as old (utility mass 1.2): 0 keeps weight 1 (2 * 0.9 / 1.2 > 1), the
+    # others share the rest; the recent chunks 4 and 5 are never biased
+    expected = torch.log(torch.tensor([1.0, 2 * 0.1 / 1.2, 2 * 0.1 / 1.2, 2 * 0.1 / 1.2]))
+    torch.testing.assert_close(bias[5, :4], expected)
+    assert torch.equal(bias[5, 4:], torch.zeros(2))
+    # competition: raising chunk 1's utility lowers chunk 2's weight at step 5
+    (grad,) = torch.autograd.grad(bias[5, 2], u)
+    assert grad[1] < 0 and grad[2] > 0
+    with pytest.raises(ValueError, match="budget_chunks"):
+        GateTrainConfig(model="m", data=[], out="x", budget_chunks=0).validate()
+
+
+@pytest.mark.parametrize("budget_chunks", [None, 2])
+def test_gate_training_lowers_its_objective(tmp_path, budget_chunks):
     eps = _episodes(6, steps=8)
     bc = TrainConfig(
         data=[],
@@ -117,6 +137,7 @@ def test_gate_training_lowers_its_objective(tmp_path):
         recent_chunks=1,
         device="cpu",
         hidden_size=16,
+        budget_chunks=budget_chunks,
     )
 
     from kv_vla.cache import ChunkGate

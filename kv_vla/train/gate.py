@@ -16,6 +16,15 @@ objective differentiable end to end; at inference the cache applies the hard rul
 removed": the cue is shown for several consecutive steps, so removing any single one of them changes
 nothing and a leave-one-out target would call all of them useless.
 
+``budget_chunks`` (``--budget-chunks K``) makes the old chunks compete, as they do at inference
+under a token budget: step ``i`` weighs old chunk ``j`` by ``min(1, K * u_j / sum of u over the old
+chunks step i sees)`` instead of ``u_j`` (all kept while ``K`` or fewer are old). Why: with
+independent soft masks a gate can keep every early chunk at a moderate utility and lose nothing,
+and it learns position instead of content -- the gate trained that way ranked frames 0-2 above a
+cue shown at frame 3-12 (``late_cued_reach``) in 40 of 40 episodes, because the cue sits at frames
+0-2 in the other cued tasks. Under the budget, a useless early chunk takes weight from the cue, so
+the ranking itself is trained.
+
 The gate's input is exactly what :class:`kv_vla.cache.EpisodeCache` computes online (per-layer
 key/value statistics of each completed chunk and its index), taken from a cache that has seen the
 same teacher-forced episode, so training and inference read the same features.
@@ -57,12 +66,20 @@ class GateTrainConfig:
     device: str = "auto"
     max_per_task: int | None = None
     max_steps: int | None = None
+    # old chunks kept under the training budget (None: independent soft masks; see module docstring)
+    budget_chunks: int | None = None
 
     def validate(self) -> GateTrainConfig:
         if self.sparsity < 0:
             raise ValueError(f"sparsity must be >= 0, got {self.sparsity}")
         if self.recent_chunks < 0:
             raise ValueError(f"recent_chunks must be >= 0, got {self.recent_chunks}")
+        if self.budget_chunks is not None and (
+            isinstance(self.budget_chunks, bool)
+            or not isinstance(self.budget_chunks, int)
+            or self.budget_chunks < 1
+        ):
+            raise ValueError(f"budget_chunks must be None or an integer >= 1, got {self.budget_chunks!r}")
         return self
 
 
@@ -116,6 +133,22 @@ def old_step_bias(utilities: torch.Tensor, recent: int, floor: float = 1e-4) -> 
     return torch.where(old, log_u, torch.zeros_like(log_u))
 
 
+def budget_step_bias(utilities: torch.Tensor, recent: int, budget: int, floor: float = 1e-4) -> torch.Tensor:
+    """``[T, T]`` additive attention bias under a budget of ``budget`` old chunks: step ``i`` weighs
+    old chunk ``j`` (``i - j > recent``) by ``min(1, budget * u_j / sum_{old j'} u_j')``, and by 1
+    while ``budget`` or fewer chunks are old; recent chunks are unbiased (see the module docstring)."""
+    n = utilities.shape[0]
+    i = torch.arange(n, device=utilities.device)[:, None]
+    j = torch.arange(n, device=utilities.device)[None, :]
+    old = (i - j) > recent
+    u = utilities[None, :].expand(n, n)
+    mass = torch.where(old, u, torch.zeros_like(u)).sum(-1, keepdim=True)
+    share = (budget * u / mass.clamp(min=1e-8)).clamp(max=1.0)
+    within = old.sum(-1, keepdim=True) <= budget
+    weight = torch.where(within, torch.ones_like(share), share)
+    return torch.where(old, torch.log(weight.clamp(min=floor)), torch.zeros_like(u))
+
+
 def gate_loss(
     model: Any,
     gate: Any,
@@ -126,7 +159,10 @@ def gate_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Distillation KL under the gate's soft mask plus the sparsity penalty (see module docstring)."""
     u = gate(summaries.to(model.device))  # [T]
-    bias = old_step_bias(u, cfg.recent_chunks)
+    if cfg.budget_chunks is None:
+        bias = old_step_bias(u, cfg.recent_chunks)
+    else:
+        bias = budget_step_bias(u, cfg.recent_chunks, cfg.budget_chunks)
     out = model.forward_episode([ep.prompt_ids], ep.frames[None], ep.action_ids[None], step_bias=bias[None])
     student_logp = F.log_softmax(out.action_logits[0].float(), dim=-1)
     kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
@@ -134,7 +170,11 @@ def gate_loss(
     # only chunks that ever become "old" cost memory; the last recent ones are never evicted anyway
     usage = u[:n_old].mean() if ep.n_steps > cfg.recent_chunks + 1 else u.sum() * 0
     loss = kl + cfg.sparsity * usage
-    return loss, {"loss": float(loss), "kl": float(kl), "mean_utility": float(usage)}
+    return loss, {
+        "loss": float(loss.detach()),
+        "kl": float(kl.detach()),
+        "mean_utility": float(usage.detach()),
+    }
 
 
 def train_gate(cfg: GateTrainConfig, episodes: Sequence[Any] | None = None) -> Path:

@@ -24,6 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-per-task", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument(
+        "--budget-chunks",
+        type=int,
+        default=None,
+        help="train under a budget of this many old chunks, so they compete for it as at inference "
+        "(default: independent soft masks)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_per_task=args.max_per_task,
         max_steps=args.max_steps,
+        budget_chunks=args.budget_chunks,
     )
     path = train_gate(cfg)
     print(f"gate saved to {path}")
