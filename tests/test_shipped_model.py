@@ -29,6 +29,8 @@ BUDGET = (
     80  # tokens: prompt + open chunk + 2 recent chunks + ~4 gate-chosen chunks (~21% of a full cued episode)
 )
 
+MEASURED = {"cued_reach": "92%", "late_cued_reach": "90%"}  # gated, 50 episodes, models/README.md
+
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").exists(), reason="no shipped model")
 
 
@@ -71,16 +73,19 @@ def test_shipped_model_runs_a_memory_task_with_the_gated_cache_within_budget():
         assert gated["peak_kv_bytes"] <= 0.3 * full["peak_kv_bytes"]  # the memory target
 
 
-def test_shipped_model_remembers_the_cue_under_the_gated_cache():
+@pytest.mark.parametrize("task", ["cued_reach", "late_cued_reach"])
+def test_shipped_model_remembers_the_cue_under_the_gated_cache(task):
     from kv_vla.eval.harness import evaluate
     from kv_vla.runtime import EpisodeRuntime, shipped_gate
 
     rt = EpisodeRuntime.from_pretrained(MODEL, gate_path=shipped_gate(MODEL))
     rt.update_cache_config(policy="gated", recent_chunks=2, max_tokens=BUDGET, gate_threshold=0.0)
-    result = evaluate({"gated": lambda env: rt}, tasks=["cued_reach"], episodes=15, progress=False)
+    result = evaluate({"gated": lambda env: rt}, tasks=[task], episodes=15, progress=False)
     successes = sum(bool(r["success"]) for r in result["episodes"])
     assert len(result["episodes"]) == 15
-    assert successes >= 10, f"{successes}/15 cued_reach successes under the gated cache (measured: 88%)"
+    assert successes >= 10, (
+        f"{successes}/15 {task} successes under the gated cache (measured: {MEASURED[task]})"
+    )
 
 
 def test_shipped_model_heads_for_the_cube_the_instruction_names():
