@@ -13,7 +13,9 @@ Two families (see DESIGN.md, "The experiment that proves the method"):
   :data:`MIN_CUE_GAP` control steps after the cue went out; then the robot must act on the cube
   that was lit. ``touch_sequence``: "touch the red cube, then the blue cube"; touching leaves no
   trace and the expert returns home in between, so the frame before the second reach looks like
-  the first frame of the episode.
+  the first frame of the episode. ``late_cued_reach``: ``cued_reach`` with the cue lit at a random
+  frame 3-12 instead of 0-2, so a cache cannot keep it by position (attention sinks, accumulated
+  attention), only by what it shows.
 
 Chance levels (``Task.chance``) are for a policy that sees only the current frame and the
 instruction and does not write state into the world (e.g. by parking the arm somewhere); on the
