@@ -58,7 +58,9 @@ class GateTrainConfig:
     out: str
     epochs: int = 4
     lr: float = 3e-3
-    sparsity: float = 0.05
+    # weight of the mean-utility penalty; 0 under a budget (the budget is the memory pressure, and a
+    # penalty there only shrinks every utility), about 0.05 for independent soft masks
+    sparsity: float = 0.0
     recent_chunks: int = 2
     hidden_size: int = 64
     cell: str = "gru"
@@ -66,8 +68,9 @@ class GateTrainConfig:
     device: str = "auto"
     max_per_task: int | None = None
     max_steps: int | None = None
-    # old chunks kept under the training budget (None: independent soft masks; see module docstring)
-    budget_chunks: int | None = None
+    # old chunks kept under the training budget (None: independent soft masks, the objective of the
+    # gates before late_cued_reach; see the module docstring). 3 ~ what an 80-token budget leaves.
+    budget_chunks: int | None = 3
 
     def validate(self) -> GateTrainConfig:
         if self.sparsity < 0:

@@ -14,7 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument(
-        "--sparsity", type=float, default=0.05, help="weight of the mean-utility (memory) penalty"
+        "--sparsity",
+        type=float,
+        default=0.0,
+        help="weight of the mean-utility (memory) penalty (0 under a budget; ~0.05 with --budget-chunks 0)",
     )
     parser.add_argument(
         "--recent-chunks", type=int, default=2, help="chunks always kept (as in the cache config)"
@@ -27,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget-chunks",
         type=int,
-        default=None,
+        default=3,
         help="train under a budget of this many old chunks, so they compete for it as at inference "
-        "(default: independent soft masks)",
+        "(0: independent soft masks, the earlier objective, which learns position; see kv_vla/train/gate.py)",
     )
 
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_per_task=args.max_per_task,
         max_steps=args.max_steps,
-        budget_chunks=args.budget_chunks,
+        budget_chunks=args.budget_chunks or None,
     )
     path = train_gate(cfg)
     print(f"gate saved to {path}")
