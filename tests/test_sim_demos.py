@@ -45,7 +45,7 @@ def test_collect_all_tasks_and_image_size(tmp_path):
     collect("all", 1, str(tmp_path), image_size=32, progress=False)
     eps = load_episodes(str(tmp_path))
     assert sorted(e.task for e in eps) == sorted(
-        ["cued_pick", "cued_reach", "pick_place", "push", "reach", "touch_sequence"]
+        ["cued_pick", "cued_reach", "late_cued_reach", "pick_place", "push", "reach", "touch_sequence"]
     )
     assert all(e.frames.shape[1:] == (32, 32, 3) for e in eps)
     assert [e.task for e in load_episodes(str(tmp_path), tasks=["push"])] == ["push"]
