@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_TASKS = ("cued_reach", "touch_sequence", "reach", "push")
+DEFAULT_TASKS = ("cued_reach", "late_cued_reach", "touch_sequence", "reach", "push")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
