@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from kv_vla.atomic import atomic_write_text
+from kv_vla.cache.config import _check_int
 from kv_vla.train.bc import _smooth, plot_curve, resolve_device
 from kv_vla.train.data import EpisodeTensors, tokenize_episodes
 
@@ -77,12 +78,8 @@ class GateTrainConfig:
             raise ValueError(f"sparsity must be >= 0, got {self.sparsity}")
         if self.recent_chunks < 0:
             raise ValueError(f"recent_chunks must be >= 0, got {self.recent_chunks}")
-        if self.budget_chunks is not None and (
-            isinstance(self.budget_chunks, bool)
-            or not isinstance(self.budget_chunks, int)
-            or self.budget_chunks < 1
-        ):
-            raise ValueError(f"budget_chunks must be None or an integer >= 1, got {self.budget_chunks!r}")
+        if self.budget_chunks is not None:
+            _check_int("budget_chunks", self.budget_chunks, minimum=1, none_ok=True)
         return self
 
 
