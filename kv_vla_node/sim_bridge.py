@@ -28,7 +28,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import IntegerRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
@@ -36,6 +36,7 @@ from std_msgs.msg import Float32MultiArray, String
 
 from kv_vla.atomic import atomic_write_json
 from kv_vla_node import conversions
+from kv_vla_node.spinning import BackgroundSpin, exit_after, register_stack_dump
 from kv_vla_node.vla_node import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
 
 NODE_NAME = "kv_vla_sim_bridge"
@@ -255,12 +256,10 @@ def _int_desc(description: str, low: int, high: int) -> ParameterDescriptor:
 
 def main(args: list[str] | None = None) -> int:
     """Run all episodes, then exit (0 when every episode ran, 1 on a bridge failure)."""
+    register_stack_dump()
     rclpy.init(args=args)
     node = SimBridgeNode()
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spin = BackgroundSpin(node, num_threads=2)  # the episodes run here, on the main thread
     code = 0
     try:
         results = node.run()
@@ -271,13 +270,7 @@ def main(args: list[str] | None = None) -> int:
     except Exception as exc:
         node.get_logger().error(f"sim bridge failed: {exc!r}")
         code = 1
-    finally:
-        # Stop spinning and join the spin thread before destroying anything it may still touch.
-        executor.shutdown(timeout_sec=5.0)
-        spinner.join(timeout=5.0)
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return code
+    return exit_after(spin, code)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,11 @@ class NodeProcess:
             try:
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
+                # Stuck: ask for every thread's stack (the nodes register SIGUSR1 with faulthandler)
+                # so the log says where it waited, then kill.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(self.proc.pid, signal.SIGUSR1)
+                time.sleep(1.0)
                 _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
         _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers in the group, if any

@@ -36,7 +36,6 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
@@ -46,6 +45,7 @@ from std_srvs.srv import Trigger
 from kv_vla_node import conversions, params
 from kv_vla_node.params import NOW, PARAMS, SPECS, STARTUP
 from kv_vla_node.runtime_glue import build_runtime, cache_kwargs, check_cache_values
+from kv_vla_node.spinning import register_stack_dump, spin_until_shutdown
 
 NODE_NAME = "kv_vla"
 DIAG_NAME = "kv_vla: episode KV cache"
@@ -486,6 +486,7 @@ def _runtime_stats(runtime: Any) -> Any:
 
 def main(args: list[str] | None = None) -> int:
     """Console entry (``vla_node`` / ``python -m kv_vla_node.vla_node --ros-args ...``)."""
+    register_stack_dump()
     rclpy.init(args=args)
     try:
         node = VLANode()
@@ -493,24 +494,7 @@ def main(args: list[str] | None = None) -> int:
         print(f"kv_vla: cannot start: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:
-        # A shutdown (SIGINT/SIGTERM) that lands while the executor builds its next wait set raises
-        # RCLError "the given context is not valid" instead of ExternalShutdownException (seen once
-        # in a test run: the node then exited 1). After a shutdown that is a clean stop; while the
-        # context is still valid it is a real error.
-        if rclpy.ok():
-            raise
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_until_shutdown(node, num_threads=4)
 
 
 if __name__ == "__main__":
