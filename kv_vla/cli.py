@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("kv_vla_sim.probe", "does the policy read its instruction's colour word? (reach scenes)"),
     "train": ("kv_vla.train.cli", "behaviour-clone the compact VLA on whole episodes"),
     "train-gate": ("kv_vla.train.gate_cli", "learn the chunk gate's utility"),
+    "interpolate": ("kv_vla.train.interpolate", "mix two fine-tunes of one model in weight space (WiSE-FT)"),
     "demo": ("kv_vla_node.demo", "main job: VLA node + sim bridge over DDS, prints a result table"),
 }
 
