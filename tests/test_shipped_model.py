@@ -5,14 +5,14 @@ evaluated: 80-token budget, threshold 0) and under full history, with the gated 
 token budget and at most 30% of full history's peak KV memory; under the gated cache it solves
 ``cued_reach`` (remember which cube lit up during a 3-frame cue, act after the lamp lights) and
 ``late_cued_reach`` (the same with the cue at a random frame 3-12, where H2O-style ``attention``
-and ``sinks`` fall to 42% and 32%) at a rate well above guessing; and it reads the colour word of
+and ``sinks`` fall to 36% and 34%) at a rate well above guessing; and it reads the colour word of
 an instruction and their order.
 
-Measured over 50 episodes (models/README.md): gated 92% on cued_reach and 90% on late_cued_reach,
-full 92% / 92%, chance 33%. Here 15 evaluation seeds must give at least 10 successes (seeds 0-14
-gave 13 and 12 of 15 in the 50-episode run): under a true rate of 90% that fails with probability
-0.2%, while a policy at chance passes it with probability 0.9% and one at `attention`'s 42% on the late
-cue with 5%. The instruction probe (``kv-vla probe``) measured 0.97 over 50 scenes and 0.93 over the 20
+Measured over 50 episodes (models/README.md): gated 92% on cued_reach and 82% on late_cued_reach,
+full 94% / 88%, chance 33%. Here 15 evaluation seeds must give at least 10 successes (seeds 0-14
+gave 12 and 11 of 15 in the 50-episode run): under a true rate of 82% that fails with probability
+4% (0.07% at 92%), while a policy at chance passes it with probability 0.9% and one at
+`attention`'s 36% on the late cue with 1.5%. The instruction probe (``kv-vla probe``) measured 0.97 over 50 scenes and 0.93 over the 20
 used here; at least 45 of 60 asks must head for the named cube, which a word-blind policy (1/3 in
 expectation) passes with probability 5e-11. The word-order probe (``kv-vla probe --order``: "touch
 the A cube, then the B cube" for the six ordered pairs) measured 0.93 over 50 scenes and 0.92 over
@@ -31,7 +31,7 @@ BUDGET = (
     80  # tokens: prompt + open chunk + 2 recent chunks + ~4 gate-chosen chunks (~21% of a full cued episode)
 )
 
-MEASURED = {"cued_reach": "92%", "late_cued_reach": "90%"}  # gated, 50 episodes, models/README.md
+MEASURED = {"cued_reach": "92%", "late_cued_reach": "82%"}  # gated, 50 episodes, models/README.md
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").exists(), reason="no shipped model")
 
