@@ -23,9 +23,10 @@ no-memory tasks the number given is that of a policy that picks an object at ran
 A learned policy can break the "current frame only" assumption on ``touch_sequence`` through the
 clock: caches keep RoPE positions, so even with its cache reset every step (``none``) the policy
 knows how many steps have passed, and here the phase follows the step count. The shipped model
-solves 64% that way (the stage-6 model 78%, and 82% with the arm put exactly back at home:
-scripts/touch_sequence_leak.py, models/README.md). Making the task memory-bound needs a phase independent of time (e.g. a random
-wait before a visible go signal) and a dwell at home longer than the evaluated recent window.
+solves 78% that way (stage 7 64%; the stage-6 model 78%, and 82% with the arm put exactly back at
+home: scripts/touch_sequence_leak.py, models/README.md). Making the task memory-bound needs a
+phase independent of time (e.g. a random wait before a visible go signal) and a dwell at home
+longer than the evaluated recent window.
 """
 
 from __future__ import annotations
