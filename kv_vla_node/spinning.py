@@ -4,9 +4,11 @@ Why not ``executor.spin()`` on the main thread: rclpy's SIGINT handler shuts the
 *and* chains to Python's, so Ctrl-C also arrives as a ``KeyboardInterrupt`` raised at whatever
 bytecode the main thread is running. Inside the executor that can be after it has taken a ready
 callback and before it has handed it to its pool, or between a lock's acquire and its ``try``;
-the later ``executor.shutdown()`` / interpreter exit can then wait forever on work that will never
-finish. It is rare (about one stop in a few hundred in our test suite, where the harness then
-SIGKILLs the node), which is exactly what makes it worth removing by construction.
+and ``MultiThreadedExecutor.shutdown()`` joins its pool threads with no time limit, so one stuck
+callback keeps the process alive forever. CI once saw the VLA node ignore SIGINT for 10 s and get
+SIGKILLed; SIGINTs at random moments in a stress loop did not reproduce it, so which of these it
+was is not known. This module removes both by construction and makes any hang that is left say
+where it waits.
 
 Here the executor spins on its own thread and the main thread only waits, so a
 ``KeyboardInterrupt`` can land nowhere but in that wait. Stopping goes: shut the context down (the
@@ -60,10 +62,6 @@ class BackgroundSpin:
             # a clean stop; while the context is still valid it is a real error.
             if rclpy.ok(context=self.node.context):
                 self.error = exc
-
-    @property
-    def spinning(self) -> bool:
-        return self._thread.is_alive()
 
     def wait(self) -> None:
         """Block until spinning ends: the context was shut down (SIGINT/SIGTERM) or spin failed.
