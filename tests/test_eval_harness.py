@@ -99,3 +99,29 @@ def test_eval_cli_chunks_are_one_control_step_of_the_model(tmp_path, pool, step_
     assert runtime.cache_config.policy == "window" and runtime.cache_config.recent_chunks == 3
     args.chunk_size = 40
     assert model_factory("window", args)(None).cache_config.chunk_size == 40
+
+
+def test_plot_labels_of_policies_at_one_budget_do_not_overlap():
+    """Budgeted policies share one peak-KV value and often one success rate: their labels must still
+    land in separate places."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kv_vla.eval.report import _place_labels
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    points = [("gated", 0.13, 90.0), ("attention", 0.13, 90.0), ("sinks", 0.13, 89.0), ("full", 0.7, 94.0)]
+    for _, x, y in points:
+        ax.plot([x], [y], "o")
+    ax.set_ylim(-3, 103)
+    _place_labels(ax, points)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 4
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+    plt.close(fig)

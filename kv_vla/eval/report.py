@@ -82,6 +82,7 @@ def plot_success_vs_kv(result: dict[str, Any], path: str) -> None:
     styles = {"memory": ("o", "tab:red"), "no-memory": ("s", "tab:blue")}
     ref_styles = {"memory": ":", "no-memory": "--"}
     plotted_any = False
+    labels: list[tuple[str, float, float]] = []
     for s in result["summary"]:
         marker, colour = styles[s["tasks"]]
         lo, hi = s["success_ci95_pct"]
@@ -100,13 +101,14 @@ def plot_success_vs_kv(result: dict[str, Any], path: str) -> None:
         x = s["peak_kv_bytes_mean"] / MIB
         y = s["success_pct"]
         ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt=marker, color=colour, capsize=3)
-        ax.annotate(s["policy"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        labels.append((s["policy"], x, y))
         plotted_any = True
     for family, (marker, colour) in styles.items():
         ax.plot([], [], marker, color=colour, label=f"{family} tasks")
     ax.set_xlabel("peak KV cache per episode (MiB, mean)")
     ax.set_ylabel("success (%)")
     ax.set_ylim(-3, 103)
+    _place_labels(ax, labels)
     if not plotted_any:
         ax.set_xlim(0, 1)
         ax.text(0.5, 0.5, "no KV-cache policy evaluated", transform=ax.transAxes, ha="center", color="grey")
@@ -116,6 +118,24 @@ def plot_success_vs_kv(result: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     _atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def _place_labels(ax: Any, labels: list[tuple[str, float, float]], fontsize: int = 8) -> None:
+    """Annotate each point with its policy name, moving a label up or down (in points) until its box
+    clears the labels already placed: policies at the same budget sit almost on top of each other."""
+    ax.autoscale_view()
+    to_pts = 72.0 / ax.figure.dpi  # display pixels -> points
+    placed: list[tuple[float, float, float, float]] = []  # x0, y0, x1, y1 in points
+    height = fontsize * 1.2
+    for name, x, y in sorted(labels, key=lambda item: -item[2]):
+        px, py = (v * to_pts for v in ax.transData.transform((x, y)))
+        width = 0.6 * fontsize * len(name)
+        for dy in (4, -12, 14, -22, 24, -32, 34):
+            box = (px + 4, py + dy, px + 4 + width, py + dy + height)
+            if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, dy), fontsize=fontsize)
 
 
 def write_report(result: dict[str, Any], out_dir: str) -> dict[str, str]:
