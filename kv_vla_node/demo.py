@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per policy run")
 
 
+def _interrupt_on_stop_signals() -> None:
+    """Make SIGINT and SIGTERM raise ``KeyboardInterrupt``, so either one stops the two nodes before
+    the demo exits.
+
+    Why explicit: a process started in the background by a non-interactive shell inherits SIGINT as
+    *ignored*, and Python then installs no handler, so ``kill -INT`` (or a CI harness's interrupt)
+    would do nothing; and SIGTERM's default action would end the demo at once and orphan the nodes,
+    which run in process groups of their own.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every episode ran (success or not), 1 when the ROS graph failed."""
     from tqdm import tqdm
@@ -66,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from kv_vla_sim import TASKS
 
+    _interrupt_on_stop_signals()
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         print(f"kv-vla demo: unknown task(s) {unknown}; choose from {sorted(TASKS)}", file=sys.stderr)

@@ -47,7 +47,7 @@ def model(tmp_path_factory) -> Path:
     return save_random_model(path)
 
 
-def _demo(tmp_path: Path, model: Path, *extra: str) -> subprocess.Popen:
+def _demo(tmp_path: Path, model: Path, *extra: str, sigint_ignored: bool = False) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", HOME=os.environ.get("HOME", str(tmp_path)))
     cmd = [
         sys.executable,
@@ -69,6 +69,8 @@ def _demo(tmp_path: Path, model: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # what a shell's background job (`cmd &` in a script, e.g. a CI runner) inherits
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
 
 
@@ -94,10 +96,15 @@ def test_demo_runs_episodes_over_dds_and_prints_the_table(tmp_path, model):
     assert _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros")) == []
 
 
-def test_demo_interrupted_leaves_no_processes(tmp_path, model):
+@pytest.mark.parametrize(
+    ("sig", "sigint_ignored"),
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["SIGINT", "SIGINT-in-a-background-job", "SIGTERM"],
+)
+def test_demo_interrupted_leaves_no_processes(tmp_path, model, sig, sigint_ignored):
     # 20 episodes, so the run is surely still going when the interrupt lands (one reach episode is
     # truncated at its 30 steps, ~2-3 s)
-    proc = _demo(tmp_path, model, "--tasks", "reach", "--episodes", "20")
+    proc = _demo(tmp_path, model, "--tasks", "reach", "--episodes", "20", sigint_ignored=sigint_ignored)
     node_log = tmp_path / "logs" / "vla_node_gated.log"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -107,7 +114,7 @@ def test_demo_interrupted_leaves_no_processes(tmp_path, model):
     assert proc.poll() is None, proc.communicate()[0]
     children = _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros"))
     assert len(children) >= 2  # the VLA node and the sim bridge are running
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the demo
+    proc.send_signal(sig)  # SIGINT: what Ctrl-C delivers; SIGTERM: what `kill` and ros2 launch send
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     assert "interrupted" in out
