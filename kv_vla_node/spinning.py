@@ -92,13 +92,11 @@ def _join_worker_threads(timeout_s: float) -> bool:
     """Join every other non-daemon thread (those the interpreter would wait for at exit) within
     ``timeout_s`` in all; True when none is left."""
     deadline = time.monotonic() + timeout_s
-    for thread in threading.enumerate():
-        if thread is threading.current_thread() or thread.daemon:
-            continue
+    me = threading.current_thread()
+    others = [t for t in threading.enumerate() if t is not me and not t.daemon]
+    for thread in others:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    return not any(
-        t.is_alive() and not t.daemon and t is not threading.current_thread() for t in threading.enumerate()
-    )
+    return not any(t.is_alive() for t in others)
 
 
 def exit_after(spin: BackgroundSpin, code: int, timeout_s: float = 5.0) -> int:
