@@ -18,7 +18,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("pybullet")
 pytest.importorskip("kv_vla.runtime")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _processes_with_env(key: str, value: str) -> list[int]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "compact-vla"
+MODEL = Path(__file__).resolve().parents[2] / "models" / "compact-vla"
 BUDGET = (
     80  # tokens: prompt + open chunk + 2 recent chunks + ~4 gate-chosen chunks (~21% of a full cued episode)
 )

@@ -19,7 +19,7 @@ pytest.importorskip("kv_vla.runtime")
 from kv_vla_node import params
 from kv_vla_node.testing import NodeProcess, RosClient, free_domain_id, ros_env, save_random_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLCON = Path(sys.executable).parent / "colcon"
 
 

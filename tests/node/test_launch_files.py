@@ -17,7 +17,7 @@ import yaml
 
 from kv_vla_node import params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 ALLOWED_IMPORTS = {"__future__", "os", "launch", "launch_ros", "ament_index_python"}
 
