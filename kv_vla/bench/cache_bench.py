@@ -120,15 +120,15 @@ def policy_config(policy: str, chunk_size: int, keep_steps: int) -> Any:
     budget = PROMPT_TOKENS + SINK_TOKENS + (keep_steps + 1) * chunk_size
     recent = min(2, keep_steps)
     options: dict[str, dict[str, Any]] = {
-        "full": dict(),
-        "none": dict(),
-        "window": dict(recent_chunks=keep_steps),
-        "sinks": dict(recent_chunks=keep_steps, sink_tokens=SINK_TOKENS),
+        "full": dict(max_tokens=None),
+        "none": dict(max_tokens=None),
+        "window": dict(recent_chunks=keep_steps, max_tokens=None),
+        "sinks": dict(recent_chunks=keep_steps, sink_tokens=SINK_TOKENS, max_tokens=None),
         "attention": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget),
         "random": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget),
         "gated": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget, gate_threshold=0.5),
         # ZipVL keeps every token (no budget) and stores the unimportant ones at 4 bits
-        "zipvl": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, extra={"tau": 0.9, "low_bits": 4}),
+        "zipvl": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=None, tau=0.9, low_bits=4),
         "gated_tiered": dict(
             recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget, gate_threshold=0.5
         ),
