@@ -184,7 +184,10 @@ def given(args: Any, names: Iterable[str]) -> dict[str, Any]:
 
 def markdown_table(names: Iterable[str]) -> str:
     """A Markdown table of ``names`` (name, default, allowed values, takes effect, what it does)."""
-    rows = ["| parameter | default | allowed values | takes effect | what it does |", "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| parameter | default | allowed values | takes effect | what it does |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name in names:
         s = SETTINGS[name]
         shown = "true" if s.default is True else "false" if s.default is False else s.default

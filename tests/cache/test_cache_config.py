@@ -49,7 +49,9 @@ def test_budget_smaller_than_pinned_prefix_is_refused_at_pin_time():
     k = torch.zeros(1, 2, 16, 8)
     for layer in range(model_config.num_hidden_layers):
         cache.update(k, k, layer)  # a 16-token prompt: 16 + (1 + 1) * 4 = 24 > 20
-    with pytest.raises(ValueError, match=r"^max_tokens: 20 .*allowed values: 0 \(no budget\) or an int >= 24"):
+    with pytest.raises(
+        ValueError, match=r"^max_tokens: 20 .*allowed values: 0 \(no budget\) or an int >= 24"
+    ):
         cache.pin_prefix()
     cache.update_config(max_tokens=24)
     assert cache.pin_prefix() == 16

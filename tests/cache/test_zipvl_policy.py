@@ -218,7 +218,13 @@ def test_ratio_adapts_per_layer_to_hand_made_attention():
 
     heads, dim, chunk, n_chunks = 2, 8, 5, 8
     cfg = EpisodeCacheConfig(
-        policy="zipvl", chunk_size=chunk, recent_chunks=0, probe_queries=1, max_tokens=None, tau=0.8, low_bits=2
+        policy="zipvl",
+        chunk_size=chunk,
+        recent_chunks=0,
+        probe_queries=1,
+        max_tokens=None,
+        tau=0.8,
+        low_bits=2,
     )
     cache = EpisodeCache(cfg, tiny_config("llama", layers=2))
     _drive_hand_made(cache, n_chunks, chunk, heads, dim, torch.Generator().manual_seed(0))

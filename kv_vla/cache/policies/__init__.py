@@ -17,7 +17,15 @@ from kv_vla.cache.policies.sinks import SinksPolicy
 from kv_vla.cache.policies.window import WindowPolicy
 from kv_vla.cache.registry import POLICIES, register_policy
 
-for _cls in (FullPolicy, NoHistoryPolicy, WindowPolicy, SinksPolicy, AttentionPolicy, RandomPolicy, GatedPolicy):
+for _cls in (
+    FullPolicy,
+    NoHistoryPolicy,
+    WindowPolicy,
+    SinksPolicy,
+    AttentionPolicy,
+    RandomPolicy,
+    GatedPolicy,
+):
     register_policy(_cls)
 
 

@@ -34,6 +34,7 @@ from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext, option
 from kv_vla.cache.policies.gated import GatedPolicy
 from kv_vla.cache.registry import register_policy
 
+
 @dataclass
 class _MixedPrecisionMixin:
     """Shared options and plumbing: attach to the cache, locate chunk columns, quantise a chunk."""
