@@ -70,6 +70,18 @@ def shipped_gate(model_dir: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
+def gate_settings(gate: Any) -> dict[str, Any]:
+    """The cache settings a trained gate was evaluated with (``settings`` in its ``.json``), or ``{}``."""
+    return dict(getattr(gate, "settings", None) or {})
+
+
+def default_cache_config(gate: Any = None) -> Any:
+    """The evaluated setting: ``kv_vla.settings`` defaults, overlaid with the gate's own settings."""
+    from kv_vla.cache import EpisodeCacheConfig
+
+    return EpisodeCacheConfig(**gate_settings(gate))
+
+
 class EpisodeRuntime:
     """Runs a :class:`~kv_vla.model.base.VLABackbone` step by step over one episode cache."""
 
@@ -85,15 +97,14 @@ class EpisodeRuntime:
         """
         Args:
             model: the VLA (compact model, HF adapter or OpenVLA wrapper); moved to ``device``/``dtype``.
-            cache_config: an ``EpisodeCacheConfig``; None means the ``full`` policy with one control
-                step per chunk.
+            cache_config: an ``EpisodeCacheConfig`` (``chunk_size`` 0: one control step, resolved at
+                every ``reset``); None means the evaluated setting (:func:`default_cache_config`:
+                the ``kv_vla.settings`` defaults with the gate's own settings on top).
             device: torch device; ``dtype`` defaults to bf16 on CUDA and float32 elsewhere.
             unnorm_key: which dataset's statistics un-normalise actions (may be omitted when the
                 model carries a single dataset, as in OpenVLA).
             gate: a trained ``ChunkGate`` for the ``gated`` policy (None: the cache's default gate).
         """
-        from kv_vla.cache import EpisodeCacheConfig
-
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else _default_dtype(self.device)
         if isinstance(model, torch.nn.Module):
@@ -105,11 +116,10 @@ class EpisodeRuntime:
         self.step_tokens = int(model.num_image_tokens + model.action_dim)
         self._prompt_in_step = bool(getattr(model, "prompt_in_step", False))
         self._step_text: torch.Tensor | None = None
-        # chunk_size follows the step length only when the caller left the cache config to us
-        self._auto_chunk = cache_config is None
-        if cache_config is None:
-            cache_config = EpisodeCacheConfig(policy="full", chunk_size=self.step_tokens)
-        self.cache_config = cache_config.validate()
+        #: the cache settings as asked for (``chunk_size`` 0 = one control step); see ``cache_config``
+        self.requested_config = (
+            cache_config if cache_config is not None else default_cache_config(gate)
+        ).validate()
         self.unnorm_key = unnorm_key
         self._stats = action_stats(model.norm_stats, unnorm_key)
         if self._stats["q01"].shape[0] != model.action_dim:
@@ -141,11 +151,14 @@ class EpisodeRuntime:
         dtype: torch.dtype | None = None,
         gate_path: str | Path | None = None,
         unnorm_key: str | None = None,
+        trust_remote_code: bool = False,
     ) -> EpisodeRuntime:
-        """Load a checkpoint folder (and optionally a trained gate) into a runtime.
+        """Load a checkpoint folder and its trained gate into a runtime.
 
         A compact VLA folder (``model_type`` ``kv_vla_compact``) loads natively; a folder with
-        remote code (``auto_map``, e.g. OpenVLA) goes through :func:`kv_vla.model.openvla.load_openvla`.
+        remote code (``auto_map``, e.g. OpenVLA) goes through :func:`kv_vla.model.openvla.load_openvla`
+        and only with ``trust_remote_code`` (it runs Python files from the folder). ``gate_path``
+        None takes the gate saved beside the model (:func:`shipped_gate`), if there is one.
         """
         import json
 
@@ -160,13 +173,15 @@ class EpisodeRuntime:
         elif "auto_map" in meta:
             from kv_vla.model.openvla import load_openvla
 
-            model = load_openvla(path, device=device, dtype=dtype)
+            model = load_openvla(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             raise ValueError(
                 f"{path}: model_type {meta.get('model_type')!r} is neither a compact VLA nor a remote-code "
                 "(OpenVLA) checkpoint; wrap other Hugging Face VLMs with kv_vla.model.adapters.adapt()"
             )
         gate = None
+        if gate_path is None:
+            gate_path = shipped_gate(path)
         if gate_path is not None:
             from kv_vla.cache import ChunkGate
 
@@ -174,6 +189,49 @@ class EpisodeRuntime:
         return cls(
             model, cache_config=cache_config, device=device, dtype=dtype, unnorm_key=unnorm_key, gate=gate
         )
+
+    # ---- settings -------------------------------------------------------------------------------
+    @property
+    def cache_config(self) -> Any:
+        """The cache config in force: ``requested_config`` with one control step in tokens.
+
+        On a ``prompt_in_step`` backbone a step also holds the instruction, so its length is final
+        only after ``reset``.
+        """
+        return self.requested_config.resolve(self.step_tokens)
+
+    def update_cache_config(self, **changes: Any) -> None:
+        """Validate and apply cache settings (``kv_vla.settings`` names); they govern the next
+        eviction decision and later episodes. ``chunk_size`` 0 means one control step.
+
+        Raises ValueError (naming the knob and the allowed values) and changes nothing if refused.
+        """
+        requested = self.requested_config.replace(**changes)
+        resolved = requested.resolve(self.step_tokens)
+        if self.cache is not None and hasattr(self.cache, "update_config"):
+            old = self.cache.config
+            diff = {k: v for k, v in vars(resolved).items() if getattr(old, k) != v}
+            if diff:
+                self.cache.update_config(**diff)
+        self.requested_config = requested
+        if self.cache is not None:
+            self._sync_attention_probe()
+
+    def check_prompt(self, prompt_tokens: int, step_tokens: int | None = None) -> None:
+        """Refuse a prompt the budget cannot hold beside the recent chunks and the open chunk.
+
+        The one rule for instruction length: ``max_instruction_chars`` only bounds the message; the
+        budget (``max_tokens``) bounds its prompt in tokens, and this refusal gives the numbers.
+        """
+        config = self.requested_config.resolve(self.step_tokens if step_tokens is None else step_tokens)
+        room = config.prompt_room()
+        if room is not None and prompt_tokens > room:
+            raise ValueError(
+                f"instruction: its prompt is {prompt_tokens} tokens, but max_tokens={config.max_tokens} leaves "
+                f"room for {max(room, 0)} beside {config.effective_sink_tokens} sink tokens, "
+                f"{config.effective_recent_chunks} recent chunks and the open chunk of {config.chunk_size} "
+                "tokens; shorten the instruction or raise max_tokens"
+            )
 
     # ---- episode --------------------------------------------------------------------------------
     def _sync_attention_probe(self) -> None:
@@ -196,11 +254,11 @@ class EpisodeRuntime:
         elif has and not needs:
             disable_attention_probe(lm)
 
-    def _new_cache(self) -> Any:
+    def _new_cache(self, config: Any) -> Any:
         from kv_vla.cache import EpisodeCache
 
         self._sync_attention_probe()
-        cache = EpisodeCache(self.cache_config, self.model.language_model.config)
+        cache = EpisodeCache(config, self.model.language_model.config)
         from kv_vla.cache.policies.gated import GatedPolicy
 
         # the trained gate serves every gate-driven policy (``gated`` and ZipVL's ``gated_tiered``)
@@ -240,14 +298,14 @@ class EpisodeRuntime:
             ids = self.model.prompt_ids(prompt)
             prefix, step_text = self.model.embed_tokens(ids[:, :1]), self.model.embed_tokens(ids[:, 1:])
             n_step = int(self.model.num_image_tokens + self.model.action_dim + step_text.shape[1])
-            if self._auto_chunk and self.cache_config.chunk_size != n_step:
-                self.cache_config = self.cache_config.replace(chunk_size=n_step)
         else:
             prefix = self.model.embed_prompt(prompt)
             n_step = int(self.model.num_image_tokens + self.model.action_dim)
+        self.check_prompt(int(prefix.shape[1]), n_step)
         condition_of = getattr(self.model, "instruction_condition", None)
         condition = condition_of(self.model.prompt_ids(prompt)) if condition_of is not None else None
-        cache = self._new_cache()
+        # "one control step" is resolved here, once per episode; an explicit chunk size is kept
+        cache = self._new_cache(self.requested_config.resolve(n_step))
         self._lm(prefix, cache)
         cache.pin_prefix()
         self.cache = cache
@@ -348,18 +406,6 @@ class EpisodeRuntime:
         evict = getattr(self.cache, "maybe_evict", None)
         if callable(evict):
             evict()
-
-    def update_cache_config(self, **changes: Any) -> None:
-        """Validate and apply cache options; they govern the next eviction decision and later episodes.
-
-        Raises ValueError (naming the field and the allowed values) and changes nothing if refused.
-        """
-        new_cfg = self.cache_config.replace(**changes)
-        if self.cache is not None and hasattr(self.cache, "update_config"):
-            self.cache.update_config(**changes)
-        self.cache_config = new_cfg
-        if self.cache is not None:
-            self._sync_attention_probe()
 
     @property
     def norm_stats(self) -> Mapping[str, Any]:

@@ -128,3 +128,15 @@ class EpisodeCacheConfig:
                 f"{self.effective_recent_chunks} recent chunks and the open chunk of {self.chunk_size} "
                 f"tokens); allowed values: 0 (no budget) or an int >= {need}"
             )
+
+
+def _check_int(name: str, value: Any, minimum: int | None, none_ok: bool = False) -> None:
+    """Refuse a non-integer or one under ``minimum`` (ValueError naming ``name``); for other modules'
+    own dataclasses (e.g. ``kv_vla.train.gate``) whose knobs are not cache settings."""
+    allowed = (
+        "any integer" if minimum is None else f"an integer >= {minimum}" + (" or None" if none_ok else "")
+    )
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: must be {allowed}; got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: {value} is not allowed; allowed values: {allowed}")

@@ -259,7 +259,9 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     if episodes is None:
         episodes = load_demonstrations(cfg.data, cfg.max_per_task)
     ckpt_path = out / CHECKPOINT
-    resume = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    # weights_only: a checkpoint is data (tensors, numbers, RNG state tuples); unpickling arbitrary
+    # objects would run code from whoever wrote the file
+    resume = torch.load(ckpt_path, weights_only=True) if ckpt_path.exists() else None
     if resume is not None:
         model = CompactVLA.from_pretrained(out / "checkpoint_model")
     elif cfg.init_from is not None:

@@ -92,6 +92,30 @@ def test_short_bc_run_lowers_the_loss_and_resumes(tmp_path):
     assert (model_dir / "model.safetensors").exists()
 
 
+class _RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it calls ``os.system``, so loading it must be refused."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_resume_refuses_a_checkpoint_that_needs_unpickling_code(tmp_path, monkeypatch):
+    """Resume reads a checkpoint with ``weights_only=True``: tensors, numbers and RNG tuples only, so
+    a crafted checkpoint.pt cannot run code; it is refused and nothing ran."""
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"step": 1, "history": [], "payload": _RunsCodeWhenUnpickled()}, run / "checkpoint.pt")
+    cfg = TrainConfig(data=[], out=str(run), max_steps=2, model_overrides=TINY, device="cpu")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train_bc(cfg, episodes=_episodes(2))
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
 def test_budget_bias_keeps_all_within_budget_and_makes_old_chunks_compete_over_it():
     from kv_vla.train.gate import budget_step_bias
 
@@ -347,7 +371,7 @@ def test_target_aux_loss_is_logged_lowered_and_checkpointed(tmp_path):
     hist = json.loads((tmp_path / "run" / "loss.json").read_text())["history"]
     mse = [h["target_mse"] for h in hist]
     assert np.mean(mse[-10:]) < 0.5 * np.mean(mse[:5]), mse
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["target_head"] is not None and "net.0.weight" in state["target_head"]
     with pytest.raises(ValueError, match="target_aux"):
         TrainConfig(data=[], out="x", target_aux=-1.0).validate()
@@ -379,7 +403,7 @@ def test_target_aux_of_an_ordered_highlight_model_names_both_targets(tmp_path):
         shift_pad=0,
     )
     train_bc(cfg, episodes=eps)
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["target_head"]["net.2.weight"].shape[0] == 4
     hist = json.loads((tmp_path / "run" / "loss.json").read_text())["history"]
     assert len(hist) == 3 and all(np.isfinite(h["target_mse"]) for h in hist)
