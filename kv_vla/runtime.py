@@ -217,13 +217,23 @@ class EpisodeRuntime:
         if self.cache is not None:
             self._sync_attention_probe()
 
-    def check_prompt(self, prompt_tokens: int, step_tokens: int | None = None) -> None:
+    def prompt_layout(self, instruction: str) -> tuple[int, int]:
+        """``(pinned tokens, tokens per control step)`` an episode with ``instruction`` would have
+        (tokenising only). On a ``prompt_in_step`` backbone only BOS is pinned and every step
+        repeats the rest of the prompt."""
+        n_prompt = int(self.model.prompt_ids(build_prompt(instruction)).shape[1])
+        n_step = int(self.model.num_image_tokens + self.model.action_dim)
+        return (1, n_step + n_prompt - 1) if self._prompt_in_step else (n_prompt, n_step)
+
+    def check_prompt(self, prompt_tokens: int, step_tokens: int | None = None, config: Any = None) -> None:
         """Refuse a prompt the budget cannot hold beside the recent chunks and the open chunk.
 
         The one rule for instruction length: ``max_instruction_chars`` only bounds the message; the
         budget (``max_tokens``) bounds its prompt in tokens, and this refusal gives the numbers.
         """
-        config = self.requested_config.resolve(self.step_tokens if step_tokens is None else step_tokens)
+        config = (config or self.requested_config).resolve(
+            self.step_tokens if step_tokens is None else step_tokens
+        )
         room = config.prompt_room()
         if room is not None and prompt_tokens > room:
             raise ValueError(
@@ -234,7 +244,7 @@ class EpisodeRuntime:
             )
 
     # ---- episode --------------------------------------------------------------------------------
-    def _sync_attention_probe(self) -> None:
+    def _sync_attention_probe(self, policy: str | None = None) -> None:
         """Attention-scored policies need the probing attention (same outputs as SDPA); others don't.
 
         The model's own attention setting is the source of truth (a model may be shared by runtimes).
@@ -247,7 +257,7 @@ class EpisodeRuntime:
         )
 
         lm = self.model.language_model
-        needs = bool(POLICIES[self.cache_config.policy].needs_attention)
+        needs = bool(POLICIES[policy or self.requested_config.policy].needs_attention)
         has = getattr(lm.config, "_attn_implementation", None) == PROBE_IMPLEMENTATION
         if needs and not has:
             enable_attention_probe(lm)
@@ -257,7 +267,7 @@ class EpisodeRuntime:
     def _new_cache(self, config: Any) -> Any:
         from kv_vla.cache import EpisodeCache
 
-        self._sync_attention_probe()
+        self._sync_attention_probe(config.policy)
         cache = EpisodeCache(config, self.model.language_model.config)
         from kv_vla.cache.policies.gated import GatedPolicy
 
@@ -284,12 +294,15 @@ class EpisodeRuntime:
         return out.logits[0, -1, self._act_begin : self._act_end].float()
 
     @torch.inference_mode()
-    def reset(self, instruction: str) -> None:
+    def reset(self, instruction: str, **cache_changes: Any) -> None:
         """Start an episode: fresh cache, prefill the prompt, pin it (never evicted).
 
-        The new episode replaces the old one only once its prompt is cached and pinned, so a refused
-        instruction or cache configuration leaves the previous episode as it was.
+        ``cache_changes`` (``kv_vla.settings`` names) apply from this episode on, checked together
+        with this instruction's prompt. The new episode (and the changes) replace the old ones only
+        once its prompt is cached and pinned, so a refused instruction or cache configuration leaves
+        the previous episode and settings as they were.
         """
+        requested = self.requested_config.replace(**cache_changes) if cache_changes else self.requested_config
         prompt = build_prompt(instruction)
         step_text = None
         if self._prompt_in_step:
@@ -301,13 +314,14 @@ class EpisodeRuntime:
         else:
             prefix = self.model.embed_prompt(prompt)
             n_step = int(self.model.num_image_tokens + self.model.action_dim)
-        self.check_prompt(int(prefix.shape[1]), n_step)
+        self.check_prompt(int(prefix.shape[1]), n_step, requested)
         condition_of = getattr(self.model, "instruction_condition", None)
         condition = condition_of(self.model.prompt_ids(prompt)) if condition_of is not None else None
         # "one control step" is resolved here, once per episode; an explicit chunk size is kept
-        cache = self._new_cache(self.requested_config.resolve(n_step))
+        cache = self._new_cache(requested.resolve(n_step))
         self._lm(prefix, cache)
         cache.pin_prefix()
+        self.requested_config = requested
         self.cache = cache
         self._condition = condition  # conditions this episode's frames (None: no FiLM or highlight)
         self.step_tokens = n_step

@@ -68,7 +68,7 @@ def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatc
     ("overrides", "error", "match"),
     [
         ({"dtype": "int8"}, ValueError, "dtype='int8' is not one of float32, float16, bfloat16"),
-        ({"cache_policy": "nope"}, ValueError, "cache_policy='nope' is not one of"),
+        ({"policy": "nope"}, ValueError, "policy='nope' is not one of"),
         ({"model_path": "/nonexistent/vla"}, FileNotFoundError, "/nonexistent/vla"),
     ],
 )
