@@ -67,7 +67,11 @@ def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        ({"dtype": "int8"}, ValueError, "dtype='int8' is not one of float32, float16, bfloat16"),
+        (
+            {"dtype": "int8"},
+            ValueError,
+            "dtype: 'int8' is not allowed; allowed values: float32, float16, bfloat16",
+        ),
         ({"policy": "nope"}, ValueError, "policy='nope' is not one of"),
         ({"model_path": "/nonexistent/vla"}, FileNotFoundError, "/nonexistent/vla"),
     ],
