@@ -53,7 +53,10 @@ def model_factory(policy: str, args: argparse.Namespace) -> Any:
     # no cache config at load: the evaluated setting (the gate file's settings, one control step per
     # chunk); then the policy and the given options are applied on top
     runtime = EpisodeRuntime.from_pretrained(
-        args.model, device=args.device, gate_path=gate, trust_remote_code=bool(args.trust_remote_code)
+        args.model,
+        device=args.device,
+        gate_path=gate,
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
     )
     runtime.update_cache_config(policy=policy, **options)
     return lambda env: runtime
@@ -65,7 +68,7 @@ def stateless_factory(args: argparse.Namespace) -> Any:
     from kv_vla.runtime import EpisodeRuntime
 
     runtime = EpisodeRuntime.from_pretrained(
-        args.model, device=args.device, trust_remote_code=bool(args.trust_remote_code)
+        args.model, device=args.device, trust_remote_code=bool(getattr(args, "trust_remote_code", False))
     )
     agent = StatelessAgent(runtime)
     return lambda env: agent
