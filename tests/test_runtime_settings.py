@@ -107,3 +107,18 @@ def test_the_budget_is_the_instruction_limit_and_its_refusal_gives_the_numbers()
     rt.update_cache_config(max_tokens=0)  # no budget: the prompt may be as long as the message
     rt.reset(long)
     assert torch.is_tensor(rt.cache.layers[0].keys)
+
+
+def test_reset_applies_changes_with_the_instruction_or_not_at_all():
+    """The node's next-episode changes go in with the new instruction: checked together, so a
+    refusal (here a prompt the new budget cannot hold) keeps the old episode and the old settings."""
+    rt = EpisodeRuntime.from_pretrained(MODEL)
+    rt.reset(INSTR)
+    before, requested = rt.cache.stats(), rt.requested_config
+    with pytest.raises(ValueError, match=r"^instruction: its prompt is 19 tokens, but max_tokens=40"):
+        rt.reset(INSTR, max_tokens=40, recent_chunks=2)  # 19-token prompt + (2 + 1) x 8 > 40
+    assert rt.requested_config == requested and rt.cache.stats() == before
+    with pytest.raises(ValueError, match=r"^low_bits:"):
+        rt.reset(INSTR, low_bits=3)
+    rt.reset(INSTR, max_tokens=40, recent_chunks=1)  # 19 + (1 + 1) x 8 <= 40
+    assert (rt.cache.config.max_tokens, rt.cache.config.recent_chunks) == (40, 1)
