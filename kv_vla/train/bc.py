@@ -67,7 +67,7 @@ class TrainConfig:
     # keep the vision backbone's weights as they are (from --init) and compute its features once
     # per frame: ~4x fewer FLOPs per CPU update; random-shift augmentation is then off
     freeze_vision: bool = False
-    # learning-rate multiplier of the instruction-conditioning layers (FiLM, its word table, highlight)
+    # learning-rate multiplier of the instruction-conditioning layers (word table, highlight)
     film_lr_mult: float = 1.0
     # weight of the auxiliary loss that reads the first target cube's position from the first frames'
     # tokens (0 = off); see TargetHead
@@ -102,7 +102,7 @@ def build_model(episodes: Sequence[Any], overrides: dict[str, Any], seed: int) -
     """A fresh compact VLA whose vocabulary covers every instruction word and whose action
     normalisation statistics (q01/q99; the binary gripper left un-normalised) come from the data."""
     from kv_vla.model.action_tokenizer import compute_norm_stats
-    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
     from kv_vla.model.text_tokenizer import DEFAULT_WORDS
 
     words = set(DEFAULT_WORDS)
@@ -118,13 +118,13 @@ def build_model(episodes: Sequence[Any], overrides: dict[str, Any], seed: int) -
 def with_overrides(model: Any, overrides: dict[str, Any]) -> Any:
     """``model`` rebuilt with some configuration fields changed, keeping every weight that still fits.
 
-    For fine-tuning into a larger architecture (e.g. ``{"film": true}`` on a model trained without
-    FiLM): parameters the change adds keep their own initialisation (FiLM's is the identity), every
-    other weight is copied; a change that alters the shape of an existing weight is refused.
+    For fine-tuning into a larger architecture (e.g. ``{"highlight": true}`` on a model trained
+    without it): parameters the change adds keep their own initialisation (the highlight's is the
+    identity), every other weight is copied; a change that alters an existing weight's shape is refused.
     """
     import copy
 
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
 
     config = copy.deepcopy(model.config)
     for key, value in overrides.items():
@@ -164,14 +164,14 @@ class TargetHead(torch.nn.Module):
 
 
 def _param_groups(model: Any, film_lr_mult: float) -> list[dict[str, Any]]:
-    """The trainable parameters, the instruction-conditioning layers' (FiLM, its word table, the
+    """The trainable parameters, the instruction-conditioning layers' (the word table and the
     colour highlight) in a group of their own with their learning-rate multiplier.
 
     Why a multiplier: they start as the identity inside a model that already acts well without
     them, so at the fine-tuning learning rate the rest adapts long before they say anything.
     """
     film_ids = {
-        id(p) for name in ("film", "film_words", "highlight") for p in _params_of(getattr(model, name, None))
+        id(p) for name in ("film_words", "highlight") for p in _params_of(getattr(model, name, None))
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -249,7 +249,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     """Train (or resume) and save the final model folder to ``cfg.out``; returns that path."""
     from tqdm import tqdm
 
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
     from kv_vla.train.data import load_demonstrations
 
     cfg.validate()

@@ -108,7 +108,7 @@ def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
         use_cache=True,
     )
     cache.pin_prefix()
-    condition = model.instruction_condition(prompt)  # None without FiLM or highlight
+    condition = model.instruction_condition(prompt)  # None without a highlight
     img = model.encode_pixels(
         model.pixel_values(torch.as_tensor(ep.frames, device=device)), condition
     )  # [T, N, H]
@@ -182,7 +182,7 @@ def train_gate(cfg: GateTrainConfig, episodes: Sequence[Any] | None = None) -> P
     from tqdm import tqdm
 
     from kv_vla.cache import ChunkGate
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
     from kv_vla.train.data import load_demonstrations
 
     cfg.validate()

@@ -34,7 +34,7 @@ def interpolate_models(a: str | Path, b: str | Path, alpha: float, out: str | Pa
     """
     import torch
 
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
