@@ -164,7 +164,7 @@ def save_random_model(path: str | Path, seed: int = 0, tiny: bool = True, **over
     ``config/kv_vla.yaml`` budget fits it; ``overrides`` change the config."""
     import torch
 
-    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
 
     torch.manual_seed(seed)
     layout = {"pool": 4, "action_decoding": "parallel"} | overrides

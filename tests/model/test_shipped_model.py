@@ -91,8 +91,8 @@ def test_shipped_model_remembers_the_cue_under_the_gated_cache(task):
 
 
 def test_shipped_model_heads_for_the_cube_the_instruction_names():
-    from kv_vla.model.compact_vla import CompactVLA
-    from kv_vla_sim.probe import instruction_binding, model_first_action
+    from kv_vla.model.compact import CompactVLA
+    from kv_vla.eval.probe import instruction_binding, model_first_action
 
     model = CompactVLA.from_pretrained(MODEL).eval()
     report = instruction_binding(model_first_action(model), seeds=list(range(20)), progress=False)
@@ -100,8 +100,8 @@ def test_shipped_model_heads_for_the_cube_the_instruction_names():
 
 
 def test_shipped_model_heads_for_the_first_of_two_named_cubes():
-    from kv_vla.model.compact_vla import CompactVLA
-    from kv_vla_sim.probe import instruction_binding, model_first_action
+    from kv_vla.model.compact import CompactVLA
+    from kv_vla.eval.probe import instruction_binding, model_first_action
 
     model = CompactVLA.from_pretrained(MODEL).eval()
     report = instruction_binding(model_first_action(model), seeds=list(range(20)), progress=False, order=True)
