@@ -15,6 +15,7 @@ PROMPT = list(range(3, 13))  # 10-token instruction prefix, pinned
 STEPS, OBS, DECODE = 30, 12, 3
 CHUNK = OBS + DECODE  # one chunk = one control step
 
+
 def _episode(model, cache) -> EpisodeRecord:
     return run_episode(model, cache, PROMPT, STEPS, OBS, DECODE, seed=1)
 

@@ -14,6 +14,8 @@ import pytest
 from kv_vla_node import params
 from kv_vla_node.runtime_glue import ZIPVL_POLICIES, cache_extra, cache_kwargs, check_cache_values
 
+pytestmark = pytest.mark.ros
+
 ZIPVL_PARAMS = {
     "zipvl_tau": "tau",
     "zipvl_low_bits": "low_bits",
@@ -118,7 +120,6 @@ def test_whole_config_check_names_the_offending_option():
 
 
 def test_real_runtime_takes_the_options_and_a_live_tau_change(tmp_path):
-    pytest.importorskip("kv_vla.runtime")
     from kv_vla_node.runtime_glue import build_runtime
     from kv_vla_node.testing import save_random_model
     from kv_vla_node.vla_node import RuntimeSettings
@@ -141,8 +142,6 @@ def test_real_runtime_takes_the_options_and_a_live_tau_change(tmp_path):
 
 
 def test_node_over_dds_applies_the_options_after_reset(tmp_path, monkeypatch):
-    pytest.importorskip("rclpy")
-    pytest.importorskip("kv_vla.runtime")
     from kv_vla_node.testing import free_domain_id, in_process_node, save_random_model
 
     monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))

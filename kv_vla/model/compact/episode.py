@@ -100,9 +100,7 @@ def forward_episode(
     bsz = len(prompts)
     action_ids = torch.as_tensor(action_ids, device=device, dtype=torch.long)
     if action_ids.ndim != 3 or action_ids.shape[0] != bsz or action_ids.shape[2] != cfg.action_dim:
-        raise ValueError(
-            f"action_ids must be [B={bsz}, T, {cfg.action_dim}], got {tuple(action_ids.shape)}"
-        )
+        raise ValueError(f"action_ids must be [B={bsz}, T, {cfg.action_dim}], got {tuple(action_ids.shape)}")
     n_steps = action_ids.shape[1]
     condition = None
     if model.film_words is not None:
@@ -121,9 +119,7 @@ def forward_episode(
     else:
         frames_t = torch.as_tensor(frames, device=device)
         if frames_t.shape[:2] != (bsz, n_steps):
-            raise ValueError(
-                f"frames must start with [B={bsz}, T={n_steps}], got {tuple(frames_t.shape)}"
-            )
+            raise ValueError(f"frames must start with [B={bsz}, T={n_steps}], got {tuple(frames_t.shape)}")
         if frames_t.dtype == torch.uint8:
             pix = model.pixel_values(frames_t)
         else:

@@ -55,7 +55,9 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         else:
             self.vision = SiglipVisionModel(config.vision_config())
         grid = config.image_size // config.patch_size
-        self.projector = SpaceToDepthProjector(config.vision_hidden_size, config.hidden_size, grid, config.pool)
+        self.projector = SpaceToDepthProjector(
+            config.vision_hidden_size, config.hidden_size, grid, config.pool
+        )
         self.language_model = LlamaForCausalLM(config.text_config())
         self.tokenizer = build_text_tokenizer(config.words, config.n_action_bins)
         # the ids of the prompt template's fixed words before and after the instruction (BOS first)
@@ -147,7 +149,9 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         """The instruction's colour highlight on ``[B, 3, S, S]`` pixels (identity without one)."""
         if self.highlight is None:
             return pixel_values
-        return conditioning.highlight_pixels(self.highlight, pixel_values, condition, self.config.highlight_slots)
+        return conditioning.highlight_pixels(
+            self.highlight, pixel_values, condition, self.config.highlight_slots
+        )
 
     # ---- vision ------------------------------------------------------------------------------
     def vision_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -160,7 +164,9 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         # the ResNet returns a [B, C, h, w] map: flatten it to the ViT's [B, h*w, C] patch sequence
         return feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
 
-    def encode_pixels(self, pixel_values: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_pixels(
+        self, pixel_values: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[B, 3, S, S]`` -> projected visual tokens ``[B, N, H]``.
 
         ``condition`` (from :meth:`instruction_condition`) is required by a highlight model and
