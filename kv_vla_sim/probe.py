@@ -1,8 +1,7 @@
 """The instruction probe's scenes and scoring: does a policy read the colour word of its instruction?
 
-Why: a policy can reach 40-60% on the instruction-named tasks without reading the instruction at
-all (it touches *a* cube; chance is 1/3 for ``reach``), so success alone hides whether the language
-path works. This probe isolates it. On the first frame of ``reach`` scenes it asks the model once
+Why: a policy can succeed well above chance on the instruction-named tasks without reading the
+instruction at all (it touches *a* cube), so success alone hides whether the language path works. This probe isolates it. On the first frame of ``reach`` scenes it asks the model once
 per cube, changing only the colour word ("reach the red/green/blue cube"), and checks whether the
 first action heads for the named cube: its lateral direction must be closer (by cosine) to the
 direction from the gripper to that cube than to the other two. A policy that ignores the word gives

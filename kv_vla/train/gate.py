@@ -20,10 +20,9 @@ nothing and a leave-one-out target would call all of them useless.
 under a token budget: step ``i`` weighs old chunk ``j`` by ``min(1, K * u_j / sum of u over the old
 chunks step i sees)`` instead of ``u_j`` (all kept while ``K`` or fewer are old). Why: with
 independent soft masks a gate can keep every early chunk at a moderate utility and lose nothing,
-and it learns position instead of content -- the gate trained that way ranked frames 0-2 above a
-cue shown at frame 3-12 (``late_cued_reach``) in 40 of 40 episodes, because the cue sits at frames
-0-2 in the other cued tasks. Under the budget, a useless early chunk takes weight from the cue, so
-the ranking itself is trained.
+so it learns position instead of content (the cue sits at frames 0-2 in most cued tasks; measured
+in docs/RESULTS.md). Under the budget, a useless early chunk takes weight from the cue, so the
+ranking itself is trained.
 
 The gate's input is exactly what :class:`kv_vla.cache.EpisodeCache` computes online (per-layer
 key/value statistics of each completed chunk and its index), taken from a cache that has seen the
