@@ -28,8 +28,8 @@ import torch
 
 from kv_vla.model.compact import CompactVLA
 from kv_vla.model.prompt import build_prompt
-from kv_vla.train.bc import TargetHead, with_overrides
 from kv_vla.train.data import aux_targets, random_shift, target_label
+from kv_vla.train.model_parts import TargetHead, with_overrides
 from kv_vla_sim.demos import load_episodes
 
 TASKS = ("reach", "pick_place", "touch_sequence")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from kv_vla.train.bc import TrainConfig, build_model, cache_vision_patches, train_bc
+from kv_vla.train.bc import TrainConfig, train_bc
 from kv_vla.train.data import collate, sample_step_visibility, tokenize_episodes
 from kv_vla.train.gate import GateTrainConfig, gate_loss, train_gate
+from kv_vla.train.model_parts import build_model, cache_vision_patches
 
 TINY = {
     "vision_hidden_size": 32,
@@ -211,7 +212,7 @@ def test_fine_tuning_into_highlight_keeps_every_trained_weight_and_refuses_shape
     trained weights, or an unknown field, is refused with the reason."""
     from kv_vla.model.compact import CompactVLA, CompactVLAConfig
     from kv_vla.model.prompt import build_prompt
-    from kv_vla.train.bc import with_overrides
+    from kv_vla.train.model_parts import with_overrides
 
     torch.manual_seed(2)
     trained = CompactVLA(CompactVLAConfig(**TINY, action_decoding="parallel")).eval()
