@@ -35,17 +35,17 @@ class Case:
 MATRIX: dict[str, Case] = {
     "full": Case("dynamic"),
     "none": Case("masked"),
-    "window": Case("masked", dict(recent_chunks=3)),
-    "sinks": Case("masked", dict(sink_tokens=4, recent_chunks=2)),
+    "window": Case("masked", dict(recent_chunks=3, max_tokens=None)),
+    "sinks": Case("masked", dict(sink_tokens=4, recent_chunks=2, max_tokens=None)),
     "attention": Case("masked", dict(sink_tokens=4, recent_chunks=2, max_tokens=120)),
     "random": Case("masked", dict(recent_chunks=1, max_tokens=100, seed=3)),
     "gated": Case("masked", dict(recent_chunks=2, max_tokens=130, gate_threshold=0.45)),
-    "zipvl": Case("dequantized", dict(recent_chunks=2, extra={"tau": 0.6, "low_bits": 4}), low_bits=4),
+    "zipvl": Case("dequantized", dict(recent_chunks=2, max_tokens=None, tau=0.6, low_bits=4), low_bits=4),
     # the seeded untrained gate's utilities on this episode lie in 0.46-0.48: these thresholds
     # put some chunks in each tier (evicted / int4 / full)
     "gated_tiered": Case(
         "dequantized",
-        dict(recent_chunks=2, seed=0, gate_threshold=0.472, extra={"full_threshold": 0.476, "low_bits": 4}),
+        dict(recent_chunks=2, max_tokens=None, seed=0, gate_threshold=0.472, full_threshold=0.476, low_bits=4),
         low_bits=4,
     ),
 }
