@@ -76,7 +76,7 @@ def test_async_vector_env_runs_tasks_in_subprocesses():
     fns = [lambda t=t: gym.make(env_id(t)) for t in tasks]
     venv = gym.vector.AsyncVectorEnv(fns, shared_memory=False)
     try:
-        obs, info = venv.reset(seed=[5, 6])
+        obs, _ = venv.reset(seed=[5, 6])
         assert obs["image"].shape == (2, 64, 64, 3)
         actions = np.tile(np.array([[0.3, 0.1, -0.2, -1.0]], dtype=np.float32), (2, 1))
         for _ in range(2):
