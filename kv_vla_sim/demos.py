@@ -306,7 +306,17 @@ def _run_one(job: tuple[str, int, int, float, str]) -> dict[str, object]:
     return meta
 
 
-def _map(jobs: list[tuple[str, int, int, float, str]], workers: int) -> Iterator[dict[str, object]]:
+def _map(
+    jobs: list[tuple[str, int, int, float, str]],
+    workers: int,
+    backend: str = "local",
+    ray_address: str | None = None,
+) -> Iterator[dict[str, object]]:
+    if backend == "ray":
+        from kv_vla_sim.distributed import collect_on_ray
+
+        yield from collect_on_ray(jobs, workers, ray_address)
+        return
     if workers <= 1:
         for job in jobs:
             yield _run_one(job)
@@ -325,11 +335,20 @@ def collect(
     noise: float = DEFAULT_NOISE,
     workers: int = 1,
     progress: bool = True,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, int]:
     """Make sure ``out_dir`` holds ``episodes`` successful demonstrations of each task.
 
     ``task`` is a task name or ``"all"``. Returns {task: number of demonstrations on disk}.
+    ``backend="ray"`` records on ``workers`` Ray actors (an embedded Ray, or the cluster at
+    ``ray_address``; :mod:`kv_vla_sim.distributed`); the files and the index are the same as with
+    the local backend (the index is kept sorted by task and seed).
     """
+    from kv_vla_sim.distributed import check_backend
+
+    check_backend(backend, workers, ray_address)
+    out_dir = os.path.abspath(out_dir)  # Ray workers may run in another working directory
     if seed_offset < DEMO_SEED_OFFSET:
         raise ValueError(f"demonstration seeds must be >= {DEMO_SEED_OFFSET} (evaluation uses the rest)")
     tasks = list(TASKS) if task == "all" else [task]
@@ -355,7 +374,7 @@ def collect(
                 if next_seed not in done and next_seed not in rejected:
                     jobs.append((t, next_seed, image_size, noise, out_dir))
                 next_seed += 1
-            for k, meta in enumerate(_map(jobs, workers)):
+            for k, meta in enumerate(_map(jobs, workers, backend, ray_address)):
                 if meta["success"]:
                     done.add(int(meta["seed"]))  # type: ignore[call-overload]
                     index["episodes"].append(
@@ -373,6 +392,8 @@ def collect(
                     index["rejected"].append({"task": t, "seed": meta["seed"]})
                 if k % 10 == 9:
                     write_json_atomic(os.path.join(out_dir, INDEX), index)
+            for entries in index.values():  # one order, whichever worker finished first
+                entries.sort(key=lambda e: (str(e["task"]), int(e["seed"])))  # type: ignore[call-overload]
             write_json_atomic(os.path.join(out_dir, INDEX), index)
         bar.close()
         counts[t] = len(done)

@@ -1,0 +1,97 @@
+"""Ray, for spreading episodes over processes or machines (``--backend ray``); imported only when used.
+
+Why Ray and not a process pool of our own: the same code runs on the cores of one machine (an
+embedded Ray started here) and on a cluster (``ray start --head`` on one node, ``ray start
+--address`` on the others, then ``--ray-address`` here), and it handles worker start-up, failure
+and shutdown. Workers are actors that keep their env (and, for evaluation, the model runtime)
+between episodes; every episode is one actor call, so results do not depend on which worker ran it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+#: Object store of an embedded Ray: episodes return small records, not frames, so keep it small on a
+#: shared machine (Ray's default is 30% of RAM).
+OBJECT_STORE_BYTES = 128 * 1024 * 1024
+
+
+def check_backend(backend: str, workers: int, address: str | None) -> None:
+    """Refuse combinations that would be silently ignored."""
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend: {backend!r} is not one of 'local', 'ray'")
+    if workers < 1:
+        raise ValueError(f"workers: {workers} must be >= 1")
+    if address is not None and backend != "ray":
+        raise ValueError("--ray-address needs --backend ray")
+
+
+@contextlib.contextmanager
+def ray_session(workers: int, address: str | None = None) -> Iterator[Any]:
+    """Connect to the cluster at ``address`` (default: ``$RAY_ADDRESS``, Ray's own convention), or
+    start an embedded local Ray with ``workers`` CPUs and no dashboard.
+
+    Reuses a Ray already initialised by the caller (and leaves it running); a session started here is
+    shut down on exit, so no Ray process outlives the command.
+    """
+    import ray
+
+    started = False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(
+                num_cpus=workers,
+                include_dashboard=False,
+                object_store_memory=OBJECT_STORE_BYTES,
+                log_to_driver=False,
+            )
+        else:
+            ray.init(address=address, log_to_driver=False)
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def map_on_actors(
+    actor_cls: Any, actor_args: tuple, calls: Iterable[tuple], workers: int, method: str = "run"
+) -> Iterator[Any]:
+    """Create ``workers`` actors of the ``@ray.remote`` class and yield ``actor.<method>(*call)``
+    results as they finish (any order; callers sort). Needs a Ray session (:func:`ray_session`)."""
+    from ray.util import ActorPool
+
+    actors = [actor_cls.remote(*actor_args) for _ in range(workers)]
+    pool = ActorPool(actors)
+    fn: Callable[[Any, tuple], Any] = lambda actor, call: getattr(actor, method).remote(*call)  # noqa: E731
+    yield from pool.map_unordered(fn, list(calls))
+
+
+def collect_on_ray(
+    jobs: list[tuple[str, int, int, float, str]], workers: int, address: str | None
+) -> Iterator[dict[str, object]]:
+    """``kv_vla_sim.demos`` jobs on ``workers`` Ray actors; yields each episode's meta as it finishes."""
+    with ray_session(workers, address):
+        yield from map_on_actors(_collect_worker_class(), (), [(job,) for job in jobs], workers)
+
+
+def _collect_worker_class() -> Any:
+    """The ``@ray.remote`` actor that records demonstrations (one env at a time, kept between
+    episodes of a task); built on first use so that importing this module does not import ray."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class CollectWorker:
+        def run(self, job: tuple[str, int, int, float, str]) -> dict[str, object]:
+            from kv_vla_sim import demos
+
+            for key in [k for k in demos._ENVS if k != (job[0], job[2])]:  # one env per worker
+                demos._ENVS.pop(key).close()  # type: ignore[attr-defined]
+            return demos._run_one(job)
+
+    return CollectWorker
