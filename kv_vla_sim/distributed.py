@@ -59,14 +59,11 @@ def ray_session(workers: int, address: str | None = None) -> Iterator[Any]:
             ray.shutdown()
 
 
-def map_on_actors(
-    actor_cls: Any, actor_args: tuple, calls: Iterable[tuple], workers: int, method: str = "run"
-) -> Iterator[Any]:
-    """Create ``workers`` actors of the ``@ray.remote`` class and yield ``actor.<method>(*call)``
-    results as they finish (any order; callers sort). Needs a Ray session (:func:`ray_session`)."""
+def map_on_actors(actors: list[Any], calls: Iterable[tuple], method: str = "run") -> Iterator[Any]:
+    """Yield ``actor.<method>(*call)`` for every call, spread over ``actors`` as each becomes free
+    (``ray.util.ActorPool``), in the order they finish (callers sort). Needs a Ray session."""
     from ray.util import ActorPool
 
-    actors = [actor_cls.remote(*actor_args) for _ in range(workers)]
     pool = ActorPool(actors)
     fn: Callable[[Any, tuple], Any] = lambda actor, call: getattr(actor, method).remote(*call)  # noqa: E731
     yield from pool.map_unordered(fn, list(calls))
@@ -77,7 +74,8 @@ def collect_on_ray(
 ) -> Iterator[dict[str, object]]:
     """``kv_vla_sim.demos`` jobs on ``workers`` Ray actors; yields each episode's meta as it finishes."""
     with ray_session(workers, address):
-        yield from map_on_actors(_collect_worker_class(), (), [(job,) for job in jobs], workers)
+        actors = [_collect_worker_class().remote() for _ in range(workers)]
+        yield from map_on_actors(actors, [(job,) for job in jobs])
 
 
 def _collect_worker_class() -> Any:

@@ -126,22 +126,27 @@ def check_policy(policy: str, args: argparse.Namespace) -> None:
     EpisodeCacheConfig(policy=policy, **options)
 
 
+def remote_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` to send to Ray workers: paths made absolute (workers may run in another
+    directory), the CLI's own callables left out."""
+    import os
+
+    out = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+    for name in ("model", "gate"):
+        value = getattr(out, name, None)
+        if value is not None and os.path.exists(value):
+            setattr(out, name, os.path.abspath(value))
+    return out
+
+
 def _evaluate_on_ray(policies: list[str], tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
     import functools
-    import os
 
     from kv_vla.eval.distributed import evaluate_ray
 
     for policy in policies:
         check_policy(policy, args)
-    remote_args = argparse.Namespace(**vars(args))  # paths absolute: workers may run elsewhere
-    for name in ("model", "gate"):
-        value = getattr(remote_args, name, None)
-        if value is not None and os.path.exists(value):
-            setattr(remote_args, name, os.path.abspath(value))
-    for key in [k for k in vars(remote_args) if k.startswith("_")]:  # the CLI's callables
-        delattr(remote_args, key)
-    builders = {p: functools.partial(agent_factory, p, remote_args) for p in policies}
+    builders = {p: functools.partial(agent_factory, p, remote_args(args)) for p in policies}
     return evaluate_ray(
         builders,
         tasks,

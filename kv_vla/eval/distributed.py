@@ -40,7 +40,16 @@ class EvalWorker:
         self._env: Any = None
         self._agent: Any = None
 
+    def warm(self, policy: str, task: str) -> None:
+        """Build the agent and env of the first episode (timed apart from the episodes)."""
+        self._prepare(policy, task)
+
     def run(self, policy: str, task: str, seed: int, record_actions: bool) -> dict[str, Any]:
+        self._prepare(policy, task)
+        rec = run_episode(self._env, self._agent, seed, record_actions=record_actions)
+        return {"policy": policy, **rec}
+
+    def _prepare(self, policy: str, task: str) -> None:
         from kv_vla_sim.env import TabletopEnv
 
         if policy != self._policy:
@@ -58,8 +67,6 @@ class EvalWorker:
             assert self._factory is not None
             self._agent = self._factory(self._env)
             self._task = task
-        rec = run_episode(self._env, self._agent, seed, record_actions=record_actions)
-        return {"policy": policy, **rec}
 
     def _close_env(self) -> None:
         if self._env is not None:
@@ -91,12 +98,18 @@ def evaluate_ray(
     with ray_session(workers, address) as ray:
         ray_start_s = time.perf_counter() - t0
         actor_cls = ray.remote(num_cpus=1)(EvalWorker)
+        actors = [actor_cls.remote(dict(builders), image_size, torch_threads) for _ in range(workers)]
+        if calls:
+            ray.get([a.warm.remote(calls[0][0], calls[0][1]) for a in actors])
+        t_warm = time.perf_counter()
         bar = tqdm(total=len(calls), desc=f"eval (ray, {workers} workers)", disable=not progress)
-        for rec in map_on_actors(actor_cls, (dict(builders), image_size, torch_threads), calls, workers):
+        for rec in map_on_actors(actors, calls):
             records.append(rec)
             bar.update(1)
             bar.set_postfix(policy=rec["policy"], task=rec["task"])
         bar.close()
+        episodes_s = time.perf_counter() - t_warm
+        workers_start_s = t_warm - t0 - ray_start_s
     result = assemble(records, list(builders), tasks, seeds, image_size)
     result["config"]["backend"] = {
         "name": "ray",
@@ -104,5 +117,7 @@ def evaluate_ray(
         "address": address,
         "wall_s": time.perf_counter() - t0,  # including Ray's start-up and the workers' model loads
         "ray_start_s": ray_start_s,
+        "workers_start_s": workers_start_s,  # actor processes up, first agent and env built
+        "episodes_s": episodes_s,
     }
     return result

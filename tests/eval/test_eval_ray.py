@@ -18,7 +18,7 @@ from kv_vla.cli import main as kv_vla_main
 from kv_vla_sim.demos import load_episodes
 
 pytestmark = pytest.mark.slow
-TIMING_FIELDS = {"step_ms_p50", "step_ms_p95", "eval_s", "eval_ep_s", "wall_s", "ray_start_s"}
+TIMING_FIELDS = {"step_ms_p50", "step_ms_p95", "eval_s", "eval_ep_s"}
 
 
 def _ray_processes(session: str) -> list[str]:
