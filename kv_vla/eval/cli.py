@@ -191,5 +191,18 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(result, args.out)
     with open(paths["results"]) as f:
         print(f.read())
+    print(backend_line(result["config"]["backend"]))
     print("wrote", ", ".join(paths.values()))
     return 0
+
+
+def backend_line(backend: dict[str, Any]) -> str:
+    """Where the episodes ran and how long that took, in one line."""
+    if backend["name"] != "ray":
+        return f"backend: local, {backend['wall_s']:.1f} s"
+    where = backend["address"] or "embedded local Ray"
+    return (
+        f"backend: ray ({where}), {backend['workers']} workers, {backend['wall_s']:.1f} s "
+        f"(Ray start {backend['ray_start_s']:.1f} s, workers start {backend['workers_start_s']:.1f} s, "
+        f"episodes {backend['episodes_s']:.1f} s)"
+    )
