@@ -5,14 +5,18 @@
 One embedded Ray serves every measurement (its start-up is paid once, outside the timings); each
 round runs the same evaluation (``kv_vla.eval.distributed.evaluate_ray``: actor start, model load,
 episodes) once per worker count, in alternating order (ABBA...), so background load on a shared
-machine hits every count alike. Prints the median wall time per count and the speed-up against the
-smallest count, checks that every count produced the same episodes, and writes JSON + PNG.
+machine hits every count alike. Each round also times a control: a fixed amount of pure-Python
+CPU work split over as many Ray tasks as workers, which shows how much parallel CPU the machine
+offered at that moment (on a machine shared with other jobs it can be far less than its cores).
+Prints the median wall time per count and the speed-up against the smallest count, checks that
+every count produced the same episodes, and writes JSON + PNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import statistics
 import time
@@ -23,7 +27,22 @@ import numpy as np
 
 from kv_vla.atomic import atomic_write, atomic_write_json
 
-TIMING_FIELDS = ("step_ms_p50", "step_ms_p95", "eval_s")
+CONTROL_ITERATIONS = 20_000_000  # ~1 s of one free core
+
+
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i & 7
+    return total
+
+
+def _control_wall(ray: Any, workers: int) -> float:
+    """Wall time of CONTROL_ITERATIONS loop iterations split over ``workers`` Ray tasks."""
+    spin = ray.remote(num_cpus=1)(_spin)
+    t = time.perf_counter()
+    ray.get([spin.remote(CONTROL_ITERATIONS // workers) for _ in range(workers)])
+    return time.perf_counter() - t
 
 
 def _outcomes(result: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -64,9 +83,10 @@ def measure(
     builders = {policy: functools.partial(agent_factory, policy, remote_args(args))}
     walls: dict[int, list[float]] = {w: [] for w in worker_counts}
     episode_walls: dict[int, list[float]] = {w: [] for w in worker_counts}
+    control_walls: dict[int, list[float]] = {w: [] for w in worker_counts}
     outcomes: dict[int, list[tuple[Any, ...]]] = {}
     t0 = time.perf_counter()
-    with ray_session(max(worker_counts)):
+    with ray_session(max(worker_counts)) as ray:
         ray_start_s = time.perf_counter() - t0
         for r in range(rounds):
             order = worker_counts if r % 2 == 0 else worker_counts[::-1]
@@ -75,11 +95,13 @@ def measure(
                 result = evaluate_ray(builders, [task], episodes, workers=w, progress=progress)
                 walls[w].append(time.perf_counter() - t)
                 episode_walls[w].append(result["config"]["backend"]["episodes_s"])
+                control_walls[w].append(_control_wall(ray, w))
                 outcomes.setdefault(w, _outcomes(result))
                 if outcomes[w] != _outcomes(result) or outcomes[w] != outcomes[worker_counts[0]]:
                     raise RuntimeError(f"{w} workers gave other episodes than {worker_counts[0]}")
     base = statistics.median(walls[worker_counts[0]])
     base_ep = statistics.median(episode_walls[worker_counts[0]])
+    base_ctl = statistics.median(control_walls[worker_counts[0]])
     return {
         "policy": policy,
         "task": task,
@@ -95,6 +117,12 @@ def measure(
         "episodes_speedup_vs_first": {
             str(w): base_ep / statistics.median(v) for w, v in episode_walls.items()
         },
+        "control_wall_s": {str(w): v for w, v in control_walls.items()},
+        "control_speedup_vs_first": {
+            str(w): base_ctl / statistics.median(v) for w, v in control_walls.items()
+        },
+        "load_average_end": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
         "same_episodes": True,
         "successes": sum(o[3] for o in outcomes[worker_counts[0]]),
     }
@@ -163,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{c} worker(s): median {report['median_wall_s'][str(c)]:.1f} s with worker start-up "
             f"(x{report['speedup_vs_first'][str(c)]:.2f}), {report['median_episodes_wall_s'][str(c)]:.1f} s "
-            f"episodes only (x{report['episodes_speedup_vs_first'][str(c)]:.2f}), over {args.rounds} rounds"
+            f"episodes only (x{report['episodes_speedup_vs_first'][str(c)]:.2f}); CPU control "
+            f"x{report['control_speedup_vs_first'][str(c)]:.2f}; over {args.rounds} rounds"
         )
+    print(f"load average at the end {report['load_average_end'][0]:.1f} on {report['cpu_count']} CPUs")
     print(f"Ray start-up (once, not timed above): {report['ray_start_s']:.1f} s; wrote {args.json}")
     return 0
 
