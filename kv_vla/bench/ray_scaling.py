@@ -40,6 +40,7 @@ def _spin(n: int) -> int:
 def _control_wall(ray: Any, workers: int) -> float:
     """Wall time of CONTROL_ITERATIONS loop iterations split over ``workers`` Ray tasks."""
     spin = ray.remote(num_cpus=1)(_spin)
+    ray.get([spin.remote(1) for _ in range(workers)])  # task worker processes up before timing
     t = time.perf_counter()
     ray.get([spin.remote(CONTROL_ITERATIONS // workers) for _ in range(workers)])
     return time.perf_counter() - t
