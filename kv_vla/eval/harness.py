@@ -63,13 +63,16 @@ def run_episode(env: TabletopEnv, agent: Agent, seed: int, record_actions: bool 
 
     ``sum_reward`` / ``max_reward`` are LeRobot's names for the env's rewards (1.0 on the success
     step); ``eval_s`` is the episode's wall time. With ``record_actions`` the executed actions come
-    back under ``actions`` (to compare backends; off by default: it is the bulk of a record).
+    back under ``actions`` (to compare backends; off by default: it is the bulk of a record), and for
+    a model agent ``action_margins``: per step, the smallest gap between the top two action logits
+    of any dimension (where it is within float round-off, another process may decode another bin).
     """
     t_start = time.perf_counter()
     obs, info = env.reset(seed=seed)
     agent.reset(info["instruction"])
     step_ms: list[float] = []
     actions: list[list[float]] = []
+    margins: list[float] = []
     rewards: list[float] = []
     peak_kv: int | None = None
     success = failure = False
@@ -85,6 +88,10 @@ def run_episode(env: TabletopEnv, agent: Agent, seed: int, record_actions: bool 
         action = np.asarray(res.action, dtype=np.float32)[:4]
         if record_actions:
             actions.append(action.tolist())
+            logits = getattr(agent, "last_action_logits", None)
+            if logits is not None:
+                top2 = np.sort(np.asarray(logits, dtype=np.float32), axis=-1)[..., -2:]
+                margins.append(float((top2[..., 1] - top2[..., 0]).min()))
         obs, reward, terminated, truncated, step_info = env.step(action)
         rewards.append(float(reward))
         steps += 1
@@ -108,6 +115,8 @@ def run_episode(env: TabletopEnv, agent: Agent, seed: int, record_actions: bool 
     }
     if record_actions:
         rec["actions"] = actions
+        if margins:
+            rec["action_margins"] = margins
     return rec
 
 

@@ -13,12 +13,14 @@ import time
 
 import numpy as np
 import pytest
+from numerics import LOGIT_ATOL
 
 from kv_vla.cli import main as kv_vla_main
 from kv_vla_sim.demos import load_episodes
 
 pytestmark = pytest.mark.slow
-TIMING_FIELDS = {"step_ms_p50", "step_ms_p95", "eval_s", "eval_ep_s"}
+# timings, and the logit margins (floats that may differ by round-off between processes; see below)
+UNCOMPARED = {"step_ms_p50", "step_ms_p95", "eval_s", "eval_ep_s", "action_margins"}
 
 
 def _ray_processes(session: str) -> list[str]:
@@ -53,19 +55,26 @@ def ray_cluster():
 
 def _strip_timings(obj):
     if isinstance(obj, dict):
-        return {k: _strip_timings(v) for k, v in obj.items() if k not in TIMING_FIELDS}
+        return {k: _strip_timings(v) for k, v in obj.items() if k not in UNCOMPARED}
     if isinstance(obj, list):
         return [_strip_timings(v) for v in obj]
     return obj
 
 
-def test_eval_on_ray_equals_local(tmp_path, ray_cluster):
-    """Same episodes, successes, actions, KV bytes and aggregates; only timings and the backend differ.
+def _comparable_prefix(local: dict, remote: dict) -> int | None:
+    """Steps of an episode that must agree: all of them, or those before the first step where either
+    run decoded a near tie (top two action logits within LOGIT_ATOL: the worker loads the checkpoint
+    at another memory alignment, so its logits may differ by float32 round-off and flip that bin)."""
+    margins = zip(local.get("action_margins", []), remote.get("action_margins", []))
+    for k, (a, b) in enumerate(margins):
+        if min(a, b) <= LOGIT_ATOL:
+            return k
+    return None
 
-    Actions are compared exactly: both backends decode the same checkpoint on one torch thread
-    (conftest / the worker's torch_threads), and actions are bin centres, so they can differ only
-    where two action logits tie within float32 round-off.
-    """
+
+def test_eval_on_ray_equals_local(tmp_path, ray_cluster):
+    """Same episodes, successes, actions, KV bytes and aggregates; only timings and the backend differ,
+    unless an episode decoded a near tie (then it is compared up to that step)."""
     argv = ["eval", "--policies", "gated,random-actions", "--tasks", "late_cued_reach", "--episodes", "2"]
     argv += ["--recent-chunks", "2", "--max-tokens", "80", "--gate-threshold", "0.0"]
     argv += ["--record-actions", "--no-progress"]
@@ -75,8 +84,18 @@ def test_eval_on_ray_equals_local(tmp_path, ray_cluster):
     ray_ = json.loads((tmp_path / "ray" / "eval_info.json").read_text())
     assert ray_["config"].pop("backend")["workers"] == 2 and local["config"].pop("backend")["name"] == "local"
     assert len(local["episodes"]) == 4 and all(len(e["actions"]) == e["steps"] for e in local["episodes"])
-    assert any(e["peak_kv_bytes"] for e in local["episodes"])  # the model policy ran
-    assert _strip_timings(ray_) == _strip_timings(local)
+    margins = [len(e.get("action_margins", [])) for e in local["episodes"]]
+    assert margins == [e["steps"] if e["policy"] == "gated" else 0 for e in local["episodes"]]
+    assert [(e["policy"], e["seed"]) for e in ray_["episodes"]] == [
+        (e["policy"], e["seed"]) for e in local["episodes"]
+    ]
+    ties = [_comparable_prefix(a, b) for a, b in zip(local["episodes"], ray_["episodes"])]
+    if all(k is None for k in ties):
+        assert _strip_timings(ray_) == _strip_timings(local)
+    for a, b, k in zip(local["episodes"], ray_["episodes"], ties):
+        assert a["actions"][:k] == b["actions"][:k]
+        if k is None:
+            assert _strip_timings(a) == _strip_timings(b)
 
 
 def test_collect_on_ray_equals_local(tmp_path, ray_cluster):
