@@ -148,10 +148,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for xi, c, v in zip(x, counts, values):
             ax.annotate(f"x{report[speed][c]:.2f}", (xi + dx, v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, counts)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.3 * max(report["median_wall_s"].values()))
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     ax.set_xlabel("Ray workers")
     ax.set_ylabel("wall time (s, median)")
-    ax.set_title(f"{report['episodes']} episodes of {report['policy']} on {report['task']}", fontsize=9)
+    control = ", ".join(f"x{v:.2f}" for v in report["control_speedup_vs_first"].values())
+    ax.set_title(
+        f"{report['episodes']} episodes of {report['policy']} on {report['task']}\n"
+        f"CPU control (same work on 1, 2, ... tasks): {control}",
+        fontsize=9,
+    )
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
