@@ -90,8 +90,7 @@ def plot_episode(episode: dict[str, Any], frames: list[np.ndarray], path: str, n
         extent=extent,
     )
     ax_u = fig.add_subplot(grid[2], sharex=ax_f)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#ffffff")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#ffffff")
     # log scale: a trained gate's utilities span decades (~0.2 for a cue, < 0.01 for idle frames)
     norm = LogNorm(vmin=1e-3, vmax=1.0)
     im = ax_u.imshow(
