@@ -1,8 +1,9 @@
 """Ray backend: `kv-vla eval` and `kv-vla collect` on two Ray workers give what the local backend
 gives for the same seeds, and Ray leaves no process behind.
 
-One embedded Ray (2 CPUs, no dashboard) serves the whole module (its start-up costs ~10 s on these
-cores); the commands reuse it and leave it running, the fixture shuts it down.
+One embedded Ray (2 CPUs, no dashboard) serves the comparisons (its start-up costs ~10-20 s on these
+cores); the commands reuse it and leave it running, the fixture shuts it down. The first test starts
+and stops a session of its own, as a command without --ray-address does.
 """
 
 from __future__ import annotations
@@ -38,19 +39,42 @@ def _ray_processes(session: str) -> list[str]:
     return found
 
 
+def _wait_until_gone(session: str) -> list[str]:
+    deadline = time.monotonic() + 30.0  # processes exit asynchronously after shutdown
+    while _ray_processes(session) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _ray_processes(session)
+
+
+def _session_name(ray) -> str:
+    return os.path.basename(ray._private.worker._global_node.get_session_dir_path())
+
+
+def test_embedded_ray_session_shuts_down_and_leaves_no_process():
+    """What every `--backend ray` command without an address does (runs before the shared fixture)."""
+    import ray
+
+    from kv_vla_sim.distributed import ray_session
+
+    assert not ray.is_initialized()
+    with ray_session(1) as session_ray:
+        session = _session_name(session_ray)
+        assert session_ray.cluster_resources()["CPU"] == 1.0
+        assert _ray_processes(session)
+    assert not ray.is_initialized()
+    assert not _wait_until_gone(session)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, log_to_driver=False)
-    session = os.path.basename(ray._private.worker._global_node.get_session_dir_path())
+    session = _session_name(ray)
     assert _ray_processes(session)  # the check below can see Ray's processes
     yield
     ray.shutdown()
-    deadline = time.monotonic() + 30.0  # processes exit asynchronously after shutdown
-    while _ray_processes(session) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes(session)
+    assert not _wait_until_gone(session)
 
 
 def _strip_timings(obj):
