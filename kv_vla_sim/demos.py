@@ -306,17 +306,7 @@ def _run_one(job: tuple[str, int, int, float, str]) -> dict[str, object]:
     return meta
 
 
-def _map(
-    jobs: list[tuple[str, int, int, float, str]],
-    workers: int,
-    backend: str = "local",
-    ray_address: str | None = None,
-) -> Iterator[dict[str, object]]:
-    if backend == "ray":
-        from kv_vla_sim.distributed import collect_on_ray
-
-        yield from collect_on_ray(jobs, workers, ray_address)
-        return
+def _map(jobs: list[tuple[str, int, int, float, str]], workers: int) -> Iterator[dict[str, object]]:
     if workers <= 1:
         for job in jobs:
             yield _run_one(job)
@@ -341,11 +331,9 @@ def collect(
     """Make sure ``out_dir`` holds ``episodes`` successful demonstrations of each task.
 
     ``task`` is a task name or ``"all"``. Returns {task: number of demonstrations on disk}.
-    ``backend="ray"`` records on ``workers`` Ray actors (an embedded Ray, or the cluster at
-    ``ray_address``; :mod:`kv_vla_sim.distributed`); the files and the index are the same as with
-    the local backend (the index is kept sorted by task and seed).
+    ``backend="ray"``: on Ray actors (:mod:`kv_vla_sim.distributed`), same files and index.
     """
-    from kv_vla_sim.distributed import check_backend
+    from kv_vla_sim.distributed import check_backend, job_runner
 
     check_backend(backend, workers, ray_address)
     out_dir = os.path.abspath(out_dir)  # Ray workers may run in another working directory
@@ -360,43 +348,44 @@ def collect(
         os.unlink(stale)
     index = _read_index(out_dir)
     write_json_atomic(os.path.join(out_dir, INDEX), index)
-    counts = {}
-    for t in tasks:
-        done = {int(e["seed"]) for e in index["episodes"] if e["task"] == t}  # type: ignore[call-overload]
-        rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == t}  # type: ignore[call-overload]
-        bar = tqdm(
-            total=episodes, initial=min(len(done), episodes), desc=f"collect {t}", disable=not progress
-        )
-        next_seed = seed_offset
-        while len(done) < episodes:
-            jobs = []
-            while len(jobs) < episodes - len(done):
-                if next_seed not in done and next_seed not in rejected:
-                    jobs.append((t, next_seed, image_size, noise, out_dir))
-                next_seed += 1
-            for k, meta in enumerate(_map(jobs, workers, backend, ray_address)):
-                if meta["success"]:
-                    done.add(int(meta["seed"]))  # type: ignore[call-overload]
-                    index["episodes"].append(
-                        {
-                            "file": meta["file"],
-                            "task": t,
-                            "seed": meta["seed"],
-                            "steps": meta["steps"],
-                            "instruction": meta["instruction"],
-                        }
-                    )
-                    bar.update(1)
-                else:
-                    rejected.add(int(meta["seed"]))  # type: ignore[call-overload]
-                    index["rejected"].append({"task": t, "seed": meta["seed"]})
-                if k % 10 == 9:
-                    write_json_atomic(os.path.join(out_dir, INDEX), index)
-            for entries in index.values():  # one order, whichever worker finished first
-                entries.sort(key=lambda e: (str(e["task"]), int(e["seed"])))  # type: ignore[call-overload]
-            write_json_atomic(os.path.join(out_dir, INDEX), index)
-        bar.close()
-        counts[t] = len(done)
+    with job_runner(workers, backend, ray_address, _map) as run_jobs:  # one Ray session for all tasks
+        counts = {}
+        for t in tasks:
+            done = {int(e["seed"]) for e in index["episodes"] if e["task"] == t}  # type: ignore[call-overload]
+            rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == t}  # type: ignore[call-overload]
+            bar = tqdm(
+                total=episodes, initial=min(len(done), episodes), desc=f"collect {t}", disable=not progress
+            )
+            next_seed = seed_offset
+            while len(done) < episodes:
+                jobs = []
+                while len(jobs) < episodes - len(done):
+                    if next_seed not in done and next_seed not in rejected:
+                        jobs.append((t, next_seed, image_size, noise, out_dir))
+                    next_seed += 1
+                for k, meta in enumerate(run_jobs(jobs)):
+                    if meta["success"]:
+                        done.add(int(meta["seed"]))  # type: ignore[call-overload]
+                        index["episodes"].append(
+                            {
+                                "file": meta["file"],
+                                "task": t,
+                                "seed": meta["seed"],
+                                "steps": meta["steps"],
+                                "instruction": meta["instruction"],
+                            }
+                        )
+                        bar.update(1)
+                    else:
+                        rejected.add(int(meta["seed"]))  # type: ignore[call-overload]
+                        index["rejected"].append({"task": t, "seed": meta["seed"]})
+                    if k % 10 == 9:
+                        write_json_atomic(os.path.join(out_dir, INDEX), index)
+                for entries in index.values():  # one order, whichever worker finished first
+                    entries.sort(key=lambda e: (str(e["task"]), int(e["seed"])))  # type: ignore[call-overload]
+                write_json_atomic(os.path.join(out_dir, INDEX), index)
+            bar.close()
+            counts[t] = len(done)
     return counts
 
 

@@ -69,13 +69,19 @@ def map_on_actors(actors: list[Any], calls: Iterable[tuple], method: str = "run"
     yield from pool.map_unordered(fn, list(calls))
 
 
-def collect_on_ray(
-    jobs: list[tuple[str, int, int, float, str]], workers: int, address: str | None
-) -> Iterator[dict[str, object]]:
-    """``kv_vla_sim.demos`` jobs on ``workers`` Ray actors; yields each episode's meta as it finishes."""
+@contextlib.contextmanager
+def job_runner(
+    workers: int, backend: str, address: str | None, local_map: Callable[[list[tuple], int], Iterator[Any]]
+) -> Iterator[Callable[[list[tuple]], Iterator[Any]]]:
+    """``run(jobs)`` for ``kv_vla_sim.demos.collect``, yielding each job's meta as it finishes: the
+    local ``local_map(jobs, workers)``, or ``workers`` recording actors in one Ray session kept for
+    the whole collection (not one session per task)."""
+    if backend != "ray":
+        yield lambda jobs: local_map(jobs, workers)
+        return
     with ray_session(workers, address):
         actors = [_collect_worker_class().remote() for _ in range(workers)]
-        yield from map_on_actors(actors, [(job,) for job in jobs])
+        yield lambda jobs: map_on_actors(actors, [(job,) for job in jobs])
 
 
 def _collect_worker_class() -> Any:
