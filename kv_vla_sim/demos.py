@@ -324,11 +324,18 @@ def collect(
     noise: float = DEFAULT_NOISE,
     workers: int = 1,
     progress: bool = True,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, int]:
     """Make sure ``out_dir`` holds ``episodes`` successful demonstrations of each task.
 
     ``task`` is a task name or ``"all"``. Returns {task: number of demonstrations on disk}.
+    ``backend="ray"``: on Ray actors (:mod:`kv_vla_sim.distributed`), same files and index.
     """
+    from kv_vla_sim.distributed import check_backend, job_runner
+
+    check_backend(backend, workers, ray_address)
+    out_dir = os.path.abspath(out_dir)  # Ray workers may run in another working directory
     if seed_offset < DEMO_SEED_OFFSET:
         raise ValueError(f"demonstration seeds must be >= {DEMO_SEED_OFFSET} (evaluation uses the rest)")
     tasks = list(TASKS) if task == "all" else [task]
@@ -340,41 +347,44 @@ def collect(
         os.unlink(stale)
     index = _read_index(out_dir)
     write_json_atomic(os.path.join(out_dir, INDEX), index)
-    counts = {}
-    for t in tasks:
-        done = {int(e["seed"]) for e in index["episodes"] if e["task"] == t}  # type: ignore[call-overload]
-        rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == t}  # type: ignore[call-overload]
-        bar = tqdm(
-            total=episodes, initial=min(len(done), episodes), desc=f"collect {t}", disable=not progress
-        )
-        next_seed = seed_offset
-        while len(done) < episodes:
-            jobs = []
-            while len(jobs) < episodes - len(done):
-                if next_seed not in done and next_seed not in rejected:
-                    jobs.append((t, next_seed, image_size, noise, out_dir))
-                next_seed += 1
-            for k, meta in enumerate(_map(jobs, workers)):
-                if meta["success"]:
-                    done.add(int(meta["seed"]))  # type: ignore[call-overload]
-                    index["episodes"].append(
-                        {
-                            "file": meta["file"],
-                            "task": t,
-                            "seed": meta["seed"],
-                            "steps": meta["steps"],
-                            "instruction": meta["instruction"],
-                        }
-                    )
-                    bar.update(1)
-                else:
-                    rejected.add(int(meta["seed"]))  # type: ignore[call-overload]
-                    index["rejected"].append({"task": t, "seed": meta["seed"]})
-                if k % 10 == 9:
-                    write_json_atomic(os.path.join(out_dir, INDEX), index)
-            write_json_atomic(os.path.join(out_dir, INDEX), index)
-        bar.close()
-        counts[t] = len(done)
+    with job_runner(workers, backend, ray_address, _map) as run_jobs:  # one Ray session for all tasks
+        counts = {}
+        for t in tasks:
+            done = {int(e["seed"]) for e in index["episodes"] if e["task"] == t}  # type: ignore[call-overload]
+            rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == t}  # type: ignore[call-overload]
+            bar = tqdm(
+                total=episodes, initial=min(len(done), episodes), desc=f"collect {t}", disable=not progress
+            )
+            next_seed = seed_offset
+            while len(done) < episodes:
+                jobs = []
+                while len(jobs) < episodes - len(done):
+                    if next_seed not in done and next_seed not in rejected:
+                        jobs.append((t, next_seed, image_size, noise, out_dir))
+                    next_seed += 1
+                for k, meta in enumerate(run_jobs(jobs)):
+                    if meta["success"]:
+                        done.add(int(meta["seed"]))  # type: ignore[call-overload]
+                        index["episodes"].append(
+                            {
+                                "file": meta["file"],
+                                "task": t,
+                                "seed": meta["seed"],
+                                "steps": meta["steps"],
+                                "instruction": meta["instruction"],
+                            }
+                        )
+                        bar.update(1)
+                    else:
+                        rejected.add(int(meta["seed"]))  # type: ignore[call-overload]
+                        index["rejected"].append({"task": t, "seed": meta["seed"]})
+                    if k % 10 == 9:
+                        write_json_atomic(os.path.join(out_dir, INDEX), index)
+                for entries in index.values():  # one order, whichever worker finished first
+                    entries.sort(key=lambda e: (str(e["task"]), int(e["seed"])))  # type: ignore[call-overload]
+                write_json_atomic(os.path.join(out_dir, INDEX), index)
+            bar.close()
+            counts[t] = len(done)
     return counts
 
 
