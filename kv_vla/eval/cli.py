@@ -109,10 +109,7 @@ def check_policy(policy: str, args: argparse.Namespace) -> None:
         raise SystemExit(
             f"unknown policy {policy!r}: use one of {sorted(POLICIES)}, 'stateless' or {list(MODEL_FREE)}"
         )
-    options = cache_options(args)
-    if policy in ZIPVL_POLICIES and zipvl_options(args):
-        options["extra"] = zipvl_options(args)
-    EpisodeCacheConfig(policy=policy, **options)
+    EpisodeCacheConfig(policy=policy, **cache_options(args))
 
 
 def remote_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from kv_vla import settings
 from kv_vla.atomic import atomic_write_json
+from kv_vla.eval.cli import CACHE_FLAGS
 
 PENDING, KEPT, LOW, EVICTED = "pending", "kept", "low", "evicted"
 
@@ -34,11 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunk-size", type=int, default=None, help="default: one control step")
-    parser.add_argument("--recent-chunks", type=int, default=2)
-    parser.add_argument("--sink-tokens", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=80, help="token budget (0: none)")
-    parser.add_argument("--gate-threshold", type=float, default=0.0)
+    # left out, a knob keeps the evaluated setting (kv_vla/settings.py, or the gate file's)
+    settings.add_flags(parser.add_argument_group("cache settings (kv_vla/settings.py)"), CACHE_FLAGS)
     parser.add_argument("--frames", type=int, default=14, help="frames shown in the strip")
 
 
@@ -164,11 +163,8 @@ def _runtime(args: argparse.Namespace) -> Any:
     """The model with the policy and options of the command line (through ``kv-vla eval``'s loader)."""
     from kv_vla.eval.cli import model_factory
 
-    eval_args = argparse.Namespace(**vars(args))
-    if eval_args.max_tokens == 0:
-        eval_args.max_tokens = None
     try:
-        return model_factory(args.policy, eval_args)(None)
+        return model_factory(args.policy, argparse.Namespace(**vars(args)))(None)
     except ValueError as exc:
         raise SystemExit(f"kv-vla inspect: {exc}") from None
 
