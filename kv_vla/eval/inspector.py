@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     # left out, a knob keeps the evaluated setting (kv_vla/settings.py, or the gate file's)
-    settings.add_flags(parser.add_argument_group("cache settings (kv_vla/settings.py)"), CACHE_FLAGS)
+    # (the cache's own ``seed`` is left at its default: ``--seed`` is the episode's)
+    knobs = tuple(n for n in CACHE_FLAGS if n != "seed")
+    settings.add_flags(parser.add_argument_group("cache settings (kv_vla/settings.py)"), knobs)
     parser.add_argument("--frames", type=int, default=14, help="frames shown in the strip")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kv_vla.cli import main as kv_vla_main
 from kv_vla.eval.inspector import EVICTED, KEPT, LOW, PENDING, record_episode
-from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+from kv_vla.model.compact import CompactVLA, CompactVLAConfig
 from kv_vla.runtime import EpisodeRuntime
 from kv_vla_sim.env import TabletopEnv
 

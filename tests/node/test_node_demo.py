@@ -121,7 +121,7 @@ def test_demo_interrupted_leaves_no_processes(tmp_path, model, sig, sigint_ignor
 
 def test_demo_fails_fast_with_the_reason_when_the_node_refuses_the_episode(tmp_path, model):
     """A budget too small for the model's steps (30 tokens: not even the prompt and three 8-token
-    chunks) makes the node refuse every instruction; the demo stops with the node's reason instead
+    chunks) makes the node refuse its configuration at start-up; the demo stops with the node's reason instead
     of waiting for the bridge's startup timeout, and leaves no process behind."""
     from kv_vla_node.demo import instruction_refusal
 
