@@ -42,6 +42,7 @@ def test_startup_with_a_chunk_no_budget_fits_is_refused_with_the_reason(tmp_path
         build_runtime(RuntimeSettings(str(model), "cpu", "float32", "", cache=cache))
 
 
+@pytest.mark.slow  # a node over DDS
 def test_a_refused_change_never_blocks_a_later_valid_one(tmp_path, monkeypatch):
     """Idle, then running: `max_tokens 5` and `chunk_size 40` are refused when set, with the reason;
     `param get` keeps the accepted values; valid changes right after are accepted and applied."""
@@ -75,6 +76,7 @@ def test_a_refused_change_never_blocks_a_later_valid_one(tmp_path, monkeypatch):
         assert diag["last_refusal"] == ""  # nothing was refused later, at an episode start
 
 
+@pytest.mark.slow  # a node over DDS
 def test_an_instruction_the_accepted_budget_cannot_hold_is_refused_and_the_change_stays(
     tmp_path, monkeypatch
 ):
