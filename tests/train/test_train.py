@@ -216,7 +216,8 @@ def test_gate_features_offline_equal_the_runtime_cache(decoding):
             model.film.weight.normal_(0, 0.5)
     frames = np.random.default_rng(3).integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
     step = model.num_image_tokens + model.action_dim
-    rt = EpisodeRuntime(model, EpisodeCacheConfig(policy="gated", chunk_size=step, gate_threshold=0.0))
+    cfg = EpisodeCacheConfig(policy="gated", chunk_size=step, gate_threshold=0.0, max_tokens=None)
+    rt = EpisodeRuntime(model, cfg)
     instruction = "touch the cube that was lit"
     rt.reset(instruction)
     ids = [torch.as_tensor(rt.step(f).action_token_ids) for f in frames]
