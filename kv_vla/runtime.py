@@ -125,7 +125,7 @@ class EpisodeRuntime:
         self.instruction: str | None = None
         self.step_index = 0
         self._broken: str | None = None
-        self._condition: torch.Tensor | None = None  # instruction condition (FiLM/highlight; set by reset)
+        self._condition: torch.Tensor | None = None  # instruction condition (highlight; set by reset)
         #: ``[action_dim, n_bins]`` float32 logits over the action bins of the last step's decoded dims.
         self.last_action_logits: torch.Tensor | None = None
         tok = model.action_tokenizer
@@ -153,7 +153,7 @@ class EpisodeRuntime:
         """
         import json
 
-        from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+        from kv_vla.model.compact import CompactVLA, CompactVLAConfig
 
         cfg_file = Path(path) / "config.json"
         if not cfg_file.exists():
@@ -305,7 +305,7 @@ class EpisodeRuntime:
         cache.pin_prefix()
         self.requested_config = requested
         self.cache = cache
-        self._condition = condition  # conditions this episode's frames (None: no FiLM or highlight)
+        self._condition = condition  # conditions this episode's frames (None: no highlight)
         self.step_tokens = n_step
         self._step_text = step_text
         self.instruction = instruction

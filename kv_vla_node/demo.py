@@ -71,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every episode ran (success or not), 1 when the ROS graph failed."""
     from tqdm import tqdm
 
-    from kv_vla_node.sim_bridge import write_json_atomic
-    from kv_vla_node.testing import (
+    from kv_vla_node.ros_env import (
         CONFIG_FILE,
         REPO_ROOT,
         NodeProcess,
@@ -81,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         ros_env,
         save_random_model,
     )
+    from kv_vla_node.sim_bridge import write_json_atomic
     from kv_vla_sim import TASKS
 
     _interrupt_on_stop_signals()

@@ -236,13 +236,11 @@ def parallel_model() -> CompactVLA:
 
 
 @pytest.fixture(scope="module")
-def film_model() -> CompactVLA:
+def highlight_model() -> CompactVLA:
     torch.manual_seed(4)
-    model = CompactVLA(CompactVLAConfig.tiny(action_decoding="parallel", film=True, highlight=True)).eval()
-    with torch.no_grad():  # trained-looking conditioning (zero-initialised, both would be no-ops)
+    model = CompactVLA(CompactVLAConfig.tiny(action_decoding="parallel", highlight=True)).eval()
+    with torch.no_grad():  # trained-looking conditioning (zero-initialised, it would be a no-op)
         model.action_queries.normal_(0, 1.0)
-        model.film.weight.normal_(0, 0.5)
-        model.film.bias.normal_(0, 0.5)
         model.highlight.weight.normal_(0, 0.5)
         model.highlight.bias.normal_(0, 0.5)
     return model
@@ -260,19 +258,19 @@ def ordered_highlight_model() -> CompactVLA:
     return model
 
 
-@pytest.mark.parametrize("decoding", ["autoregressive", "parallel", "parallel_film", "parallel_ordered"])
+@pytest.mark.parametrize("decoding", ["autoregressive", "parallel", "parallel_highlight", "parallel_ordered"])
 @pytest.mark.parametrize("policy", ["full", "window", "random"])
 def test_runtime_equals_full_sequence_forward(
-    model, parallel_model, film_model, ordered_highlight_model, policy, decoding
+    model, parallel_model, highlight_model, ordered_highlight_model, policy, decoding
 ):
     """The step-by-step cached runtime and the one-pass training forward agree (with eviction: the
     training pass masks the same evicted steps), tying the runtime and training paths together;
-    for autoregressive and parallel (OpenVLA-OFT) action decoding, with FiLM and colour-highlight
+    for autoregressive and parallel (OpenVLA-OFT) action decoding, with one colour-highlight
     conditioning, and with two ordered highlights (the shipped model's)."""
     model = {
         "autoregressive": model,
         "parallel": parallel_model,
-        "parallel_film": film_model,
+        "parallel_highlight": highlight_model,
         "parallel_ordered": ordered_highlight_model,
     }[decoding]
     prompt_ids = model.prompt_ids(build_prompt(INSTR))[0]

@@ -8,7 +8,7 @@ machine affects them alike; ratios are taken against ``full`` at the same histor
 Lockstep shares per-process state between policies. On a GPU that matters for latency: cuDNN
 attention builds a plan per new key length, and policies whose cache grows (``full``,
 ``hf_dynamic``, ``zipvl``) meet the same lengths in the same step, so the first stepped pays for all
-of them (measured on an H100: README, "7B preset"). ``isolate=True`` runs each policy in its own
+of them (docs/RESULTS.md). ``isolate=True`` runs each policy in its own
 spawned process instead (same seed, so the same weights and tokens); KV bytes are identical either
 way.
 

@@ -23,7 +23,7 @@ backbone takes the two normalisations concatenated on the channel axis (6 channe
 ``predict_action`` appends token 29871 (an empty "▁" piece) to the prompt when it is missing.
 
 Honesty note: this code path is tested on a tiny random model with the same module structure
-(see ``tests/test_model_openvla.py``); it was NOT run on the real 7B checkpoint (not available
+(see ``tests/model/test_model_openvla.py``); it was NOT run on the real 7B checkpoint (not available
 offline here), and OpenVLA's remote code targets transformers 4.40, so loading it under 5.x may
 need the remote code patched. OpenVLA was trained on single frames
 (``[BOS][image][prompt][actions]``), never on episodes: with history in its context its actions

@@ -36,6 +36,7 @@ BUDGETS = {
 }
 
 
+@pytest.mark.slow  # 5000 steps per policy
 @pytest.mark.parametrize("policy", sorted(BUDGETS))
 def test_kept_tokens_never_exceed_budget_over_5000_steps(policy):
     gen = torch.Generator().manual_seed(0)

@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("kv_vla.runtime")
-
 from kv_vla_node.testing import free_domain_id, in_process_node, save_random_model
+
+pytestmark = pytest.mark.ros
 
 
 class FaultOnce:

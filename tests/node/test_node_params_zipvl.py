@@ -16,6 +16,8 @@ from kv_vla import settings
 from kv_vla_node import params
 from kv_vla_node.runtime_glue import cache_kwargs
 
+pytestmark = pytest.mark.ros
+
 ZIPVL_OPTIONS = ("tau", "low_bits", "quant_group_size", "full_threshold")
 
 

@@ -10,10 +10,6 @@ import json
 
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("pybullet")
-pytest.importorskip("kv_vla.runtime")
-
 from kv_vla_node.testing import (
     CONFIG_FILE,
     NodeProcess,
@@ -23,6 +19,8 @@ from kv_vla_node.testing import (
     ros_env,
     save_random_model,
 )
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]  # node and bridge processes over DDS
 
 MAX_STEPS = 6
 

@@ -12,9 +12,6 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("kv_vla.runtime")
-
 from kv_vla_node.testing import (
     CONFIG_FILE,
     NodeProcess,
@@ -24,6 +21,8 @@ from kv_vla_node.testing import (
     ros_env,
     save_random_model,
 )
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]  # a node process over DDS
 
 INSTRUCTION = "pick up the red cube"
 MAX_PIXELS = 128 * 128
