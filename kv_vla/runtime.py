@@ -70,18 +70,6 @@ def shipped_gate(model_dir: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
-def gate_settings(gate: Any) -> dict[str, Any]:
-    """The cache settings a trained gate was evaluated with (``settings`` in its ``.json``), or ``{}``."""
-    return dict(getattr(gate, "settings", None) or {})
-
-
-def default_cache_config(gate: Any = None) -> Any:
-    """The evaluated setting: ``kv_vla.settings`` defaults, overlaid with the gate's own settings."""
-    from kv_vla.cache import EpisodeCacheConfig
-
-    return EpisodeCacheConfig(**gate_settings(gate))
-
-
 class EpisodeRuntime:
     """Runs a :class:`~kv_vla.model.base.VLABackbone` step by step over one episode cache."""
 
@@ -98,8 +86,9 @@ class EpisodeRuntime:
         Args:
             model: the VLA (compact model, HF adapter or OpenVLA wrapper); moved to ``device``/``dtype``.
             cache_config: an ``EpisodeCacheConfig`` (``chunk_size`` 0: one control step, resolved at
-                every ``reset``); None means the evaluated setting (:func:`default_cache_config`:
-                the ``kv_vla.settings`` defaults with the gate's own settings on top).
+                every ``reset``); None means the evaluated setting
+                (:meth:`~kv_vla.cache.EpisodeCacheConfig.evaluated`: the gate's own settings on top of
+                the ``kv_vla.settings`` defaults).
             device: torch device; ``dtype`` defaults to bf16 on CUDA and float32 elsewhere.
             unnorm_key: which dataset's statistics un-normalise actions (may be omitted when the
                 model carries a single dataset, as in OpenVLA).
@@ -117,9 +106,11 @@ class EpisodeRuntime:
         self._prompt_in_step = bool(getattr(model, "prompt_in_step", False))
         self._step_text: torch.Tensor | None = None
         #: the cache settings as asked for (``chunk_size`` 0 = one control step); see ``cache_config``
-        self.requested_config = (
-            cache_config if cache_config is not None else default_cache_config(gate)
-        ).validate()
+        if cache_config is None:
+            from kv_vla.cache import EpisodeCacheConfig
+
+            cache_config = EpisodeCacheConfig.evaluated(gate)
+        self.requested_config = cache_config.validate()
         self.unnorm_key = unnorm_key
         self._stats = action_stats(model.norm_stats, unnorm_key)
         if self._stats["q01"].shape[0] != model.action_dim:
@@ -231,17 +222,8 @@ class EpisodeRuntime:
         The one rule for instruction length: ``max_instruction_chars`` only bounds the message; the
         budget (``max_tokens``) bounds its prompt in tokens, and this refusal gives the numbers.
         """
-        config = (config or self.requested_config).resolve(
-            self.step_tokens if step_tokens is None else step_tokens
-        )
-        room = config.prompt_room()
-        if room is not None and prompt_tokens > room:
-            raise ValueError(
-                f"instruction: its prompt is {prompt_tokens} tokens, but max_tokens={config.max_tokens} leaves "
-                f"room for {max(room, 0)} beside {config.effective_sink_tokens} sink tokens, "
-                f"{config.effective_recent_chunks} recent chunks and the open chunk of {config.chunk_size} "
-                "tokens; shorten the instruction or raise max_tokens"
-            )
+        config = config or self.requested_config
+        config.resolve(self.step_tokens if step_tokens is None else step_tokens).check_prompt(prompt_tokens)
 
     # ---- episode --------------------------------------------------------------------------------
     def _sync_attention_probe(self, policy: str | None = None) -> None:

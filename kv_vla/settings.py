@@ -9,7 +9,7 @@ name with ``-`` for ``_``).
 
 Defaults are the evaluated setting (models/README.md): the ``gated`` cache, ``gate_threshold`` 0, an
 80-token budget, 2 recent chunks, one control step per chunk. A trained gate's file carries the
-settings it was evaluated with (:func:`kv_vla.runtime.gate_settings`); they apply when that gate is
+settings it was evaluated with (``gate.json``'s ``settings``, :meth:`kv_vla.cache.EpisodeCacheConfig.evaluated`); they apply when that gate is
 used unless a setting is given explicitly.
 
 Torch-free and ROS-free, so the CLI's ``--help`` and the node's parameter table stay cheap.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,15 +136,6 @@ def check(name: str, value: Any) -> str | None:
     """Why ``value`` is not allowed for knob ``name``; None when it is (or the knob is not ours)."""
     setting = SETTINGS.get(name)
     return None if setting is None else setting.check(value)
-
-
-def check_all(values: Mapping[str, Any]) -> str | None:
-    """The first reason any of ``values`` is not allowed, or None."""
-    for name, value in values.items():
-        reason = check(name, value)
-        if reason:
-            return reason
-    return None
 
 
 def defaults(names: Iterable[str] | None = None) -> dict[str, Any]:

@@ -169,18 +169,12 @@ def run(args: argparse.Namespace) -> int:
 REFUSED_INSTRUCTION = "refused instruction: "  # what VLANode._refuse logs for an instruction
 
 
-#: log markers of a node that will run no episode: it refused its configuration at start-up
-STARTUP_REFUSALS = ("cannot start: ", "configure failed: ")
-
-
 def instruction_refusal(node_log: str) -> str | None:
-    """The node's reason for running no episode (from its log), or None: its configuration refused at
-    start-up, or the first instruction it refused."""
-    for marker in (*STARTUP_REFUSALS, REFUSED_INSTRUCTION):
-        for line in node_log.splitlines():
-            at = line.find(marker)
-            if at >= 0:
-                return line[at + len(marker) :].strip()
+    """The reason of the first instruction the node refused (from its log), or None."""
+    for line in node_log.splitlines():
+        at = line.find(REFUSED_INSTRUCTION)
+        if at >= 0:
+            return line[at + len(REFUSED_INSTRUCTION) :].strip()
     return None
 
 
@@ -195,19 +189,19 @@ def _follow(node: Any, bridge: Any, total: int, timeout_s: float, bar: Any) -> i
             if finished > done:
                 bar.update(finished - done)
                 done = finished
-            refusal = instruction_refusal(node.log_text())
-            if refusal is not None:
-                # the bridge only sends valid instructions, so a refusal is the node's configuration
-                # (e.g. a budget too small for the model's steps): no episode can run, say why now
-                # rather than after the bridge's startup timeout
-                print(f"[demo] the VLA node refused the episode: {refusal}", file=sys.stderr)
-                return 1
             if code is not None:
                 return code
             if node.poll() is not None:
                 print(
                     f"[demo] the VLA node exited ({node.poll()}):\n{node.log_text()[-2000:]}", file=sys.stderr
                 )
+                return 1
+            refusal = instruction_refusal(node.log_text())
+            if refusal is not None:
+                # the bridge only sends valid instructions, so a refusal is the node's configuration
+                # (e.g. a budget too small for the model's steps): no episode can run, say why now
+                # rather than after the bridge's startup timeout
+                print(f"[demo] the VLA node refused the episode: {refusal}", file=sys.stderr)
                 return 1
             if time.monotonic() > deadline:
                 print(f"[demo] timed out after {timeout_s:.0f} s", file=sys.stderr)

@@ -75,12 +75,6 @@ class EpisodeCacheConfig:
             return self
         return self.replace(chunk_size=int(step_tokens))
 
-    def as_settings(self) -> dict[str, Any]:
-        """Every knob by its ``kv_vla.settings`` name (``max_tokens`` None is reported as 0)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["max_tokens"] = out["max_tokens"] or 0
-        return out
-
     @property
     def policy_class(self) -> Any:
         """The registered class of ``policy``."""
@@ -108,6 +102,24 @@ class EpisodeCacheConfig:
         return (
             pinned_tokens + self.effective_sink_tokens + (self.effective_recent_chunks + 1) * self.chunk_size
         )
+
+    @classmethod
+    def evaluated(cls, gate: Any = None) -> EpisodeCacheConfig:
+        """The evaluated setting: the ``kv_vla.settings`` defaults, with the settings a trained gate
+        was evaluated with (``gate.settings``, from its ``.json``) on top."""
+        return cls(**dict(getattr(gate, "settings", None) or {}))
+
+    def check_prompt(self, prompt_tokens: int) -> None:
+        """Refuse a prompt the budget cannot hold beside the sinks, recent chunks and open chunk:
+        the one limit on instruction length (``max_instruction_chars`` only caps the message)."""
+        room = self.prompt_room()
+        if room is not None and prompt_tokens > room:
+            raise ValueError(
+                f"instruction: its prompt is {prompt_tokens} tokens, but max_tokens={self.max_tokens} leaves "
+                f"room for {max(room, 0)} beside {self.effective_sink_tokens} sink tokens, "
+                f"{self.effective_recent_chunks} recent chunks and the open chunk of {self.chunk_size} "
+                "tokens; shorten the instruction or raise max_tokens"
+            )
 
     def prompt_room(self) -> int | None:
         """Most prompt tokens the budget can hold beside the sinks, recent chunks and open chunk."""
