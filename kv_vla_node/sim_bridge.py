@@ -36,8 +36,8 @@ from std_msgs.msg import Float32MultiArray, String
 
 from kv_vla.atomic import atomic_write_json
 from kv_vla_node import conversions
+from kv_vla_node.interface import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
 from kv_vla_node.spinning import BackgroundSpin, exit_after, register_stack_dump
-from kv_vla_node.vla_node import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
 
 NODE_NAME = "kv_vla_sim_bridge"
 RESULT_QOS = QoSProfile(

@@ -229,7 +229,7 @@ class RosClient:
         from std_msgs.msg import Float32MultiArray, String
         from std_srvs.srv import Trigger
 
-        from kv_vla_node.vla_node import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
+        from kv_vla_node.interface import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
 
         os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
         self.context = Context()

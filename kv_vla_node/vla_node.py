@@ -26,82 +26,34 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import TwistStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray, String
 from std_srvs.srv import Trigger
 
-from kv_vla_node import conversions, params
-from kv_vla_node.params import NOW, PARAMS, SPECS, STARTUP
-from kv_vla_node.runtime_glue import build_runtime, cache_kwargs, check_cache_values
+from kv_vla_node import conversions, diagnostics, params
+from kv_vla_node.interface import IMAGE_QOS, INSTRUCTION_QOS, NODE_NAME, descriptor
+from kv_vla_node.params import NOW, PARAMS, SPECS
+from kv_vla_node.runtime_factory import (
+    RuntimeFactory,
+    RuntimeSettings,
+    build_runtime,
+    policy_names,
+    runtime_stats,
+)
+from kv_vla_node.runtime_glue import cache_kwargs, check_cache_values
 from kv_vla_node.spinning import register_stack_dump, spin_until_shutdown
 
-NODE_NAME = "kv_vla"
-DIAG_NAME = "kv_vla: episode KV cache"
 WARN_THROTTLE_S = 2.0
-
-# Sensor-data QoS with depth 1: a slow step never works through a backlog of old frames.
-IMAGE_QOS = QoSProfile(
-    depth=1,
-    reliability=qos_profile_sensor_data.reliability,
-    durability=qos_profile_sensor_data.durability,
-    history=qos_profile_sensor_data.history,
-)
-INSTRUCTION_QOS = QoSProfile(
-    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-)
-
-
-@dataclass
-class RuntimeSettings:
-    """What a runtime factory needs: the read-only model settings and the cache parameters."""
-
-    model_path: str
-    device: str
-    dtype: str
-    gate_path: str
-    cache: dict[str, Any] = field(default_factory=dict)  # node parameter names (params.CACHE_KEYS)
-
-
-RuntimeFactory = Callable[[RuntimeSettings], Any]
-
-
-def default_runtime_factory(settings: RuntimeSettings) -> Any:
-    """Build the real ``EpisodeRuntime`` (imports torch lazily; see ``kv_vla_node.runtime_glue``)."""
-    return build_runtime(settings)
-
-
-def _descriptor(spec: params.ParamSpec) -> ParameterDescriptor:
-    desc = ParameterDescriptor(
-        name=spec.name,
-        description=f"{spec.description} [takes effect: {spec.effect}]",
-        read_only=spec.effect == STARTUP,
-    )
-    if spec.choices:
-        desc.additional_constraints = "one of: " + ", ".join(spec.choices)
-    if spec.low is not None and spec.high is not None:
-        if isinstance(spec.default, float):
-            desc.floating_point_range = [
-                FloatingPointRange(
-                    from_value=float(spec.low), to_value=float(spec.high), step=float(spec.step or 0.0)
-                )
-            ]
-        else:
-            desc.integer_range = [
-                IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=int(spec.step or 1))
-            ]
-    return desc
 
 
 @dataclass
@@ -111,24 +63,14 @@ class _Frame:
     stamp_ns: int  # header stamp, or receipt time when the stamp is zero
 
 
-@dataclass
-class _Counters:
-    refused_frames: int = 0
-    refused_instructions: int = 0
-    stale_frames: int = 0
-    step_errors: int = 0
-    steps_total: int = 0
-    actions_published: int = 0
-
-
 class VLANode(Node):
     """Runs an ``EpisodeRuntime`` once per control step on the latest camera frame."""
 
     def __init__(self, runtime_factory: RuntimeFactory | None = None, **node_kwargs: Any) -> None:
         super().__init__(NODE_NAME, **node_kwargs)
         for spec in PARAMS:
-            self.declare_parameter(spec.name, spec.default, _descriptor(spec))
-        self._policies = _policy_names()
+            self.declare_parameter(spec.name, spec.default, descriptor(spec))
+        self._policies = policy_names()
         self._values: dict[str, Any] = {spec.name: self.get_parameter(spec.name).value for spec in PARAMS}
         for name, value in self._values.items():
             reason = params.validate(name, value, self._policies)
@@ -141,7 +83,7 @@ class VLANode(Node):
         self._pending_instruction: str | None = None
         self._pending_now: dict[str, Any] = {}
         self._pending_episode: dict[str, Any] = {}
-        self._counters = _Counters()
+        self._counters = diagnostics.Counters()
         self._last_refusal = ""
         self._last_error = ""
         self._last_error_episode = -1
@@ -164,7 +106,7 @@ class VLANode(Node):
             cache=dict(self._active_cache),
         )
         t0 = time.perf_counter()
-        self._runtime = (runtime_factory or default_runtime_factory)(settings)
+        self._runtime = (runtime_factory or build_runtime)(settings)
         self._step_tokens: int | None = getattr(self._runtime, "step_tokens", None)
         self.get_logger().info(
             f"loaded {settings.model_path} on {settings.device}/{settings.dtype} in {time.perf_counter() - t0:.1f} s"
@@ -285,7 +227,7 @@ class VLANode(Node):
         self._episode_step = 0
         self._last_timings = {}
         self._last_action = None
-        self._last_stats = _runtime_stats(self._runtime)
+        self._last_stats = runtime_stats(self._runtime)
         self._peak_kv_bytes = int(getattr(self._last_stats, "kv_bytes", 0) or 0)
         self.get_logger().info(f"episode {self._episode} started: {instruction!r} cache={self._active_cache}")
         self._publish_diagnostics()
@@ -395,93 +337,35 @@ class VLANode(Node):
     # ------------------------------------------------------------------ diagnostics
     def diagnostics_values(self) -> dict[str, str]:
         """The key/values of the diagnostics status (strings, as DiagnosticStatus carries them)."""
-        stats = self._last_stats
         with self._lock:
-            counters = self._counters
+            counters = diagnostics.Counters(**vars(self._counters))
             values = dict(self._values)
             pending = {**self._pending_now, **self._pending_episode}
             last_refusal, last_error = self._last_refusal, self._last_error
-        out: dict[str, str] = {
-            "episode": str(self._episode),
-            "episode_step": str(self._episode_step),
-            "instruction": self._instruction or "",
-            "kv_bytes": str(int(getattr(stats, "kv_bytes", 0) or 0)),
-            "peak_kv_bytes": str(self._peak_kv_bytes),
-        }
-        for key in (
-            "seen_tokens",
-            "kept_tokens",
-            "pinned_tokens",
-            "evicted_tokens",
-            "kept_chunks",
-            "evicted_chunks",
-        ):
-            out[key] = str(int(getattr(stats, key, 0) or 0))
-        for key in ("vision", "prefill", "decode", "total"):
-            out[f"latency_{key}_ms"] = f"{float(self._last_timings.get(key, 0.0)):.3f}"
-        for key in params.CACHE_KEYS:
-            out[key] = str(self._active_cache[key])
-        active_config = getattr(self._runtime, "cache_config", None)
-        out["chunk_size_tokens"] = str(getattr(active_config, "chunk_size", self._active_cache["chunk_size"]))
-        extra = getattr(active_config, "extra", None) or {}
-        out["cache_extra"] = ",".join(f"{k}={v}" for k, v in sorted(extra.items()))  # what the cache got
-        out["pending_next_episode"] = ",".join(f"{k}={v}" for k, v in sorted(pending.items()))
-        for key in (
-            "action_clip",
-            "dry_run",
-            "control_rate_hz",
-            "max_image_age_s",
-            "device",
-            "dtype",
-            "model_path",
-        ):
-            out[key] = str(values[key])
-        out["last_action"] = (
-            "" if self._last_action is None else ",".join(f"{v:.4f}" for v in self._last_action.tolist())
+        return diagnostics.status_values(
+            episode=self._episode,
+            episode_step=self._episode_step,
+            instruction=self._instruction,
+            stats=self._last_stats,
+            peak_kv_bytes=self._peak_kv_bytes,
+            timings=self._last_timings,
+            active_cache=self._active_cache,
+            cache_config=getattr(self._runtime, "cache_config", None),
+            pending=pending,
+            values=values,
+            last_action=self._last_action,
+            counters=counters,
+            last_refusal=last_refusal,
+            last_error=last_error,
         )
-        for key, value in vars(counters).items():
-            out[key] = str(value)
-        out["last_refusal"] = last_refusal
-        out["last_error"] = last_error
-        return out
 
     def _publish_diagnostics(self) -> None:
         values = self.diagnostics_values()
-        status = DiagnosticStatus(name=DIAG_NAME, hardware_id=values["device"])
-        if values["last_error"] and self._last_error_episode == self._episode:
-            status.level, status.message = DiagnosticStatus.ERROR, values["last_error"][:200]
-        elif values["last_error"]:
-            status.level = DiagnosticStatus.WARN
-            status.message = f"episode {self._episode} step {self._episode_step}; recovered from: {values['last_error'][:150]}"
-        elif self._instruction is None:
-            status.level, status.message = DiagnosticStatus.OK, "idle: waiting for an instruction"
-        else:
-            status.level, status.message = (
-                DiagnosticStatus.OK,
-                f"episode {self._episode} step {self._episode_step}",
-            )
-        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
-        msg = DiagnosticArray(status=[status])
-        msg.header.stamp = self.get_clock().now().to_msg()
-        self._diag_pub.publish(msg)
-
-
-def _policy_names() -> tuple[str, ...] | None:
-    """The registered cache policies, or None (no registry check) when the cache room is absent."""
-    try:
-        from kv_vla.cache import POLICIES
-    except ImportError:
-        return None
-    return tuple(POLICIES)
-
-
-def _runtime_stats(runtime: Any) -> Any:
-    """The runtime's cache stats right after a reset (None when it exposes no cache)."""
-    cache = getattr(runtime, "cache", None)
-    try:
-        return cache.stats() if cache is not None else None
-    except Exception:
-        return None
+        level, message = diagnostics.status_level(
+            values, self._episode, self._episode_step, self._last_error_episode == self._episode
+        )
+        stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(diagnostics.diagnostic_array(values, level, message, stamp))
 
 
 def main(args: list[str] | None = None) -> int:

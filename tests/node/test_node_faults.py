@@ -35,7 +35,7 @@ class FaultOnce:
 
 
 def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatch):
-    from kv_vla_node.runtime_glue import build_runtime
+    from kv_vla_node.runtime_factory import build_runtime
 
     monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")

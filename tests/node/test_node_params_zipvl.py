@@ -119,9 +119,8 @@ def test_whole_config_check_names_the_offending_option():
 
 def test_real_runtime_takes_the_options_and_a_live_tau_change(tmp_path):
     pytest.importorskip("kv_vla.runtime")
-    from kv_vla_node.runtime_glue import build_runtime
+    from kv_vla_node.runtime_factory import RuntimeSettings, build_runtime
     from kv_vla_node.testing import save_random_model
-    from kv_vla_node.vla_node import RuntimeSettings
 
     model = save_random_model(tmp_path / "tiny-vla")
     active = node_defaults(cache_policy="zipvl", zipvl_low_bits=2, zipvl_tau=0.5)
