@@ -21,6 +21,7 @@ the same action as a ``geometry_msgs/TwistStamped`` whose header is the frame's 
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,13 +135,31 @@ def rgb_to_image(
 
 
 def validate_instruction(text: str, max_chars: int) -> str:
-    """Return the stripped instruction, or refuse an empty or over-long one (``InputRefused``)."""
+    """Return the stripped instruction, or refuse it (``InputRefused``) when it is empty, over-long,
+    carries a NUL (which C layers would silently cut at) or has no printable word (only control,
+    format or zero-width characters)."""
     if len(text) > max_chars:
         raise InputRefused(f"instruction too long: {len(text)} characters > {max_chars}")
+    if "\x00" in text:
+        raise InputRefused(f"instruction contains a NUL character at index {text.index(chr(0))}")
     stripped = text.strip()
     if not stripped:
         raise InputRefused("empty instruction")
+    if not any(ch.isalnum() for ch in stripped if unicodedata.category(ch)[0] != "C"):
+        raise InputRefused(
+            "instruction has no printable word (only control, format or zero-width characters)"
+        )
     return stripped
+
+
+def check_stamp(stamp_ns: int, now_ns: int, max_future_s: float) -> None:
+    """Refuse (``InputRefused``) a frame stamped more than ``max_future_s`` after the node clock."""
+    ahead_s = (stamp_ns - now_ns) / 1e9
+    if ahead_s > max_future_s:
+        raise InputRefused(
+            f"frame stamped {ahead_s:.3f} s in the future (> max_future_stamp_s={max_future_s}); "
+            "check the camera's clock"
+        )
 
 
 def action_to_array_msg(action: np.ndarray, stamp_ns: int) -> Any:

@@ -113,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "cache_policy": policy,
             "chunk_size": args.chunk_size,
-            "control_rate_hz": 50.0,  # polls for new frames; steps only run on a new frame
             "max_image_age_s": 30.0,  # a loaded 2-core machine must not turn frames stale
         }
         if args.gate_threshold is not None:

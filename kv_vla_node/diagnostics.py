@@ -24,7 +24,10 @@ STATS_KEYS = (
     "evicted_chunks",
 )
 TIMING_KEYS = ("vision", "prefill", "decode", "total")
+OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
 REPORTED_PARAMS = (
+    "step_mode",
+    "image_reliability",
     "action_clip",
     "dry_run",
     "control_rate_hz",
@@ -42,6 +45,8 @@ class Counters:
     refused_frames: int = 0
     refused_instructions: int = 0
     stale_frames: int = 0
+    superseded_frames: int = 0  # replaced by a newer frame before the worker took them (not refused)
+    watchdog_holds: int = 0
     step_errors: int = 0
     steps_total: int = 0
     actions_published: int = 0

@@ -13,14 +13,26 @@ from kv_vla_node.params import STARTUP, ParamSpec
 
 NODE_NAME = "kv_vla"
 DIAG_NAME = "kv_vla: episode KV cache"
+IMAGE_TOPIC = "image"
+COMPRESSED_TOPIC = "image/compressed"  # image_transport's name for the compressed stream of `image`
 
-# Sensor-data QoS with depth 1: a slow step never works through a backlog of old frames.
-IMAGE_QOS = QoSProfile(
-    depth=1,
-    reliability=qos_profile_sensor_data.reliability,
-    durability=qos_profile_sensor_data.durability,
-    history=qos_profile_sensor_data.history,
-)
+
+def image_qos(reliability: str = "reliable", depth: int = 1) -> QoSProfile:
+    """Keep-last ``depth`` (1: a slow step never works through a backlog), volatile, and the given
+    reliability. Reliable is the default because best-effort frames larger than one UDP datagram
+    are mostly lost to Fast DDS fragmentation (measured: kv_vla_node/README.md)."""
+    policy = ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT
+    return QoSProfile(
+        depth=depth,
+        reliability=policy,
+        durability=qos_profile_sensor_data.durability,
+        history=qos_profile_sensor_data.history,
+    )
+
+
+# What publishers of frames use (the sim bridge, the test client): reliable writers match both a
+# reliable and a best-effort subscription.
+IMAGE_QOS = image_qos("reliable", 1)
 INSTRUCTION_QOS = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )

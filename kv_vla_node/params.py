@@ -24,6 +24,8 @@ from typing import Any
 
 STARTUP, NOW, NEXT_EPISODE = "startup", "now", "next_episode"
 DTYPES = ("float32", "float16", "bfloat16")
+STEP_MODES = ("event", "timer")
+RELIABILITIES = ("reliable", "best_effort")
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -55,8 +57,13 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("zipvl_low_bits", 4, "zipvl, gated_tiered: bits of low-precision chunks: 2, 4 or 8", NEXT_EPISODE, 2, 8, 2),
     ParamSpec("zipvl_group_size", 32, "zipvl, gated_tiered: quantisation group size (tokens or channels)", NEXT_EPISODE, 1, 65536, 1),
     ParamSpec("tiered_full_threshold", 0.75, "gated_tiered: chunks with utility >= this stay full precision (>= gate_threshold)", NOW, 0.0, 1.0, 0.0),
-    ParamSpec("control_rate_hz", 10.0, "rate of the control-step timer", NOW, 0.1, 200.0, 0.0),
-    ParamSpec("max_image_age_s", 1.0, "frames older than this (header stamp vs node clock) are skipped", NOW, 0.001, 3600.0, 0.0),
+    ParamSpec("autostart", True, "configure and activate at start-up; false: wait for a lifecycle manager", STARTUP),
+    ParamSpec("step_mode", "event", "event: step when a new frame arrives; timer: step at control_rate_hz", STARTUP, choices=STEP_MODES),
+    ParamSpec("control_rate_hz", 0.0, "event mode: at most this many steps/s (0 = as fast as frames come); timer mode: the timer's rate (> 0)", NOW, 0.0, 1000.0, 0.0),
+    ParamSpec("image_reliability", "reliable", "QoS reliability of the image subscriptions (a reliable one does not match a best-effort camera)", STARTUP, choices=RELIABILITIES),
+    ParamSpec("image_depth", 1, "QoS history depth (keep last) of the image subscriptions", STARTUP, 1, 100, 1),
+    ParamSpec("max_future_stamp_s", 0.5, "frames stamped further ahead of the node clock are refused", NOW, 0.0, 1e9, 0.0),
+    ParamSpec("max_image_age_s", 1.0, "frames older than this are skipped; no valid frame for this long while active: one hold action", NOW, 0.001, 3600.0, 0.0),
     ParamSpec("action_clip", 1.0, "every action component is clipped to [-action_clip, action_clip]", NOW, 0.0, 1.0, 0.0),
     ParamSpec("dry_run", False, "compute actions and diagnostics but publish no action", NOW),
     ParamSpec("twist_scale", 0.05, "action_twist.linear = (dx, dy, dz) x twist_scale", NOW, 0.0, 10.0, 0.0),

@@ -198,6 +198,8 @@ def in_process_node(
         context=ctx,
         parameter_overrides=[Parameter(name, value=value) for name, value in parameters.items()],
     )
+    node.trigger_configure()
+    node.trigger_activate()
     executor = MultiThreadedExecutor(context=ctx)
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
