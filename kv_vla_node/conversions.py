@@ -21,6 +21,7 @@ the same action as a ``geometry_msgs/TwistStamped`` whose header is the frame's 
 
 from __future__ import annotations
 
+import struct
 import unicodedata
 from collections.abc import Sequence
 from typing import Any
@@ -150,6 +151,24 @@ def validate_instruction(text: str, max_chars: int) -> str:
             "instruction has no printable word (only control, format or zero-width characters)"
         )
     return stripped
+
+
+def string_from_cdr(raw: bytes) -> str:
+    """The ``data`` of a serialized ``std_msgs/String``, embedded NULs kept.
+
+    rclpy's own conversion stops at the first NUL, so ``"stop\\0 and go"`` would arrive as ``"stop"``;
+    reading the CDR (4-byte encapsulation header, uint32 length including the terminating NUL,
+    the bytes) lets ``validate_instruction`` refuse it instead.
+    """
+    if len(raw) < 8 or raw[0] != 0 or raw[1] not in (0, 1):
+        raise InputRefused(f"malformed instruction message ({len(raw)} bytes)")
+    (length,) = struct.unpack("<I" if raw[1] == 1 else ">I", raw[4:8])
+    if length == 0 or 8 + length > len(raw):
+        raise InputRefused(f"malformed instruction message: string length {length} in {len(raw)} bytes")
+    try:
+        return raw[8 : 8 + length - 1].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputRefused(f"instruction is not valid UTF-8: {exc}") from None
 
 
 def check_stamp(stamp_ns: int, now_ns: int, max_future_s: float) -> None:

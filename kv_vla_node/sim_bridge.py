@@ -192,18 +192,20 @@ class SimBridgeNode(Node):
             episode = self._diag_int("episode")
 
         success, steps, error, round_trips = False, 0, "", []
+        loop_t0 = time.perf_counter()
         while steps < max_steps and rclpy.ok():
-            sent_ns = time.perf_counter_ns()
-            action = self._exchange(obs["image"])
-            if action is None:
+            answered = self._exchange(obs["image"])
+            if answered is None:
                 error = "no action answered the frame"
                 break
-            round_trips.append((time.perf_counter_ns() - sent_ns) / 1e6)
+            action, rtt_ms = answered
+            round_trips.append(rtt_ms)
             obs, _reward, terminated, truncated, info = env.step(action.astype(np.float32))
             steps += 1
             success = bool(info.get("success", False))
             if success or terminated or truncated:
                 break
+        wall_s = time.perf_counter() - loop_t0
 
         # The node publishes diagnostics right after each action; wait for the last step's.
         self._wait(
@@ -225,13 +227,17 @@ class SimBridgeNode(Node):
             cache_policy=diag.get("cache_policy"),
             step_latency_ms_p50=_percentile(latencies, 50),
             round_trip_ms_p50=_percentile(round_trips, 50),
+            wall_s=round(wall_s, 4),
+            round_trips_ms=[round(v, 3) for v in round_trips],
+            step_latencies_ms=[round(v, 3) for v in latencies],
         )
         if error:
             record["error"] = error
         return record
 
-    def _exchange(self, rgb: np.ndarray) -> np.ndarray | None:
-        """Publish one frame and wait for the action answering it (re-sending on a lost frame)."""
+    def _exchange(self, rgb: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """Publish one frame and wait for the action answering it (re-sending on a lost frame);
+        (action, round trip in ms from the publish of the answered frame)."""
         timeout_s = float(self._p("action_timeout_s"))
         for _ in range(int(self._p("frame_retries")) + 1):
             stamp_ns = self.get_clock().now().nanoseconds
@@ -240,10 +246,12 @@ class SimBridgeNode(Node):
             )
             with self._cond:
                 self._actions.clear()
+            sent_ns = time.perf_counter_ns()
             self._image_pub.publish(msg)
             if self._wait(lambda s=stamp_ns: s in self._actions, timeout_s):
+                rtt_ms = (time.perf_counter_ns() - sent_ns) / 1e6
                 with self._cond:
-                    return self._actions.pop(stamp_ns)
+                    return self._actions.pop(stamp_ns), rtt_ms
             self.get_logger().warning(f"no action within {timeout_s} s; re-sending the frame")
         return None
 

@@ -61,6 +61,7 @@ from kv_vla_node.step_loop import StepLoop
 
 WARN_THROTTLE_S = 2.0
 DIAG_PERIOD_S = 1.0
+STEP_DIAG_PERIOD_S = 0.1  # diagnostics after a step, at most this often (each costs ~60 key/values)
 RESET_TIMEOUT_S = 30.0
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
@@ -127,7 +128,10 @@ class VLANode(LifecycleNode):
         self.create_subscription(
             CompressedImage, COMPRESSED_TOPIC, self._on_compressed, qos, event_callbacks=events, **group
         )
-        self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS, **group)
+        # raw: rclpy's conversion would cut the text at an embedded NUL before the check could see it
+        self.create_subscription(
+            String, "instruction", self._on_instruction, INSTRUCTION_QOS, raw=True, **group
+        )
         self.create_service(
             Trigger, "~/reset", self._on_reset, callback_group=MutuallyExclusiveCallbackGroup()
         )
@@ -223,9 +227,11 @@ class VLANode(LifecycleNode):
                 self._timer = None
             self._active = False
             self._runtime = None
-            self._clear_episode()
             with self._lock:
                 self._frame = None
+                # the instruction outlives the model: the next activation starts it afresh
+                self._pending_instruction = self._pending_instruction or self._instruction
+            self._clear_episode()
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
@@ -362,9 +368,10 @@ class VLANode(LifecycleNode):
             throttle_duration_sec=WARN_THROTTLE_S,
         )
 
-    def _on_instruction(self, msg: String) -> None:
+    def _on_instruction(self, raw: bytes) -> None:
         try:
-            text = conversions.validate_instruction(msg.data, int(self._values["max_instruction_chars"]))
+            text = conversions.string_from_cdr(raw)
+            text = conversions.validate_instruction(text, int(self._values["max_instruction_chars"]))
         except conversions.InputRefused as exc:
             self._refuse("instruction", str(exc))
             return
@@ -566,7 +573,8 @@ class VLANode(LifecycleNode):
         if not dry_run:
             self._action_pub.publish(conversions.action_to_array_msg(action, frame.stamp_ns))
             self._twist_pub.publish(conversions.action_to_twist(action, frame.header, twist_scale))
-        self._publish_diagnostics()
+        if time.monotonic() - self._last_diag_t >= STEP_DIAG_PERIOD_S:
+            self._publish_diagnostics()
 
     def _record_error(self, message: str) -> None:
         with self._lock:
@@ -630,7 +638,9 @@ def main(args: list[str] | None = None) -> int:
         node.trigger_activate()
     else:
         node.get_logger().info("unconfigured: waiting for a lifecycle manager (autostart is false)")
-    return spin_until_shutdown(node, num_threads=4)
+    # Every callback only stores, records or hands over to the step worker, so one executor thread
+    # is enough and the cheapest path from a frame's arrival to the worker.
+    return spin_until_shutdown(node, num_threads=0)
 
 
 if __name__ == "__main__":
