@@ -42,6 +42,7 @@ REPORTED_PARAMS = (
 class Counters:
     """Every refusal, skip, error, step and published action since the node started."""
 
+    frames_received: int = 0  # every Image / CompressedImage the subscriptions got while active
     refused_frames: int = 0
     refused_instructions: int = 0
     stale_frames: int = 0

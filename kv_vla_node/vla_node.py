@@ -318,6 +318,8 @@ class VLANode(LifecycleNode):
 
     def _checked_stamp(self, header: Any) -> int | None:
         """The frame's stamp (receipt time when zero), or None for a refused future or a stale one."""
+        with self._lock:
+            self._counters.frames_received += 1
         now_ns = self.get_clock().now().nanoseconds
         stamp_ns = conversions.stamp_to_ns(header.stamp) or now_ns
         try:
@@ -347,6 +349,8 @@ class VLANode(LifecycleNode):
         try:
             rgb = conversions.image_to_rgb(msg, int(self._values["max_image_pixels"]))
         except conversions.InputRefused as exc:
+            with self._lock:
+                self._counters.frames_received += 1
             self._refuse("frame", str(exc))
             return
         stamp_ns = self._checked_stamp(msg.header)

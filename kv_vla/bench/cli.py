@@ -9,6 +9,7 @@ from pathlib import Path
 # The ROS layer's benchmark, named here only (the core never imports kv_vla_node; its module keeps
 # rclpy inside ``run``).
 NODE_BENCH = "kv_vla_node.bench"
+FRAMES_BENCH = "kv_vla_node.bench_frames"
 
 
 def _int_list(text: str) -> list[int]:
@@ -59,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--no-progress", action="store_true")
     node = sub.add_parser("node", help="VLA node round trip over DDS with the sim bridge: event vs timer")
     importlib.import_module(NODE_BENCH).add_arguments(node)
+    frames = sub.add_parser(
+        "frames", help="camera frame sizes x image QoS: delivered and answered by the node"
+    )
+    importlib.import_module(FRAMES_BENCH).add_arguments(frames)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_cache(args)
     if args.bench == "node":
         return int(importlib.import_module(NODE_BENCH).run(args))
+    if args.bench == "frames":
+        return int(importlib.import_module(FRAMES_BENCH).run(args))
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
