@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hz", type=float, default=30.0)
     parser.add_argument("--frames", type=int, default=60, help="frames per size")
     parser.add_argument("--reliabilities", default="best_effort,reliable")
+    parser.add_argument(
+        "--depth", type=int, default=5, help="keep-last depth of camera and node (image_depth)"
+    )
     parser.add_argument("--oversize-mb", type=float, default=96.0, help="0: skip the memory check")
     parser.add_argument("--log-dir", default="outputs/bench_frames_logs")
 
@@ -40,7 +43,7 @@ def _rss_mib(pid: int) -> float:
 
 
 def _start(
-    tmp: Path, log_dir: Path, reliability: str, extra_env: dict[str, str] | None = None
+    tmp: Path, log_dir: Path, reliability: str, extra_env: dict[str, str] | None = None, depth: int = 1
 ) -> tuple[Any, Any]:
     from kv_vla_node.testing import (
         NodeProcess,
@@ -58,6 +61,7 @@ def _start(
     params = {
         "model_path": str(model),
         "image_reliability": reliability,
+        "image_depth": depth,
         "max_image_age_s": 30.0,
         "max_image_pixels": 1920 * 1080,
     }
@@ -73,12 +77,12 @@ def _start(
     return proc, client
 
 
-def _camera(client: Any, reliability: str) -> Any:
+def _camera(client: Any, reliability: str, depth: int = 1) -> Any:
     from sensor_msgs.msg import Image
 
     from kv_vla_node.interface import IMAGE_TOPIC, image_qos
 
-    pub = client.node.create_publisher(Image, IMAGE_TOPIC, image_qos(reliability, 1))
+    pub = client.node.create_publisher(Image, IMAGE_TOPIC, image_qos(reliability, depth))
     deadline = time.monotonic() + 10
     while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -181,11 +185,15 @@ def run(args: argparse.Namespace) -> int:
         "sizes": [],
     }
     for reliability in [r.strip() for r in args.reliabilities.split(",") if r.strip()]:
-        proc, client = _start(tmp, log_dir, reliability)
+        proc, client = _start(tmp, log_dir, reliability, depth=args.depth)
         try:
-            pub = _camera(client, reliability)
+            pub = _camera(client, reliability, args.depth)
             for size in SIZES:
-                row = {"reliability": reliability, **_stream(client, pub, size, args.hz, args.frames)}
+                row = {
+                    "reliability": reliability,
+                    "depth": args.depth,
+                    **_stream(client, pub, size, args.hz, args.frames),
+                }
                 print(row, flush=True)
                 report["sizes"].append(row)
         finally:

@@ -17,10 +17,11 @@ IMAGE_TOPIC = "image"
 COMPRESSED_TOPIC = "image/compressed"  # image_transport's name for the compressed stream of `image`
 
 
-def image_qos(reliability: str = "reliable", depth: int = 1) -> QoSProfile:
-    """Keep-last ``depth`` (1: a slow step never works through a backlog), volatile, and the given
-    reliability. Reliable is the default because best-effort frames larger than one UDP datagram
-    are mostly lost to Fast DDS fragmentation (measured: kv_vla_node/README.md)."""
+def image_qos(reliability: str = "reliable", depth: int = 5) -> QoSProfile:
+    """Keep-last ``depth``, volatile, and the given reliability. Reliable with depth 5 is the
+    default because best-effort frames larger than one UDP datagram are mostly lost to Fast DDS
+    fragmentation and a reliable depth-1 writer replaces a frame before its fragments are through
+    (measured: kv_vla_node/README.md). The node still steps on the newest frame only."""
     policy = ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT
     return QoSProfile(
         depth=depth,
@@ -32,7 +33,7 @@ def image_qos(reliability: str = "reliable", depth: int = 1) -> QoSProfile:
 
 # What publishers of frames use (the sim bridge, the test client): reliable writers match both a
 # reliable and a best-effort subscription.
-IMAGE_QOS = image_qos("reliable", 1)
+IMAGE_QOS = image_qos("reliable", 5)
 INSTRUCTION_QOS = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )

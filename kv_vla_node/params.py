@@ -61,7 +61,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("step_mode", "event", "event: step when a new frame arrives; timer: step at control_rate_hz", STARTUP, choices=STEP_MODES),
     ParamSpec("control_rate_hz", 0.0, "event mode: at most this many steps/s (0 = as fast as frames come); timer mode: the timer's rate (> 0)", NOW, 0.0, 1000.0, 0.0),
     ParamSpec("image_reliability", "reliable", "QoS reliability of the image subscriptions (a reliable one does not match a best-effort camera)", STARTUP, choices=RELIABILITIES),
-    ParamSpec("image_depth", 1, "QoS history depth (keep last) of the image subscriptions", STARTUP, 1, 100, 1),
+    ParamSpec("image_depth", 5, "QoS history depth (keep last) of the image subscriptions; the node still steps on the newest frame only", STARTUP, 1, 100, 1),
     ParamSpec("max_future_stamp_s", 0.5, "frames stamped further ahead of the node clock are refused", NOW, 0.0, 1e9, 0.0),
     ParamSpec("max_image_age_s", 1.0, "frames older than this are skipped; no valid frame for this long while active: one hold action", NOW, 0.001, 3600.0, 0.0),
     ParamSpec("action_clip", 1.0, "every action component is clipped to [-action_clip, action_clip]", NOW, 0.0, 1.0, 0.0),
