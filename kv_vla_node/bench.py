@@ -41,13 +41,15 @@ def _pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 3) if values else float("nan")
 
 
-def _flood(client: Any, hz: float, seconds: float) -> tuple[int, float]:
-    """Publish 64x64 frames at ``hz`` for ``seconds``; (steps the node completed, seconds)."""
+def _flood(client: Any, hz: float, seconds: float) -> tuple[int, float, float]:
+    """Publish 64x64 frames at ``hz`` for ``seconds``; (steps the node completed, seconds, the
+    node's step p50 in ms during the flood, from the diagnostics that follow its steps)."""
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8)]
     client.publish_instruction("reach the red cube")
     client.wait_diag(lambda d: d.get("instruction") == "reach the red cube", 30)
     before = int(client.wait_diag(lambda d: "steps_total" in d, 10).get("steps_total", 0))
+    first_diag = len(client.diagnostics)
     t0 = time.monotonic()
     i = 0
     while (now := time.monotonic()) < t0 + seconds:
@@ -57,7 +59,10 @@ def _flood(client: Any, hz: float, seconds: float) -> tuple[int, float]:
     elapsed = time.monotonic() - t0
     time.sleep(1.5)  # the 1 Hz diagnostics after the last step
     after = int(client.last_diag().get("steps_total", before))
-    return after - before, elapsed
+    step_ms = [
+        float(d["latency_total_ms"]) for d in client.diagnostics[first_diag:] if int(d["episode_step"]) > 0
+    ]
+    return after - before, elapsed, _pct(step_ms, 50)
 
 
 def run_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> dict[str, Any]:
@@ -110,12 +115,16 @@ def run_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> di
         if args.flood_hz > 0:
             client = RosClient(domain, node_name="kv_vla_bench_flood")
             try:
-                done, elapsed = _flood(client, args.flood_hz, args.flood_s)
+                done, elapsed, flood_step_ms = _flood(client, args.flood_hz, args.flood_s)
             finally:
                 client.close()
+            rate = done / elapsed
             row.update(
                 flood_hz=args.flood_hz,
-                flood_steps_per_s=round(done / elapsed, 2),
+                flood_steps_per_s=round(rate, 2),
+                flood_step_ms_p50=flood_step_ms,
+                # the share of the flood's wall time the node spent stepping: 1.0 = back to back
+                flood_busy=round(rate * flood_step_ms / 1000.0, 2),
                 model_steps_per_s=round(1000.0 / row["step_ms_p50"], 2),
             )
         return row
@@ -127,7 +136,11 @@ def run_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> di
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table: the required fields first, then the flood columns when measured."""
-    extra = [k for k in ("flood_hz", "flood_steps_per_s", "model_steps_per_s") if k in rows[0]]
+    extra = [
+        k
+        for k in ("flood_hz", "flood_steps_per_s", "flood_step_ms_p50", "flood_busy", "model_steps_per_s")
+        if k in rows[0]
+    ]
     cols = [*FIELDS, *extra]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]

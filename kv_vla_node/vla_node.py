@@ -1,5 +1,9 @@
 """The VLA node (``kv_vla``), a managed (lifecycle) node: frames + an instruction in, actions out.
 
+Longer than ~400 lines on purpose: the transitions, the inputs and the step worker share one state
+under two locks (``_lock`` for what the executor thread writes, ``_runtime_lock`` for the runtime),
+and keeping that locking in one file is what makes it checkable.
+
 Topics are relative, so a namespace or a remap moves them together; names and QoS are in
 ``interface``, the report in ``diagnostics``, loading the model in ``runtime_factory``, and the
 step thread in ``step_loop``. The README (kv_vla_node/README.md) has the full interface.
