@@ -120,7 +120,7 @@ def _oversize(args: argparse.Namespace, tmp: Path, log_dir: Path, with_xml: bool
 
     env = (
         {
-            "FASTRTPS_DEFAULT_PROFILES_FILE": str(REPO_ROOT / "config" / "fastdds_kv_vla.xml"),
+            "FASTDDS_DEFAULT_PROFILES_FILE": str(REPO_ROOT / "config" / "fastdds_kv_vla.xml"),
             "RMW_FASTRTPS_USE_QOS_FROM_XML": "1",
         }
         if with_xml

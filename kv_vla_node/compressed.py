@@ -87,7 +87,7 @@ def rgb_to_compressed(rgb: np.ndarray, fmt: str = "jpeg", stamp_ns: int = 0, fra
     import cv2
     from sensor_msgs.msg import CompressedImage
 
-    from kv_vla_node.conversions import ns_to_stamp
+    from kv_vla_node.conversions import as_uint8_array, ns_to_stamp
 
     if fmt not in ("jpeg", "png"):
         raise ValueError(f"unsupported format {fmt!r} (jpeg or png)")
@@ -97,5 +97,5 @@ def rgb_to_compressed(rgb: np.ndarray, fmt: str = "jpeg", stamp_ns: int = 0, fra
     msg = CompressedImage(format=fmt)
     ns_to_stamp(stamp_ns, msg.header.stamp)
     msg.header.frame_id = frame_id
-    msg.data = buf.tobytes()
+    msg.data = as_uint8_array(buf)
     return msg

@@ -50,7 +50,7 @@ def _vla_node(context, *args, **kwargs):
     profile = LaunchConfiguration("fastdds_profile").perform(context)
     if profile:
         actions += [
-            SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", profile),
+            SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", profile),
             SetEnvironmentVariable("RMW_FASTRTPS_USE_QOS_FROM_XML", "1"),
         ]
     actions.append(

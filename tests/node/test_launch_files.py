@@ -147,7 +147,7 @@ def test_bringup_arguments_map_to_node_parameters(monkeypatch):
     env, env2, node = _opaque(desc).kwargs["function"](_Context(configs))
     assert isinstance(env, _Env) and isinstance(env2, _Env) and isinstance(node, _Lifecycle)
     assert dict([env.args, env2.args]) == {
-        "FASTRTPS_DEFAULT_PROFILES_FILE": declared["fastdds_profile"],
+        "FASTDDS_DEFAULT_PROFILES_FILE": declared["fastdds_profile"],
         "RMW_FASTRTPS_USE_QOS_FROM_XML": "1",
     }
     assert node.kwargs["parameters"] == [declared["params_file"], {"autostart": False}]
