@@ -77,30 +77,46 @@ def _start(
     return proc, client
 
 
-def _camera(client: Any, reliability: str, depth: int = 1) -> Any:
-    from sensor_msgs.msg import Image
+def _camera(client: Any, reliability: str, depth: int = 1, compressed: bool = False) -> Any:
+    from sensor_msgs.msg import CompressedImage, Image
 
-    from kv_vla_node.interface import IMAGE_TOPIC, image_qos
+    from kv_vla_node.interface import COMPRESSED_TOPIC, IMAGE_TOPIC, image_qos
 
-    pub = client.node.create_publisher(Image, IMAGE_TOPIC, image_qos(reliability, depth))
+    kind, topic = (CompressedImage, COMPRESSED_TOPIC) if compressed else (Image, IMAGE_TOPIC)
+    pub = client.node.create_publisher(kind, topic, image_qos(reliability, depth))
     deadline = time.monotonic() + 10
     while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     return pub
 
 
-def _stream(client: Any, pub: Any, size: tuple[int, int], hz: float, n: int) -> dict[str, Any]:
-    from kv_vla_node.conversions import rgb_to_image
+def _scene(h: int, w: int) -> np.ndarray:
+    """A camera-like frame (gradients, a block, mild noise): compresses as real images do."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) % 256], axis=2).astype(np.int16)
+    rgb[h // 4 : h // 2, w // 4 : w // 2] = (200, 30, 40)
+    rgb += np.random.default_rng(0).integers(-6, 7, rgb.shape, dtype=np.int16)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _stream(
+    client: Any, pub: Any, size: tuple[int, int], hz: float, n: int, fmt: str = "rgb8"
+) -> dict[str, Any]:
+    """Stream ``n`` frames at ``hz`` (rgb8 Images, or one JPEG re-stamped per frame)."""
+    from kv_vla_node.compressed import rgb_to_compressed
+    from kv_vla_node.conversions import ns_to_stamp, rgb_to_image
 
     w, h = size
-    rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rgb = _scene(h, w)
+    msg = rgb_to_compressed(rgb, "jpeg") if fmt == "jpeg" else rgb_to_image(rgb, "rgb8", 0, "bench_camera")
     before = int(client.last_diag().get("frames_received", 0))
     stamps = set()
     t0 = time.monotonic()
     for i in range(n):
         stamp = client.now_ns()
         stamps.add(stamp)
-        pub.publish(rgb_to_image(rgb, "rgb8", stamp, "bench_camera"))
+        ns_to_stamp(stamp, msg.header.stamp)
+        pub.publish(msg)
         time.sleep(max(0.0, t0 + (i + 1) / hz - time.monotonic()))
     time.sleep(2.5)  # the last frames' steps and the 1 Hz diagnostics after them
     delivered = int(client.last_diag().get("frames_received", 0)) - before
@@ -108,7 +124,8 @@ def _stream(client: Any, pub: Any, size: tuple[int, int], hz: float, n: int) -> 
     return {
         "width": w,
         "height": h,
-        "mib": round(w * h * 3 / 2**20, 2),
+        "format": fmt,
+        "mib": round(len(msg.data) / 2**20, 2),
         "sent": n,
         "delivered": delivered,
         "answered": answered,
@@ -155,10 +172,13 @@ def _oversize(args: argparse.Namespace, tmp: Path, log_dir: Path, with_xml: bool
 
 def format_tables(report: dict[str, Any]) -> str:
     """Markdown: sizes x reliability (delivered / answered of sent), then the memory rows."""
-    lines = ["| frame | MiB | QoS | sent | delivered | answered |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| frame | MiB sent | QoS | sent | delivered | answered |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in report["sizes"]:
         lines.append(
-            f"| {r['width']}x{r['height']} rgb8 | {r['mib']} | {r['reliability']} | {r['sent']} | {r['delivered']} | {r['answered']} |"
+            f"| {r['width']}x{r['height']} {r['format']} | {r['mib']} | {r['reliability']} | {r['sent']} | {r['delivered']} | {r['answered']} |"
         )
     if report.get("oversize"):
         lines += [
@@ -188,14 +208,12 @@ def run(args: argparse.Namespace) -> int:
         proc, client = _start(tmp, log_dir, reliability, depth=args.depth)
         try:
             pub = _camera(client, reliability, args.depth)
-            for size in SIZES:
-                row = {
-                    "reliability": reliability,
-                    "depth": args.depth,
-                    **_stream(client, pub, size, args.hz, args.frames),
-                }
+            rows = [_stream(client, pub, size, args.hz, args.frames) for size in SIZES]
+            jpeg = _camera(client, reliability, args.depth, compressed=True)
+            rows += [_stream(client, jpeg, size, args.hz, args.frames, "jpeg") for size in SIZES[2:]]
+            for row in rows:
                 print(row, flush=True)
-                report["sizes"].append(row)
+                report["sizes"].append({"reliability": reliability, "depth": args.depth, **row})
         finally:
             client.close()
             proc.stop()

@@ -265,6 +265,9 @@ def _int_desc(description: str, low: int, high: int) -> ParameterDescriptor:
 def main(args: list[str] | None = None) -> int:
     """Run all episodes, then exit (0 when every episode ran, 1 on a bridge failure)."""
     register_stack_dump()
+    # A thread woken by a message (the step worker, the waiting episode loop) gets the GIL within
+    # 1 ms instead of the default 5 ms while another thread runs Python code.
+    sys.setswitchinterval(0.001)
     rclpy.init(args=args)
     node = SimBridgeNode()
     spin = BackgroundSpin(node, num_threads=2)  # the episodes run here, on the main thread

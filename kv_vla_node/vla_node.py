@@ -635,6 +635,9 @@ class VLANode(LifecycleNode):
 def main(args: list[str] | None = None) -> int:
     """Console entry (``vla_node`` / ``python -m kv_vla_node.vla_node --ros-args ...``)."""
     register_stack_dump()
+    # A thread woken by a message (the step worker, the waiting episode loop) gets the GIL within
+    # 1 ms instead of the default 5 ms while another thread runs Python code.
+    sys.setswitchinterval(0.001)
     rclpy.init(args=args)
     node = VLANode()
     if node.get_parameter("autostart").value:

@@ -18,6 +18,8 @@ pytest.importorskip("rclpy")
 pytest.importorskip("pybullet")
 pytest.importorskip("kv_vla.runtime")
 
+pytestmark = pytest.mark.slow  # real node processes over DDS
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -34,6 +34,7 @@ class FaultOnce:
         return self.runtime.step(image)
 
 
+@pytest.mark.slow
 def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatch):
     from kv_vla_node.runtime_factory import build_runtime
 

@@ -139,6 +139,7 @@ def test_real_runtime_takes_the_options_and_a_live_tau_change(tmp_path):
     runtime.step(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # the episode goes on
 
 
+@pytest.mark.slow
 def test_node_over_dds_applies_the_options_after_reset(tmp_path, monkeypatch):
     pytest.importorskip("rclpy")
     pytest.importorskip("kv_vla.runtime")

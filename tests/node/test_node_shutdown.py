@@ -28,6 +28,8 @@ from kv_vla_node.testing import (
     save_random_model,
 )
 
+pytestmark = pytest.mark.slow  # real node processes over DDS
+
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_vla_node_exits_zero_on_a_stop_signal_mid_episode(tmp_path, sig):

@@ -24,6 +24,8 @@ from kv_vla_node.testing import (
     save_random_model,
 )
 
+pytestmark = pytest.mark.slow  # real node processes over DDS
+
 MAX_STEPS = 6
 
 

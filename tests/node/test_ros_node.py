@@ -25,6 +25,8 @@ from kv_vla_node.testing import (
     save_random_model,
 )
 
+pytestmark = pytest.mark.slow  # real node processes over DDS
+
 INSTRUCTION = "pick up the red cube"
 MAX_PIXELS = 128 * 128
 RNG = np.random.default_rng(0)
