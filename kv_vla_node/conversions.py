@@ -63,14 +63,10 @@ def ns_to_stamp(ns: int, stamp: Any | None = None) -> Any:
     return stamp
 
 
-def image_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
-    """Decode a ``sensor_msgs/Image`` into a contiguous ``uint8 [H, W, 3]`` RGB array.
-
-    Accepts rgb8, bgr8, rgba8, bgra8 and mono8 with any row padding (``step`` >= width x channels).
-    Refuses (``InputRefused``) an unknown encoding, a zero-size image, more than ``max_pixels`` pixels,
-    a ``step`` too small for one row, and ``data`` shorter than ``height x step``. The size checks
-    come before any allocation so a hostile header cannot make the node allocate a huge buffer.
-    """
+def check_image(msg: Any, max_pixels: int) -> None:
+    """Refuse (``InputRefused``) an ``Image`` ``image_to_rgb`` could not decode, from its header and
+    data length alone (no copy): an unknown encoding, a zero-size image, more than ``max_pixels``
+    pixels, a ``step`` too small for one row, ``data`` shorter than ``height x step``."""
     encoding = str(msg.encoding)
     if encoding not in ENCODINGS:
         raise InputRefused(
@@ -81,13 +77,27 @@ def image_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
         raise InputRefused(f"zero-size image ({height}x{width})")
     if height * width > max_pixels:
         raise InputRefused(f"image too large: {width}x{height} = {width * height} pixels > {max_pixels}")
-    channels, rgb_index = ENCODINGS[encoding]
-    row_bytes = width * channels
+    row_bytes = width * ENCODINGS[encoding][0]
     if step < row_bytes:
         raise InputRefused(f"step {step} is smaller than width x channels = {row_bytes} for {encoding}")
+    if len(msg.data) < height * step:
+        raise InputRefused(
+            f"image data has {len(msg.data)} bytes, shorter than height x step = {height * step}"
+        )
+
+
+def image_to_rgb(msg: Any, max_pixels: int) -> np.ndarray:
+    """Decode a ``sensor_msgs/Image`` into a contiguous ``uint8 [H, W, 3]`` RGB array.
+
+    Accepts rgb8, bgr8, rgba8, bgra8 and mono8 with any row padding (``step`` >= width x channels);
+    refuses what ``check_image`` refuses. The checks come before any allocation so a hostile header
+    cannot make the node allocate a huge buffer.
+    """
+    check_image(msg, max_pixels)
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    channels, rgb_index = ENCODINGS[str(msg.encoding)]
+    row_bytes = width * channels
     data = msg.data
-    if len(data) < height * step:
-        raise InputRefused(f"image data has {len(data)} bytes, shorter than height x step = {height * step}")
     buf = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8, count=height * step)
     pixels = buf.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
     if channels == 3 and rgb_index == (0, 1, 2):

@@ -75,8 +75,11 @@ class BackgroundSpin:
 
         A ``KeyboardInterrupt`` raised here (the SIGINT's Python half) is the caller's to catch.
         """
-        while self._thread.is_alive():
+        while self._thread.is_alive() and rclpy.ok(context=self.node.context):
             self._thread.join(timeout=0.2)
+        # A process that inherited SIGINT as ignored gets rclpy's half of it only: the context is
+        # shut down but no KeyboardInterrupt comes, and the spin thread may still sit in its wait
+        # (it is woken in ``stop``), so the context's state is what ends this wait.
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Shut down in an order that cannot hang; True when every step finished in time.
@@ -84,6 +87,7 @@ class BackgroundSpin:
         Each of the three waits (spin thread, executor, callback threads) is bounded by ``timeout_s``.
         """
         rclpy.try_shutdown(context=self.node.context)  # the spin loop leaves at its next wake-up
+        self.executor.wake()  # ... which this makes now, in case the shutdown's own wake-up was missed
         self._thread.join(timeout=timeout_s)
         spin_stopped = not self._thread.is_alive()
         # The pool is closed only after spin has left its loop (closing it earlier races spin's own

@@ -13,7 +13,7 @@ frames (a running instruction starts a fresh episode); deactivate publishes one 
 and stops; cleanup frees the model. With ``autostart`` (the default) ``main`` configures and
 activates at once, so a plain ``ros2 run`` acts like an unmanaged node.
 
-Threading: subscriptions only check and store the latest frame and wake the step worker, which
+Threading: subscriptions only check headers and store the latest frame and wake the step worker, which
 owns the runtime (episode starts, resets, steps, the watchdog, diagnostics). In ``event`` mode it
 steps as soon as a new frame is stored (at most ``control_rate_hz`` per second when that is > 0);
 in ``timer`` mode a timer at ``control_rate_hz`` wakes it. The parameter callback only records
@@ -74,8 +74,8 @@ SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FA
 class _Frame:
     header: Any
     stamp_ns: int  # header stamp, or receipt time when the stamp is zero
-    rgb: np.ndarray | None = None  # decoded (raw Image) ...
-    compressed: Any = None  # ... or a CompressedImage the worker decodes
+    msg: Any  # an Image (header-checked) or a CompressedImage; the worker decodes the one it steps on
+    rgb: np.ndarray | None = None
 
 
 def check_step_mode(values: dict[str, Any]) -> str | None:
@@ -308,13 +308,13 @@ class VLANode(LifecycleNode):
         if loop is not None:
             loop.wake()
 
-    def _store(self, frame: _Frame) -> None:
+    def _store(self, frame: _Frame, valid: bool) -> None:
         """Keep only the newest frame (a replaced one is counted as superseded) and wake the worker."""
         with self._lock:
             if self._frame is not None:
                 self._counters.superseded_frames += 1
             self._frame = frame
-            if frame.rgb is not None:
+            if valid:
                 self._last_valid_t = time.monotonic()
             event_mode = self._values["step_mode"] == "event"
         if event_mode:
@@ -347,11 +347,11 @@ class VLANode(LifecycleNode):
         return True
 
     def _on_image(self, msg: Image) -> None:
-        """Check and decode (cheap: a copy), then store; no inference here."""
+        """Check the header (no copy) and store; the worker decodes only the frame it steps on."""
         if not self._active:
             return
         try:
-            rgb = conversions.image_to_rgb(msg, int(self._values["max_image_pixels"]))
+            conversions.check_image(msg, int(self._values["max_image_pixels"]))
         except conversions.InputRefused as exc:
             with self._lock:
                 self._counters.frames_received += 1
@@ -359,15 +359,15 @@ class VLANode(LifecycleNode):
             return
         stamp_ns = self._checked_stamp(msg.header)
         if stamp_ns is not None:
-            self._store(_Frame(header=msg.header, stamp_ns=stamp_ns, rgb=rgb))
+            self._store(_Frame(header=msg.header, stamp_ns=stamp_ns, msg=msg), valid=True)
 
     def _on_compressed(self, msg: CompressedImage) -> None:
-        """Store undecoded: the worker decodes only the frame it steps on."""
+        """Store undecoded (validity is known once the worker decodes it)."""
         if not self._active:
             return
         stamp_ns = self._checked_stamp(msg.header)
         if stamp_ns is not None:
-            self._store(_Frame(header=msg.header, stamp_ns=stamp_ns, compressed=msg))
+            self._store(_Frame(header=msg.header, stamp_ns=stamp_ns, msg=msg), valid=False)
 
     def _on_incompatible_image_qos(self, event: Any) -> None:
         self.get_logger().warning(
@@ -446,14 +446,16 @@ class VLANode(LifecycleNode):
             return
         if self._stale(frame.stamp_ns, self.get_clock().now().nanoseconds):  # timer mode: it waited
             return
-        if frame.compressed is not None:
-            try:
-                frame.rgb = compressed_to_rgb(frame.compressed, int(values["max_image_pixels"]))
-            except conversions.InputRefused as exc:
-                self._refuse("frame", str(exc))
-                return
-            with self._lock:
-                self._last_valid_t = time.monotonic()
+        try:
+            if isinstance(frame.msg, CompressedImage):
+                frame.rgb = compressed_to_rgb(frame.msg, int(values["max_image_pixels"]))
+                with self._lock:
+                    self._last_valid_t = time.monotonic()
+            else:
+                frame.rgb = conversions.image_to_rgb(frame.msg, int(values["max_image_pixels"]))
+        except conversions.InputRefused as exc:
+            self._refuse("frame", str(exc))
+            return
         rate = float(values["control_rate_hz"])
         self._next_step_t = time.monotonic() + (1.0 / rate if rate > 0 else 0.0)
         try:
