@@ -235,6 +235,12 @@ class SimBridgeNode(Node):
             record["error"] = error
         return record
 
+    def wait_for_results_acked(self, timeout_s: float) -> bool:
+        """Block until every matched subscriber acknowledged the published results (or timeout)."""
+        from rclpy.duration import Duration
+
+        return bool(self._result_pub.wait_for_all_acked(Duration(seconds=timeout_s)))
+
     def _exchange(self, rgb: np.ndarray) -> tuple[np.ndarray, float] | None:
         """Publish one frame and wait for the action answering it (re-sending on a lost frame);
         (action, round trip in ms from the publish of the answered frame)."""
@@ -281,6 +287,9 @@ def main(args: list[str] | None = None) -> int:
     except Exception as exc:
         node.get_logger().error(f"sim bridge failed: {exc!r}")
         code = 1
+    if rclpy.ok():
+        # reliable results must reach the subscribers that matched before the process goes away
+        node.wait_for_results_acked(2.0)
     return exit_after(spin, code)
 
 

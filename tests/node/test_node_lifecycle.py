@@ -209,3 +209,28 @@ def test_compressed_frames_are_answered_and_truncated_ones_refused(managed, fmt)
     diag = client.wait_diag(lambda d: int(d["refused_frames"]) > int(before["refused_frames"]), 20)
     assert diag and f"truncated {fmt.upper()}" in diag["last_refusal"]
     client.node.destroy_publisher(pub)
+
+
+def test_timer_mode_still_steps_on_its_ticks(tmp_path, monkeypatch):
+    """``step_mode: timer`` (the old behaviour) answers frames at its ticks; 0 Hz is refused there."""
+    from kv_vla_node.testing import in_process_node
+
+    monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    model = save_random_model(tmp_path / "tiny-vla")
+    parameters = {
+        "model_path": str(model),
+        "step_mode": "timer",
+        "control_rate_hz": 20.0,
+        "max_image_age_s": 30.0,
+    }
+    with in_process_node(free_domain_id(), parameters) as (node, client):
+        assert node._timer is not None
+        client.publish_instruction(INSTRUCTION)
+        assert client.wait_diag(lambda d: d["episode"] == "1" and d["step_mode"] == "timer")
+        assert client.exchange(frame()) is not None
+        [res] = client.set_parameters({"control_rate_hz": 0.0})
+        assert not res.successful and "timer mode" in res.reason
+        [ok] = client.set_parameters({"control_rate_hz": 5.0})
+        assert ok.successful and node._timer.timer_period_ns == 200_000_000
+        assert client.exchange(frame()) is not None
