@@ -23,6 +23,7 @@ class RuntimeSettings:
     dtype: str
     gate_path: str
     cache: dict[str, Any] = field(default_factory=dict)  # node parameter names (params.CACHE_KEYS)
+    trust_remote_code: bool = False
 
 
 RuntimeFactory = Callable[[RuntimeSettings], Any]
@@ -44,24 +45,37 @@ def resolve_model_path(path: str) -> str:
 def build_runtime(settings: RuntimeSettings) -> Any:
     """Load the checkpoint at ``settings.model_path`` into an ``EpisodeRuntime``.
 
-    The cache starts with the node's cache parameters; ``chunk_size`` 0 becomes the model's tokens per
+    The cache starts with the node's cache parameters; ``chunk_size`` 0 is the model's tokens per
     control step. An empty ``gate_path`` uses ``<model_path>/gate.safetensors`` when it exists.
+    Raises ValueError (configure fails) for cache parameters no instruction could run with.
     """
     import torch
 
     from kv_vla import runtime as kv_runtime
     from kv_vla.cache import EpisodeCacheConfig
+    from kv_vla_node.params import check_cache_change, prompt_layout
 
     model_path = resolve_model_path(settings.model_path)
     gate_path = resolve_model_path(settings.gate_path) if settings.gate_path else None
     if gate_path is None:
         gate_path = kv_runtime.shipped_gate(model_path)
+    # refuse bad cache parameters before loading anything, with the reason
+    EpisodeCacheConfig(**cache_kwargs(settings.cache))
     runtime = kv_runtime.EpisodeRuntime.from_pretrained(
-        model_path, device=settings.device, dtype=getattr(torch, settings.dtype), gate_path=gate_path
+        model_path,
+        device=settings.device,
+        dtype=getattr(torch, settings.dtype),
+        gate_path=gate_path,
+        trust_remote_code=settings.trust_remote_code,
     )
     # Every field, so the node's values replace the runtime's defaults (validated, ValueError if not).
-    EpisodeCacheConfig(**cache_kwargs(settings.cache, runtime.step_tokens))
-    runtime.update_cache_config(**cache_kwargs(settings.cache, runtime.step_tokens))
+    runtime.update_cache_config(**cache_kwargs(settings.cache))
+    # A budget that cannot hold even the shortest prompt would refuse every instruction: refuse it
+    # now, at configure, instead of going active.
+    pinned, step = prompt_layout(runtime, running=False, pinned_tokens=None)
+    reason = check_cache_change(settings.cache, {}, pinned, step)
+    if reason:
+        raise ValueError(f"invalid parameters: {reason}")
     return runtime
 
 

@@ -59,7 +59,7 @@ from kv_vla_node.runtime_factory import (
     policy_names,
     runtime_stats,
 )
-from kv_vla_node.runtime_glue import cache_kwargs, check_cache_values
+from kv_vla_node.runtime_glue import cache_kwargs
 from kv_vla_node.spinning import register_stack_dump, spin_until_shutdown
 from kv_vla_node.step_loop import StepLoop
 
@@ -161,9 +161,14 @@ class VLANode(LifecycleNode):
         reason = reason or check_step_mode(values)
         cache = {k: values[k] for k in params.CACHE_KEYS}
         if reason is None and self._policies is not None:
-            reason = check_cache_values(cache, None)
+            reason = params.check_cache_change(cache, {})
         settings = RuntimeSettings(
-            values["model_path"], values["device"], values["dtype"], values["gate_path"], cache
+            values["model_path"],
+            values["device"],
+            values["dtype"],
+            values["gate_path"],
+            cache,
+            trust_remote_code=values["trust_remote_code"],
         )
         with self._runtime_lock:
             try:
@@ -260,12 +265,12 @@ class VLANode(LifecycleNode):
             return SetParametersResult(successful=False, reason=reason)
         cache_changes = {p.name: p.value for p in changes if p.name in params.CACHE_KEYS}
         if cache_changes and self._policies is not None:
-            with self._lock:
-                candidate = {k: self._values[k] for k in params.CACHE_KEYS}
+            with self._lock:  # the accepted values (refused ones never get here)
+                active = {k: self._values[k] for k in params.CACHE_KEYS}
                 running = self._instruction is not None
-            candidate.update(cache_changes)
-            pinned = getattr(self._last_stats, "pinned_tokens", None) if running else None
-            reason = check_cache_values(candidate, self._step_tokens, pinned_tokens=pinned)
+            pinned = getattr(self._last_stats, "pinned_tokens", None)
+            layout = params.prompt_layout(self._runtime, running, pinned)
+            reason = params.check_cache_change(active, cache_changes, *layout)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
@@ -509,15 +514,13 @@ class VLANode(LifecycleNode):
             self._pending_now = {}
             self._frame = None  # a frame from before the reset never answers into the new episode
             self._last_valid_t = time.monotonic()
-        self._runtime.reset(instruction)
-        if pending:
-            try:
-                self._runtime.update_cache_config(
-                    **cache_kwargs(pending, self._step_tokens, self._active_cache)
-                )
-                self._active_cache.update(pending)
-            except ValueError as exc:
-                self._refuse("parameter", f"cache change {pending} refused at episode start: {exc}")
+        try:  # the changes and the instruction are checked together; a refusal changes nothing
+            self._runtime.reset(instruction, **cache_kwargs(pending))
+        except ValueError:
+            with self._lock:  # the instruction is refused; the accepted changes stay pending
+                self._pending_episode = {**pending, **self._pending_episode}
+            raise
+        self._active_cache.update(pending)
         self._clear_episode()
         self._instruction = instruction
         self._episode += 1

@@ -167,6 +167,11 @@ class EpisodeCache(Cache):
         self.num_layers = int(cfg.num_hidden_layers)
         super().__init__(layers=[layer_cls(self, i) for i in range(self.num_layers)])
         self.config = config.validate()
+        if self.config.chunk_size < 1:
+            raise ValueError(
+                "chunk_size: 0 means one control step, which EpisodeRuntime resolves at reset; "
+                "a cache built directly needs the chunk size in tokens (an integer >= 1)"
+            )
         self.record_summaries = record_summaries
         self._gate = None
         self.policy = self._attach(policy if policy is not None else self._make_policy(config))
@@ -195,7 +200,7 @@ class EpisodeCache(Cache):
 
     def _make_policy(self, config: EpisodeCacheConfig) -> ChunkPolicy:
         cls = POLICIES[config.policy]
-        policy = cls(seed=config.seed) if "seed" in getattr(cls, "__dataclass_fields__", {}) else cls()
+        policy = cls.from_config(config)
         if isinstance(policy, GatedPolicy):
             if self._gate is None:
                 from kv_vla.cache.gate import ChunkGate
@@ -232,6 +237,8 @@ class EpisodeCache(Cache):
         they are (utilities of the old policy are kept until re-scored).
         """
         new = self.config.replace(**changes)
+        if new.chunk_size < 1:
+            raise ValueError("chunk_size: a cache needs the chunk size in tokens (an integer >= 1)")
         new.check_budget(self._pinned)
         old_policy = self.config.policy
         if new.chunk_size != self.config.chunk_size:
@@ -239,6 +246,8 @@ class EpisodeCache(Cache):
         self.config = new
         if new.policy != old_policy:
             self.policy = self._attach(self._make_policy(new))
+        else:
+            self.policy.set_options(new)
         return new
 
     def pin_prefix(self) -> int:
@@ -401,7 +410,7 @@ class EpisodeCache(Cache):
         utilities = [float(u) for u in self.policy.score(candidates, ctx)]
         keep = self.policy.keep(candidates, utilities, ctx)
         evict = [c for c, k in zip(candidates, keep) if not k]
-        budget = self.config.max_tokens
+        budget = self.config.effective_max_tokens
         if budget is not None:
             # leave room for the open chunk to fill up, so the budget holds until the next decision
             headroom = max(0, self._open_end() - max(self._seen, self._open_start))

@@ -133,7 +133,7 @@ def test_bringup_arguments_map_to_node_parameters(monkeypatch):
     declared = _declared(desc)
     overrides = set(declared) - {"params_file", "namespace", "fastdds_profile"}  # the profile: env vars
     assert overrides <= set(params.SPECS)
-    assert {"model_path", "cache_policy", "chunk_size", "gate_threshold", "device"} <= overrides
+    assert {"model_path", "policy", "chunk_size", "gate_threshold", "device"} <= overrides
     assert declared["params_file"] == "/opt/share/kv_vla/config/kv_vla.yaml"
 
     assert declared["autostart"] == "true"
@@ -156,7 +156,7 @@ def test_bringup_arguments_map_to_node_parameters(monkeypatch):
     configs |= {
         "chunk_size": "40",
         "gate_threshold": "0.3",
-        "cache_policy": "window",
+        "policy": "window",
         "dry_run": "true",
         "step_mode": "timer",
         "control_rate_hz": "15",
@@ -169,7 +169,7 @@ def test_bringup_arguments_map_to_node_parameters(monkeypatch):
     assert overrides == {
         "chunk_size": 40,
         "gate_threshold": 0.3,
-        "cache_policy": "window",
+        "policy": "window",
         "dry_run": True,
         "step_mode": "timer",
         "control_rate_hz": 15.0,

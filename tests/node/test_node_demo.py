@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("pybullet")
-pytest.importorskip("kv_vla.runtime")
+pytestmark = [pytest.mark.ros, pytest.mark.slow]  # node processes over DDS
 
 pytestmark = pytest.mark.slow  # real node processes over DDS
 
