@@ -16,8 +16,6 @@ import pytest
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]  # node processes over DDS
 
-pytestmark = pytest.mark.slow  # real node processes over DDS
-
 REPO = Path(__file__).resolve().parents[2]
 
 
