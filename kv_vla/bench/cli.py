@@ -1,9 +1,15 @@
-"""``kv-vla bench ...``: benchmarks. ``kv-vla bench cache`` measures the episode cache's policies."""
+"""``kv-vla bench ...``: benchmarks. ``cache``: the episode cache's policies; ``node``: the VLA node over DDS."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
+
+# The ROS layer's benchmark, named here only (the core never imports kv_vla_node; its module keeps
+# rclpy inside ``run``).
+NODE_BENCH = "kv_vla_node.bench"
+FRAMES_BENCH = "kv_vla_node.bench_frames"
 
 
 def _int_list(text: str) -> list[int]:
@@ -52,12 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "latency between policies whose cache grows (full, hf_dynamic, zipvl), which lockstep confounds",
     )
     cache.add_argument("--no-progress", action="store_true")
+    node = sub.add_parser("node", help="VLA node round trip over DDS with the sim bridge: event vs timer")
+    importlib.import_module(NODE_BENCH).add_arguments(node)
+    frames = sub.add_parser(
+        "frames", help="camera frame sizes x image QoS: delivered and answered by the node"
+    )
+    importlib.import_module(FRAMES_BENCH).add_arguments(frames)
 
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch ``kv-vla bench <name>``."""
     if args.bench == "cache":
         return _run_cache(args)
+    if args.bench == "node":
+        return int(importlib.import_module(NODE_BENCH).run(args))
+    if args.bench == "frames":
+        return int(importlib.import_module(FRAMES_BENCH).run(args))
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 

@@ -32,9 +32,8 @@ def test_idle_checks_use_the_shortest_prompt():
 
 
 def test_startup_with_a_chunk_no_budget_fits_is_refused_with_the_reason(tmp_path):
-    from kv_vla_node.runtime_glue import build_runtime
+    from kv_vla_node.runtime_factory import RuntimeSettings, build_runtime
     from kv_vla_node.testing import save_random_model
-    from kv_vla_node.vla_node import RuntimeSettings
 
     model = save_random_model(tmp_path / "tiny-vla")
     cache = {k: params.SPECS[k].default for k in params.CACHE_KEYS} | {"chunk_size": 40}
