@@ -29,8 +29,10 @@ metadata (:class:`Chunk`) carries ``precision`` so that a low-precision store ca
 chunk's columns are held by subclassing :class:`EpisodeLayer` (``layer_cls``) and reporting its
 packed bytes through :meth:`EpisodeLayer.nbytes`.
 
-Limits: batches must not be padded (a 2-D attention mask must be all ones), and sliding-window
-attention layers are refused (their mask is built from logical indices, wrong once chunks are gone).
+Masks: after an eviction every mask (causal, sliding window, padding flags) is evaluated at the kept
+tokens' positions (:mod:`kv_vla.cache.masks`), so padded batches and sliding-window layers stay
+exact; model features that cannot be kept exact are refused when the cache is built
+(:mod:`kv_vla.cache.compat`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kv_vla.cache import probe
+from kv_vla.cache import compat, masks, probe
 from kv_vla.cache.chunks import CacheStats, Chunk
 from kv_vla.cache.config import EpisodeCacheConfig
 from kv_vla.cache.policies import POLICIES, ChunkPolicy, GatedPolicy, PolicyContext
@@ -63,6 +65,8 @@ class EpisodeLayer(CacheLayerMixin):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
+        self.sliding_window = owner.layer_windows[layer_idx]  # masked by kv_vla.cache.masks
+        self.is_sliding = self.sliding_window is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -100,6 +104,23 @@ class EpisodeLayer(CacheLayerMixin):
             self.keys = self.keys[:, :, :n]
             self.values = self.values[:, :, :n]
 
+    def batch_index(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (in that order): beam reordering, repeat and select share it."""
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index.to(self.keys.device))
+            self.values = self.values.index_select(0, index.to(self.values.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_index(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is not None:
+            self.batch_index(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        index = torch.as_tensor(indices)
+        self.batch_index(index.nonzero().squeeze(1) if index.dtype == torch.bool else index.long())
+
     def nbytes(self) -> int:
         """Bytes of the tensors actually held (a quantised store reports packed bytes + scales)."""
         if self.keys is None:
@@ -123,24 +144,6 @@ class EpisodeLayer(CacheLayerMixin):
         raise NotImplementedError("EpisodeCache does not support crop (assisted decoding / rollback)")
 
 
-def _text_config(model_config: Any) -> Any:
-    getter = getattr(model_config, "get_text_config", None)
-    return getter(decoder=True) if callable(getter) else model_config
-
-
-def _check_no_sliding_window(cfg: Any) -> None:
-    layer_types = getattr(cfg, "layer_types", None) or []
-    sliding = any("sliding" in str(t) or "chunked" in str(t) for t in layer_types)
-    if not layer_types and getattr(cfg, "sliding_window", None) is not None:
-        sliding = True
-    if sliding:
-        raise ValueError(
-            "model_config: sliding-window attention is not supported by EpisodeCache (its mask is built "
-            "from logical indices, wrong once chunks are evicted); allowed values: sliding_window=None "
-            "and only full-attention layer_types"
-        )
-
-
 class EpisodeCache(Cache):
     """Chunked KV cache for a whole episode, with pluggable chunk eviction (see module docstring).
 
@@ -161,10 +164,12 @@ class EpisodeCache(Cache):
         layer_cls: type[EpisodeLayer] = EpisodeLayer,
         record_summaries: bool = False,
     ):
-        cfg = _text_config(model_config)
-        _check_no_sliding_window(cfg)
+        cfg = compat.text_config(model_config)
+        windows = compat.check_model(cfg)
+        masks.install()
         self.model_config = cfg
         self.num_layers = int(cfg.num_hidden_layers)
+        self.layer_windows = windows  # per layer: sliding window in tokens, or None (full attention)
         super().__init__(layers=[layer_cls(self, i) for i in range(self.num_layers)])
         self.config = config.validate()
         self.record_summaries = record_summaries
@@ -276,7 +281,14 @@ class EpisodeCache(Cache):
     def _mask_sizes(self, query_length: int) -> tuple[int, int]:
         self._start_forward()
         kept = int(self._positions.numel())
-        return kept + query_length, self._seen - kept
+        sizes = kept + query_length, self._seen - kept
+        masks.announce(self._mask_plan(query_length, *sizes))
+        return sizes
+
+    def _mask_plan(self, query_length: int, kv_length: int, kv_offset: int) -> masks.MaskPlan:
+        """The real positions of the columns (kept + new) and queries of the next forward's mask."""
+        new = torch.arange(self._seen, self._seen + query_length, dtype=torch.long)
+        return masks.MaskPlan(query_length, kv_length, kv_offset, torch.cat([self._positions, new]), new)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -477,6 +489,13 @@ class EpisodeCache(Cache):
             kv_bytes=sum(per_layer),
             kv_bytes_per_layer=per_layer,
         )
+
+    def __iter__(self):
+        """Per layer ``(keys, values, sliding_window tensor or None)`` at full precision, as DynamicCache."""
+        for layer in self.layers:
+            keys, values = layer.columns(0, layer.held_tokens()) if layer.keys is not None else (None, None)
+            window = layer.sliding_window
+            yield keys, values, (torch.tensor(window, dtype=torch.long) if window is not None else None)
 
     def __repr__(self) -> str:
         return (
