@@ -15,8 +15,11 @@ import torch
 FAMILIES = ("llama", "qwen2", "mistral", "gemma")
 
 
-def tiny_config(family: str, hidden: int = 32, layers: int = 2, vocab: int = 96, attn: str = "sdpa"):
-    """A tiny float32 decoder config of ``family`` (GQA: 4 query heads, 2 kv heads)."""
+def tiny_config(
+    family: str, hidden: int = 32, layers: int = 2, vocab: int = 96, attn: str = "sdpa", window: int | None = None
+):
+    """A tiny float32 decoder config of ``family`` (GQA: 4 query heads, 2 kv heads); ``window``
+    makes every Mistral layer a sliding-window layer."""
     from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -34,7 +37,7 @@ def tiny_config(family: str, hidden: int = 32, layers: int = 2, vocab: int = 96,
     if family == "qwen2":
         return Qwen2Config(**common, use_sliding_window=False)
     if family == "mistral":
-        return MistralConfig(**common, sliding_window=None)
+        return MistralConfig(**common, sliding_window=window)
     if family == "gemma":
         return GemmaConfig(**common, head_dim=hidden // 4)
     raise ValueError(f"family: unknown {family!r}; allowed values: {list(FAMILIES)}")
