@@ -37,7 +37,9 @@ def uses_alibi(cfg: Any) -> bool:
         return True
     if family == "mpt":
         attn_config = getattr(cfg, "attn_config", None)
-        alibi = attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", None)
+        alibi = (
+            attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", None)
+        )
         return True if alibi is None else bool(alibi)
     return bool(getattr(cfg, "alibi", False))
 

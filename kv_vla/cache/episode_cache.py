@@ -202,12 +202,30 @@ class EpisodeCache(Cache):
         cls = POLICIES[config.policy]
         policy = cls(seed=config.seed) if "seed" in getattr(cls, "__dataclass_fields__", {}) else cls()
         if isinstance(policy, GatedPolicy):
-            if self._gate is None:
-                from kv_vla.cache.gate import ChunkGate
-
-                self._gate = ChunkGate.for_model(self.model_config, seed=config.seed)
-            policy.gate = self._gate
+            policy.gate = self._gate  # None: a default gate is sized from the first cached tensors
         return policy
+
+    def _ensure_gate(self) -> None:
+        """Give a gated policy without a gate the seeded default one, sized from the key and value
+        widths actually cached (multi-head latent attention caches neither ``head_dim``)."""
+        if not isinstance(self.policy, GatedPolicy) or self.policy.gate is not None:
+            return
+        if self._gate is None:
+            from kv_vla.cache.gate import ChunkGate
+
+            widths = {
+                (int(ly.keys.shape[-1]), int(ly.values.shape[-1]))
+                for ly in self.layers
+                if ly.keys is not None
+            }
+            if len(widths) != 1:
+                raise ValueError(
+                    f"model_config: cached key/value widths differ between layers {sorted(widths)}; "
+                    "the default gate needs one width per layer (pass a gate with set_gate)"
+                )
+            ((key_dim, value_dim),) = widths
+            self._gate = ChunkGate.for_widths(self.num_layers, key_dim, value_dim, seed=self.config.seed)
+        self.policy.gate = self._gate
 
     def _attach(self, policy: ChunkPolicy) -> ChunkPolicy:
         """Let a policy bind to this cache (``policy.attach(cache)``, e.g. to swap layer storage)."""
@@ -394,6 +412,7 @@ class EpisodeCache(Cache):
     def _apply_pending(self) -> list[Chunk]:
         if not self._new_chunks or self._in_forward:
             return []  # nothing completed, or called from inside a forward: decide later
+        self._ensure_gate()
         ctx = self._context()
         if self.record_summaries or isinstance(self.policy, GatedPolicy):
             for chunk in self._new_chunks:

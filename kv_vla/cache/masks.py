@@ -37,7 +37,9 @@ class MaskPlan:
     def contiguous(self) -> bool:
         """Columns are exactly ``kv_offset + j`` and queries follow: the stock mask is right."""
         expect = torch.arange(self.kv_offset, self.kv_offset + self.kv_length)
-        queries = torch.arange(self.kv_offset + self.kv_length - self.q_length, self.kv_offset + self.kv_length)
+        queries = torch.arange(
+            self.kv_offset + self.kv_length - self.q_length, self.kv_offset + self.kv_length
+        )
         return torch.equal(self.kv_positions, expect) and torch.equal(self.q_positions, queries)
 
 

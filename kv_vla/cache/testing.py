@@ -16,7 +16,12 @@ FAMILIES = ("llama", "qwen2", "mistral", "gemma")
 
 
 def tiny_config(
-    family: str, hidden: int = 32, layers: int = 2, vocab: int = 96, attn: str = "sdpa", window: int | None = None
+    family: str,
+    hidden: int = 32,
+    layers: int = 2,
+    vocab: int = 96,
+    attn: str = "sdpa",
+    window: int | None = None,
 ):
     """A tiny float32 decoder config of ``family`` (GQA: 4 query heads, 2 kv heads); ``window``
     makes every Mistral layer a sliding-window layer."""

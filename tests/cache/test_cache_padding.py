@@ -29,7 +29,9 @@ def _padded_episode(model, cache, steps: int = 8, obs: int = 12, decode: int = 3
         if start:
             flags = torch.cat([flags, torch.ones(2, block.shape[1], dtype=torch.long)], dim=1)
         pos = torch.arange(start, start + block.shape[1]).expand(2, -1)
-        out = model(input_ids=block, attention_mask=flags, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=block, attention_mask=flags, position_ids=pos, past_key_values=cache, use_cache=True
+        )
         record.logits.append(out.logits)
         return out.logits
 
