@@ -37,7 +37,9 @@ class CacheStats:
     """Memory and token accounting of an :class:`EpisodeCache`, in bytes actually held.
 
     ``kv_bytes`` sums ``kv_bytes_per_layer``; each layer reports the bytes of the tensors it holds
-    (packed bytes plus scales for chunks stored at low precision).
+    (packed bytes plus scales for chunks stored at low precision). ``kv_bytes_reserved`` is what the
+    storage has allocated: equal to ``kv_bytes`` for the dynamic storage, the whole preallocated
+    bound for the static one.
     """
 
     seen_tokens: int
@@ -48,6 +50,7 @@ class CacheStats:
     pinned_tokens: int
     kv_bytes: int
     kv_bytes_per_layer: list[int]
+    kv_bytes_reserved: int = 0
 
     def as_dict(self) -> dict:
         """JSON-friendly copy (for diagnostics and logs)."""
@@ -60,4 +63,5 @@ class CacheStats:
             "pinned_tokens": self.pinned_tokens,
             "kv_bytes": self.kv_bytes,
             "kv_bytes_per_layer": list(self.kv_bytes_per_layer),
+            "kv_bytes_reserved": self.kv_bytes_reserved,
         }
