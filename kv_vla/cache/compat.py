@@ -87,3 +87,13 @@ def check_model(model_config: Any) -> list[int | None]:
             "wrong once chunks are evicted; use only 'global' attention_layers or a DynamicCache"
         )
     return layer_windows(cfg)
+
+
+def check_storage(windows: list[int | None], layer_cls: type) -> None:
+    """Refuse sliding-window layers on a storage whose caller-built slot mask has no window."""
+    if getattr(layer_cls, "needs_block_mask", False) and any(w is not None for w in windows):
+        raise ValueError(
+            f"storage: {layer_cls.__name__} builds one slot mask for every layer, without the sliding "
+            f"windows {sorted({w for w in windows if w is not None})} of this model; allowed values: "
+            "storage='dynamic' for sliding-window models"
+        )

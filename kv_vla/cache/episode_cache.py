@@ -167,7 +167,8 @@ class EpisodeCache(Cache):
         config: validated cache configuration.
         model_config: the HF decoder's config (text config of a multimodal model is found).
         policy: optional policy instance overriding ``config.policy`` (e.g. with non-default fields).
-        layer_cls: storage class per layer (extension point for low-precision chunk storage).
+        layer_cls: storage class per layer (default: the one ``config.storage`` names, see
+            :mod:`kv_vla.cache.storage`; an extension point for low-precision chunk storage).
         record_summaries: compute every completed chunk's summary (always on for ``gated``), so a
             trainer can read :meth:`chunk_summaries` after recording an episode.
     """
@@ -177,11 +178,16 @@ class EpisodeCache(Cache):
         config: EpisodeCacheConfig,
         model_config: Any,
         policy: ChunkPolicy | None = None,
-        layer_cls: type[EpisodeLayer] = EpisodeLayer,
+        layer_cls: type[EpisodeLayer] | None = None,
         record_summaries: bool = False,
     ):
+        if layer_cls is None:
+            from kv_vla.cache.storage import layer_class
+
+            layer_cls = layer_class(config.storage)
         cfg = compat.text_config(model_config)
         windows = compat.check_model(cfg)
+        compat.check_storage(windows, layer_cls)
         masks.install()
         self.model_config = cfg
         self.num_layers = int(cfg.num_hidden_layers)
@@ -362,6 +368,11 @@ class EpisodeCache(Cache):
         return self._mask_sizes(int(query_length))
 
     def _mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if getattr(self.layers[0], "needs_block_mask", False):
+            raise ValueError(
+                f"storage {self.config.storage!r}: pass attention_mask=cache.attention_mask(query_length) "
+                "to the model (a 4-D mask over the storage's slots); transformers' mask cannot see them"
+            )
         self._start_forward()
         kept = int(self._positions.numel())
         nxt = self._seen if self._mode == "episode" else kept
@@ -379,6 +390,33 @@ class EpisodeCache(Cache):
         new = torch.arange(nxt, nxt + query_length, dtype=torch.long)
         kept = self._positions if self._mode == "episode" else torch.arange(kv_length - query_length)
         return masks.MaskPlan(query_length, kv_length, kv_offset, torch.cat([kept, new]), new)
+
+    def attention_mask(
+        self, query_length: int, dtype: torch.dtype = torch.float32, device: Any = "cpu"
+    ) -> torch.Tensor | None:
+        """The 4-D mask the next forward of ``query_length`` tokens must be given, or None.
+
+        None for the dynamic storage (transformers builds the mask from :meth:`get_mask_sizes`);
+        a storage with slots (``static``) reserves the block's slots here and returns the additive
+        ``[1, 1, query_length, capacity]`` mask over them.
+        """
+        if not getattr(self.layers[0], "needs_block_mask", False):
+            return None
+        from kv_vla.cache.storage import capacity
+
+        self._start_forward()
+        pinned = self._pinned if self._pinned else self._seen + query_length
+        hint = capacity(self.config, pinned)
+        for layer in self.layers:
+            layer.reserve(query_length, hint)
+        return self.layers[0].block_mask(query_length, dtype, torch.device(device))
+
+    def commit_block(self, n_new: int) -> None:
+        """Record an ``n_new``-token block that a compiled step wrote into every layer's reserved slots."""
+        self._start_forward()
+        for layer in self.layers:
+            layer.commit_block()
+        self._commit(n_new)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -443,6 +481,9 @@ class EpisodeCache(Cache):
         Called by the attention probe (``probe.py``); averaged over layers for the shared score, and
         handed unchanged to the layer when its storage keeps per-layer scores (``record_attention``).
         """
+        to_columns = getattr(self.layers[layer_idx], "slot_mass_to_columns", None)
+        if callable(to_columns):  # a storage with slots reports mass per slot
+            mass = to_columns(mass)
         layer_hook = getattr(self.layers[layer_idx], "record_attention", None)
         if callable(layer_hook):
             layer_hook(mass.detach().float())
@@ -605,6 +646,7 @@ class EpisodeCache(Cache):
             kv_bytes=sum(per_layer),
             kv_bytes_per_layer=per_layer,
             max_position=self._max_position,
+            kv_bytes_reserved=sum(int(getattr(ly, "reserved_nbytes", ly.nbytes)()) for ly in self.layers),
         )
 
     def __iter__(self):

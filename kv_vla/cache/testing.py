@@ -149,7 +149,14 @@ def run_episode(
         record.ids.extend(ids)
         first = cache.get_seq_length()  # the model's next position id (either position mode)
         pos = torch.arange(first, first + len(ids)).unsqueeze(0)
-        out = model(input_ids=torch.tensor([ids]), position_ids=pos, past_key_values=cache, use_cache=True)
+        mask = cache.attention_mask(len(ids)) if hasattr(cache, "attention_mask") else None  # static storage
+        out = model(
+            input_ids=torch.tensor([ids]),
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
         record.logits.append(out.logits)
         return out.logits
 
