@@ -58,8 +58,15 @@ def _take(kwargs: dict) -> MaskPlan | None:
         plan.kv_offset,
     ):
         return None
-    _local.plan = None
+    _local.plan, _local.taken = None, True
     return None if plan.contiguous else plan
+
+
+def took_plan() -> bool:
+    """Whether a mask builder took an announced plan since the last call (and forget both)."""
+    taken = bool(getattr(_local, "taken", False))
+    _local.plan, _local.taken = None, False
+    return taken
 
 
 def remap(mask_function: Callable, plan: MaskPlan, q_offset: int, padding: torch.Tensor | None) -> Callable:
