@@ -58,7 +58,7 @@ class StaticLayer(EpisodeLayer):
         self.keys, self.values = keys, values
         self.dtype, self.device = like.dtype, like.device
         self.is_initialized = True
-        if not torch.compiler.is_compiling():
+        if self.device.type == "cuda":  # CUDA graphs replay on fixed addresses
             torch._dynamo.mark_static_address(self.keys)
             torch._dynamo.mark_static_address(self.values)
 
@@ -138,7 +138,16 @@ class StaticLayer(EpisodeLayer):
         self.slots = self.slots[index.to("cpu")]
 
     def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.slots[start:end].to(self.keys.device)
+        """Columns ``[start, end)``: a view when their slots are consecutive (the usual chunk), else a gather."""
+        slots = self.slots[start:end]
+        if (
+            slots.numel()
+            and int(slots[-1] - slots[0]) == slots.numel() - 1
+            and bool((slots.diff() == 1).all())
+        ):
+            a, b = int(slots[0]), int(slots[-1]) + 1
+            return self.keys[:, :, a:b], self.values[:, :, a:b]
+        index = slots.to(self.keys.device)
         return self.keys.index_select(2, index), self.values.index_select(2, index)
 
     def truncate(self, n: int) -> None:
