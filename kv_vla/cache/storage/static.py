@@ -150,6 +150,14 @@ class StaticLayer(EpisodeLayer):
         index = slots.to(self.keys.device)
         return self.keys.index_select(2, index), self.values.index_select(2, index)
 
+    def rotate_keys(self, start: int, rotate: Any) -> None:
+        """Re-rotate the keys of columns ``[start, held)`` in their slots (``cache`` positions)."""
+        if self.keys is None or self.held_tokens() <= start:
+            return
+        index = self.slots[start:].to(self.keys.device)
+        with torch.inference_mode(self.keys.is_inference()):  # in place, whichever mode made the buffer
+            self.keys.index_copy_(2, index, rotate(self.keys.index_select(2, index)))
+
     def truncate(self, n: int) -> None:
         self.slots = self.slots[:n]
         self._reserved = self._reserved_dev = None
