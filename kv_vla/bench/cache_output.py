@@ -49,14 +49,13 @@ def write_plot(report: dict, path: str | os.PathLike) -> Path | None:
         return None
     path = Path(path)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    label = lambda r: (
-        r["policy"]
-        + (  # noqa: E731
-            f" ({r.get('storage', 'dynamic')}{', compiled' if r.get('compiled') else ''})"
-            if (r.get("storage", "dynamic"), r.get("compiled", False)) != ("dynamic", False)
-            else ""
-        )
-    )
+
+    def label(r: dict) -> str:
+        variant = (r.get("storage", "dynamic"), r.get("compiled", False))
+        if variant == ("dynamic", False):
+            return r["policy"]
+        return f"{r['policy']} ({variant[0]}{', compiled' if variant[1] else ''})"
+
     for policy in dict.fromkeys(label(r) for r in report["results"]):
         rows = [r for r in report["results"] if label(r) == policy]
         hs = [r["history_steps"] for r in rows]
