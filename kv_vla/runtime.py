@@ -134,16 +134,24 @@ class EpisodeRuntime:
         tok = model.action_tokenizer
         self._act_begin = tok.action_token_begin_idx
         self._act_end = tok.vocab_size
-        self.compile = bool(compile)
-        self._decoder: Any = None  # CompiledDecoder when compile=True
+        self.compile = False
+        self._decoder: Any = None  # CompiledDecoder when compiled
         self._embed_image = model.embed_image
-        if self.compile:
-            self._setup_compile()
+        if compile:
+            self.set_compile(True)
 
-    def _setup_compile(self) -> None:
+    def set_compile(self, on: bool) -> None:
+        """Run later steps compiled (``on``) or eager; compiling needs ``storage='static'``.
+
+        Raises ValueError (and changes nothing) when the cache config cannot be compiled.
+        """
         from kv_vla.cache.storage.compiled import CompiledDecoder
 
+        if not on:
+            self.compile, self._decoder, self._embed_image = False, None, self.model.embed_image
+            return
         self._check_compile(self.cache_config)
+        self.compile = True
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # a CUDA graph on GPU
         self._decoder = CompiledDecoder(self.model.language_model, mode=mode)
         encode = getattr(self.model, "encode_pixels", None)
