@@ -58,7 +58,7 @@ class StaticLayer(EpisodeLayer):
         self.keys, self.values = keys, values
         self.dtype, self.device = like.dtype, like.device
         self.is_initialized = True
-        if not torch.compiler.is_compiling():
+        if self.device.type == "cuda":  # CUDA graphs replay on fixed addresses
             torch._dynamo.mark_static_address(self.keys)
             torch._dynamo.mark_static_address(self.values)
 
@@ -138,8 +138,25 @@ class StaticLayer(EpisodeLayer):
         self.slots = self.slots[index.to("cpu")]
 
     def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.slots[start:end].to(self.keys.device)
+        """Columns ``[start, end)``: a view when their slots are consecutive (the usual chunk), else a gather."""
+        slots = self.slots[start:end]
+        if (
+            slots.numel()
+            and int(slots[-1] - slots[0]) == slots.numel() - 1
+            and bool((slots.diff() == 1).all())
+        ):
+            a, b = int(slots[0]), int(slots[-1]) + 1
+            return self.keys[:, :, a:b], self.values[:, :, a:b]
+        index = slots.to(self.keys.device)
         return self.keys.index_select(2, index), self.values.index_select(2, index)
+
+    def rotate_keys(self, start: int, rotate: Any) -> None:
+        """Re-rotate the keys of columns ``[start, held)`` in their slots (``cache`` positions)."""
+        if self.keys is None or self.held_tokens() <= start:
+            return
+        index = self.slots[start:].to(self.keys.device)
+        with torch.inference_mode(self.keys.is_inference()):  # in place, whichever mode made the buffer
+            self.keys.index_copy_(2, index, rotate(self.keys.index_select(2, index)))
 
     def truncate(self, n: int) -> None:
         self.slots = self.slots[:n]
