@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import transformers as T
+from numerics import assert_logits_close
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from kv_vla.cache import EpisodeCache, EpisodeCacheConfig, disable_attention_probe, enable_attention_probe
@@ -253,7 +254,7 @@ def test_family_without_attention_interface_is_exact_but_refuses_the_probe(famil
     cache = EpisodeCache(EpisodeCacheConfig(policy="window", chunk_size=CHUNK, recent_chunks=1), model.config)
     record = _episode(model, cache)
     assert cache.stats().evicted_tokens > 0
-    assert (torch.cat(record.logits, dim=1) - reference_logits(model, record)).abs().max().item() <= 1e-5
+    assert_logits_close(torch.cat(record.logits, dim=1), reference_logits(model, record))
     implementation = model.config._attn_implementation
     with pytest.raises(
         ValueError, match=f"{model.config.model_type} computes attention inside its own modules"
