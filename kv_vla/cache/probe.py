@@ -24,16 +24,20 @@ PROBE_IMPLEMENTATION = "kv_vla_probe"
 _local = threading.local()
 
 
-def announce(cache: Any, layer_idx: int) -> None:
-    """Called by ``EpisodeCache.update``: the next attention call of ``layer_idx`` belongs to ``cache``."""
-    _local.target = (cache, layer_idx)
+def announce(cache: Any, layer_idx: int, kv_length: int = -1) -> None:
+    """Called by ``EpisodeCache.update``: the next attention call of ``layer_idx`` over ``kv_length``
+    columns belongs to ``cache``."""
+    _local.target = (cache, layer_idx, kv_length)
 
 
-def _take(layer_idx: int) -> Any:
+def _take(layer_idx: int, kv_length: int) -> Any:
+    """The announcing cache, if this attention call is the one it announced. Any announcement is
+    consumed by the next probed call: one left by a forward that ran unprobed (or by another
+    cache) must not be credited to a later forward over another cache."""
     target = getattr(_local, "target", None)
-    if target is None or target[1] != layer_idx:
-        return None
     _local.target = None
+    if target is None or target[1] != layer_idx or target[2] not in (-1, kv_length):
+        return None
     return target[0]
 
 
@@ -97,7 +101,7 @@ def _probe_forward(previous: str) -> Any:
         out, weights = _inner_forward(module, previous)(
             module, query, key, value, attention_mask, *args, **kwargs
         )
-        cache = _take(getattr(module, "layer_idx", -1))
+        cache = _take(getattr(module, "layer_idx", -1), int(key.shape[-2]))
         if cache is not None:
             window = cache.config.probe_queries
             with torch.no_grad():
