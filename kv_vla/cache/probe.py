@@ -151,18 +151,27 @@ def enable_attention_probe(model: Any) -> Any:
             "AttentionInterface, so the attention probe cannot observe it; use a policy that needs no "
             "probe (window, sinks, random, gated)"
         )
+    if is_probing(model):
+        return model
     current = model.config._attn_implementation
-    if current.startswith(PROBE_IMPLEMENTATION):
-        return model  # already probing
     model.set_attn_implementation(register_probe(current))
     model._kv_vla_probe_previous = current
     return model
 
 
+def is_probing(model: Any) -> bool:
+    """Whether ``model`` runs the attention probe (whichever implementation it wraps)."""
+    return str(getattr(model.config, "_attn_implementation", "")).startswith(PROBE_IMPLEMENTATION)
+
+
 def disable_attention_probe(model: Any) -> Any:
     """Switch ``model`` back to the attention implementation it had before the probe (no-op if none)."""
+    if not is_probing(model):
+        return model
     previous = getattr(model, "_kv_vla_probe_previous", None)
-    if previous is not None:
-        model.set_attn_implementation(previous)
-        del model._kv_vla_probe_previous
+    if previous is None:  # e.g. a copy of a probed model: the wrapped name says what it wrapped
+        name = model.config._attn_implementation
+        previous = name[len(PROBE_IMPLEMENTATION) + 1 :] or "sdpa"
+    model.set_attn_implementation(previous)
+    model.__dict__.pop("_kv_vla_probe_previous", None)
     return model
