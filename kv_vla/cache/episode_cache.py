@@ -426,7 +426,7 @@ class EpisodeCache(Cache):
             self._start_forward()
             self._in_forward = True
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-        probe.announce(self, layer_idx)
+        probe.announce(self, layer_idx, int(keys.shape[-2]))
         if layer_idx == self.num_layers - 1:
             self._commit(int(key_states.shape[-2]))
         return keys, values

@@ -24,16 +24,24 @@ PROBE_IMPLEMENTATION = "kv_vla_probe"
 _local = threading.local()
 
 
-def announce(cache: Any, layer_idx: int) -> None:
-    """Called by ``EpisodeCache.update``: the next attention call of ``layer_idx`` belongs to ``cache``."""
-    _local.target = (cache, layer_idx)
+def announce(cache: Any, layer_idx: int, kv_length: int = -1) -> None:
+    """Called by ``EpisodeCache.update``: the next attention call of ``layer_idx`` over ``kv_length``
+    key columns belongs to ``cache``."""
+    _local.target = (cache, layer_idx, kv_length)
 
 
-def _take(layer_idx: int) -> Any:
+def _take(layer_idx: int, kv_length: int = -1) -> Any:
+    """The cache that announced this attention call, or None.
+
+    An announcement is consumed once; one left over (its model ran without the probe) is dropped when
+    the key length differs, so a later uncached forward cannot report into a stale cache.
+    """
     target = getattr(_local, "target", None)
     if target is None or target[1] != layer_idx:
         return None
     _local.target = None
+    if target[2] >= 0 and kv_length >= 0 and target[2] != kv_length:
+        return None
     return target[0]
 
 
@@ -97,7 +105,7 @@ def _probe_forward(previous: str) -> Any:
         out, weights = _inner_forward(module, previous)(
             module, query, key, value, attention_mask, *args, **kwargs
         )
-        cache = _take(getattr(module, "layer_idx", -1))
+        cache = _take(getattr(module, "layer_idx", -1), int(key.shape[2]))
         if cache is not None:
             window = cache.config.probe_queries
             with torch.no_grad():
