@@ -63,7 +63,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in runtimes}
     logits: dict[str, list[torch.Tensor]] = {k: [] for k in runtimes}
     first_step_s = {}
-    for k, rt in runtimes.items():
+    for rt in runtimes.values():
         rt.reset("touch the red cube")
     for i in tqdm(range(args.steps), desc="static_step", unit="step"):
         frame = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
