@@ -145,7 +145,7 @@ class EpisodeRuntime:
 
         Raises ValueError (and changes nothing) when the cache config cannot be compiled.
         """
-        from kv_vla.cache.storage.compiled import CompiledDecoder
+        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options
 
         if not on:
             self.compile, self._decoder, self._embed_image = False, None, self.model.embed_image
@@ -157,7 +157,7 @@ class EpisodeRuntime:
         encode = getattr(self.model, "encode_pixels", None)
         if callable(encode) and callable(getattr(self.model, "pixel_values", None)):
             # uint8 -> pixels stays eager (numpy in); the encoder sees one fixed shape: compiled once
-            compiled = torch.compile(encode, dynamic=False, mode=mode)
+            compiled = torch.compile(encode, dynamic=False, **compile_options(mode))
 
             def embed(frame: Any, condition: torch.Tensor | None = None) -> torch.Tensor:
                 return compiled(self.model.pixel_values(frame), condition)
