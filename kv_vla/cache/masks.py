@@ -106,6 +106,8 @@ def wrap(original: Callable, name: str) -> Callable:
         from transformers.masking_utils import causal_mask_function
 
         mask_function = kwargs.get("mask_function") or causal_mask_function
+        if _stock_is_exact(mask_function, kwargs, padding):
+            return original(*args, **kwargs)
         kwargs["mask_function"] = remap(mask_function, plan, int(kwargs.get("q_offset", 0)), padding)
         kwargs["attention_mask"] = None
         kwargs["allow_is_causal_skip"] = False
@@ -114,6 +116,15 @@ def wrap(original: Callable, name: str) -> Callable:
 
     builder._kv_vla_original = original  # type: ignore[attr-defined]
     return builder
+
+
+def _stock_is_exact(mask_function: Callable, kwargs: dict, padding: torch.Tensor | None) -> bool:
+    """A plain causal mask without window or padding: every kept column precedes the queries and is
+    visible, so the stock mask (and SDPA's ``is_causal`` fast path) is already right."""
+    from transformers.masking_utils import causal_mask_function
+
+    plain = mask_function is causal_mask_function and kwargs.get("local_size") is None
+    return plain and (padding is None or bool(padding.all()))
 
 
 def _remappable_builders() -> tuple[Callable, ...]:
