@@ -11,7 +11,7 @@ from kv_vla.cache.testing import reference_logits, reference_mask, run_episode, 
 
 
 def test_default_mistral_window_is_accepted():
-    cache = EpisodeCache(EpisodeCacheConfig(), MistralConfig(num_hidden_layers=2))
+    cache = EpisodeCache(EpisodeCacheConfig(chunk_size=8), MistralConfig(num_hidden_layers=2))
     assert cache.layer_windows == [4096, 4096]
     assert all(layer.is_sliding for layer in cache.layers)
 
