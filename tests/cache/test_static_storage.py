@@ -128,7 +128,7 @@ def test_static_refusals_and_missing_mask(tiny_models):
     with pytest.raises(ValueError, match="storage: 'static' needs a bounded policy"):
         EpisodeCacheConfig(policy="full", storage="static")
     with pytest.raises(ValueError, match="needs a bounded policy"):
-        EpisodeCacheConfig(policy="gated", storage="static")
+        EpisodeCacheConfig(policy="gated", max_tokens=None, storage="static")
     with pytest.raises(ValueError, match="low-bit codes"):
         EpisodeCacheConfig(policy="gated_tiered", max_tokens=200, storage="static")
     with pytest.raises(ValueError, match="storage: unknown"):
