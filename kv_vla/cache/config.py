@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kv_vla import settings
+from kv_vla.cache.positions import check_mode
 from kv_vla.cache.registry import POLICIES
 
 _D = settings.default
@@ -41,6 +42,10 @@ class EpisodeCacheConfig:
     low_bits: int = _D("low_bits")
     quant_group_size: int = _D("quant_group_size")
     full_threshold: float = _D("full_threshold")
+    # position mode (kv_vla.cache.positions): "episode" or "cache" (StreamingLLM); next episode
+    positions: str = "episode"
+    # layer storage (kv_vla.cache.storage): "dynamic" or "static" (preallocated, bounded policies)
+    storage: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.max_tokens == 0:
@@ -59,6 +64,8 @@ class EpisodeCacheConfig:
                 raise ValueError(reason)
         self.policy_class.check_config(self)
         self.policy_class.from_config(self)  # the policy's dataclass checks its own options
+        check_mode(self.positions)
+        _check_storage(self)
         return self
 
     def replace(self, **changes: Any) -> EpisodeCacheConfig:
@@ -140,6 +147,17 @@ class EpisodeCacheConfig:
                 f"{self.effective_recent_chunks} recent chunks and the open chunk of {self.chunk_size} "
                 f"tokens); allowed values: 0 (no budget) or an int >= {need}"
             )
+
+
+def _check_storage(config: EpisodeCacheConfig) -> None:
+    from kv_vla.cache.storage import STORAGES, static_refusal
+
+    if config.storage not in STORAGES:
+        raise ValueError(f"storage: unknown storage {config.storage!r}; allowed values: {list(STORAGES)}")
+    if config.storage == "static":
+        reason = static_refusal(config)
+        if reason is not None:
+            raise ValueError(reason)
 
 
 def _check_int(name: str, value: Any, minimum: int | None, none_ok: bool = False) -> None:

@@ -34,6 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     settings.add_flags(parser.add_argument_group("cache settings (kv_vla/settings.py)"), CACHE_FLAGS)
     settings.add_flags(parser, ("trust_remote_code",))
+    parser.add_argument(
+        "--positions",
+        choices=["episode", "cache"],
+        default=None,
+        help="position ids: 'episode' (grow with the episode) or 'cache' (StreamingLLM, bounded)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also evaluate each bounded model policy as a compiled step over static storage (rows "
+        "POLICY+compiled), so the timing columns show eager vs compiled from one run",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--record-actions", action="store_true", help="store every executed action in eval_info.json"
@@ -50,11 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cache_options(args: argparse.Namespace) -> dict[str, Any]:
     """The cache settings given on the command line (the others keep the evaluated setting)."""
-    return settings.given(args, CACHE_FLAGS)
+    given = settings.given(args, CACHE_FLAGS)
+    if getattr(args, "positions", None) is not None:
+        given["positions"] = args.positions
+    return given
 
 
-def model_factory(policy: str, args: argparse.Namespace) -> Any:
-    """Load the runtime once with this cache policy; the factory hands it to every task."""
+def model_factory(policy: str, args: argparse.Namespace, compiled: bool = False) -> Any:
+    """Load the runtime once with this cache policy; the factory hands it to every task.
+
+    ``compiled``: the same policy over static storage with a compiled step (``EpisodeRuntime.set_compile``).
+    """
     from kv_vla.cache import EpisodeCacheConfig
     from kv_vla.runtime import EpisodeRuntime, shipped_gate
 
@@ -70,7 +88,23 @@ def model_factory(policy: str, args: argparse.Namespace) -> Any:
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
     )
     runtime.update_cache_config(policy=policy, **options)
+    if compiled:
+        runtime.update_cache_config(storage="static")
+        runtime.set_compile(True)
     return lambda env: runtime
+
+
+def compiled_refusal(policy: str, args: argparse.Namespace) -> str | None:
+    """Why ``policy`` (with the command line's options) gets no compiled row, or None."""
+    from kv_vla.cache import POLICIES, EpisodeCacheConfig
+
+    try:
+        EpisodeCacheConfig(policy=policy, storage="static", **cache_options(args))
+    except ValueError as exc:
+        return str(exc)
+    if POLICIES[policy].needs_attention:
+        return f"compile: policy {policy!r} reads attention through the probe"
+    return None
 
 
 def stateless_factory(args: argparse.Namespace) -> Any:
@@ -159,10 +193,20 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--workers needs --backend ray (the local backend runs in this process)")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if backend == "ray" and getattr(args, "compile", False):
+        raise SystemExit("--compile runs on the local backend (its rows compare eager and compiled side by side)")
     if backend == "ray":
         result = _evaluate_on_ray(policies, tasks, args)
     else:
-        factories = {policy: agent_factory(policy, args) for policy in policies}
+        factories = {}
+        for policy in policies:
+            factories[policy] = agent_factory(policy, args)
+            if getattr(args, "compile", False) and policy not in MODEL_FREE and policy != "stateless":
+                reason = compiled_refusal(policy, args)
+                if reason is None:
+                    factories[f"{policy}+compiled"] = model_factory(policy, args, compiled=True)
+                else:
+                    print(f"--compile: no compiled row for {policy!r}: {reason}")
         result = evaluate(
             factories,
             tasks,

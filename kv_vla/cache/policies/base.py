@@ -62,6 +62,8 @@ class ChunkPolicy:
     uses_sinks: ClassVar[bool] = True  # False: sink_tokens is forced to 0
     needs_attention: ClassVar[bool] = False  # True: the attention probe must be enabled
     allows_budget: ClassVar[bool] = True  # False: the policy never evicts; max_tokens does not apply
+    # True: evicts every unprotected chunk (bounded without max_tokens)
+    bounded_by_window: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -21,6 +21,7 @@ class SinksPolicy(ChunkPolicy):
     """
 
     name: ClassVar[str] = "sinks"
+    bounded_by_window: ClassVar[bool] = True
 
     @classmethod
     def check_config(cls, config: EpisodeCacheConfig) -> None:

@@ -24,6 +24,7 @@ needs ``EpisodeCache.record_attention`` to hand each layer its own probe report
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,6 +34,8 @@ from kv_vla.cache.chunks import Chunk
 from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext, option
 from kv_vla.cache.policies.gated import GatedPolicy
 from kv_vla.cache.registry import register_policy
+
+RATIO_HISTORY = 1000  # decisions whose per-layer ratios are kept for inspection
 
 
 @dataclass
@@ -44,6 +47,7 @@ class _MixedPrecisionMixin:
     quant_group_size: int = option("quant_group_size")
     """Quantisation group size (tokens for values, channels for keys)."""
     _cache: Any = field(default=None, init=False, repr=False)
+    low_precision: ClassVar[bool] = True  # packed low-bit chunks: refused by storage='static'
 
     def attach(self, cache: Any) -> None:
         """Bind to ``cache`` and make every layer a :class:`MixedPrecisionLayer` (keeps its data)."""
@@ -90,7 +94,7 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
 
     After every decision, ``last_ratios`` holds each layer's ZipVL ratio ``p`` (tokens of the
     smallest chunk set holding ``tau`` of the newest attention / candidate tokens; ``ratio_history``
-    keeps all of them) and ``last_full_fractions`` the share of candidate tokens actually at full
+    keeps the last ``RATIO_HISTORY`` of them, so nothing grows with the episode) and ``last_full_fractions`` the share of candidate tokens actually at full
     precision in each layer. Demotion is irreversible, so the mass already at low precision is
     charged against the ``1 - tau`` allowance (:func:`kv_vla.cache.quant.ratio.demote_within_allowance`).
     """
@@ -100,12 +104,12 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
     tau: float = option("tau")
     """Share of the newest attention mass whose chunks stay at full precision, in (0, 1]."""
     last_ratios: list[float] = field(default_factory=list, init=False)
-    ratio_history: list[list[float]] = field(default_factory=list, init=False)
+    ratio_history: deque[list[float]] = field(default_factory=lambda: deque(maxlen=RATIO_HISTORY), init=False)
     last_full_fractions: list[float] = field(default_factory=list, init=False)
 
     def reset(self) -> None:
         self.last_ratios = []
-        self.ratio_history = []
+        self.ratio_history = deque(maxlen=RATIO_HISTORY)
         self.last_full_fractions = []
 
     def _layer_chunk_mass(self, layer: Any, cols: list[tuple[int, int]]) -> torch.Tensor | None:
