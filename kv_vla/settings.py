@@ -105,6 +105,8 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("max_tokens", int, 80, NEXT_EPISODE, "KV token budget, prompt included; 0 = no budget; ignored by full (never evicts). Also bounds the instruction: its prompt must fit beside the recent chunks and the open chunk", CACHE, 0, 10_000_000),
     Setting("seed", int, 0, NEXT_EPISODE, "seeds the random policy and an untrained gate", CACHE, 0, 2**31 - 1),
     Setting("probe_queries", int, 16, NEXT_EPISODE, "newest queries per forward whose attention the attention probe measures (attention, zipvl)", CACHE, 1, 65536),
+    Setting("positions", str, "episode", NEXT_EPISODE, "position ids: episode (kept tokens keep their episode positions; ids grow with the episode) or cache (StreamingLLM: positions within the cache, bounded however long the episode; RoPE models only)", CACHE, choices=("episode", "cache")),
+    Setting("storage", str, "dynamic", NEXT_EPISODE, "KV storage: dynamic (tensors grow and are re-selected) or static (preallocated slots for a bounded policy: steady-state steps allocate nothing and keep their shapes)", CACHE, choices=("dynamic", "static")),
     # ---- policy options (fields of the policy dataclasses in kv_vla/cache/policies/)
     Setting("gate_threshold", float, 0.0, NOW, "gated, gated_tiered: evict a chunk whose utility is below this (0: the budget alone decides, lowest utility first)", POLICY, 0.0, 1.0, policies=("gated", "gated_tiered")),
     Setting("tau", float, 0.9, NOW, "zipvl: share of the newest attention whose chunks stay at full precision", POLICY, 0.0, 1.0, low_open=True, policies=("zipvl",)),

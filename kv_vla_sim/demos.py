@@ -315,6 +315,13 @@ def _map(jobs: list[tuple[str, int, int, float, str]], workers: int) -> Iterator
         yield from pool.imap_unordered(_run_one, jobs)
 
 
+def _run_job_alone(job: tuple[str, int, int, float, str]) -> dict[str, object]:
+    """One job on a Ray worker: the envs of other tasks are closed first (one env per worker)."""
+    for key in [k for k in _ENVS if k != (job[0], job[2])]:
+        _ENVS.pop(key).close()
+    return _run_one(job)
+
+
 def collect(
     task: str,
     episodes: int,
@@ -347,7 +354,7 @@ def collect(
         os.unlink(stale)
     index = _read_index(out_dir)
     write_json_atomic(os.path.join(out_dir, INDEX), index)
-    with job_runner(workers, backend, ray_address, _map) as run_jobs:  # one Ray session for all tasks
+    with job_runner(workers, backend, ray_address, _map, _run_job_alone) as run_jobs:  # one Ray session for all tasks
         counts = {}
         for t in tasks:
             done = {int(e["seed"]) for e in index["episodes"] if e["task"] == t}  # type: ignore[call-overload]

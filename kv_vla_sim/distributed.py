@@ -71,31 +71,32 @@ def map_on_actors(actors: list[Any], calls: Iterable[tuple], method: str = "run"
 
 @contextlib.contextmanager
 def job_runner(
-    workers: int, backend: str, address: str | None, local_map: Callable[[list[tuple], int], Iterator[Any]]
+    workers: int,
+    backend: str,
+    address: str | None,
+    local_map: Callable[[list[tuple], int], Iterator[Any]],
+    remote_job: Callable[[tuple], Any],
 ) -> Iterator[Callable[[list[tuple]], Iterator[Any]]]:
     """``run(jobs)`` for ``kv_vla_sim.demos.collect``, yielding each job's meta as it finishes: the
-    local ``local_map(jobs, workers)``, or ``workers`` recording actors in one Ray session kept for
-    the whole collection (not one session per task)."""
+    local ``local_map(jobs, workers)``, or ``remote_job(job)`` on ``workers`` actors in one Ray
+    session kept for the whole collection (not one session per task)."""
     if backend != "ray":
         yield lambda jobs: local_map(jobs, workers)
         return
     with ray_session(workers, address):
-        actors = [_collect_worker_class().remote() for _ in range(workers)]
-        yield lambda jobs: map_on_actors(actors, [(job,) for job in jobs])
+        actors = [_job_worker_class().remote() for _ in range(workers)]
+        yield lambda jobs: map_on_actors(actors, [(remote_job, job) for job in jobs])
 
 
-def _collect_worker_class() -> Any:
-    """The ``@ray.remote`` actor that records demonstrations (one env at a time, kept between
-    episodes of a task); built on first use so that importing this module does not import ray."""
+def _job_worker_class() -> Any:
+    """The ``@ray.remote`` actor that runs one job function at a time (its module state, such as
+    open envs, kept between jobs); built on first use so that importing this module does not
+    import ray."""
     import ray
 
     @ray.remote(num_cpus=1)
-    class CollectWorker:
-        def run(self, job: tuple[str, int, int, float, str]) -> dict[str, object]:
-            from kv_vla_sim import demos
+    class JobWorker:
+        def run(self, fn: Callable[[tuple], Any], job: tuple) -> Any:
+            return fn(job)
 
-            for key in [k for k in demos._ENVS if k != (job[0], job[2])]:  # one env per worker
-                demos._ENVS.pop(key).close()  # type: ignore[attr-defined]
-            return demos._run_one(job)
-
-    return CollectWorker
+    return JobWorker

@@ -6,9 +6,13 @@ import argparse
 import importlib
 from pathlib import Path
 
+from kv_vla import settings
+
 # The ROS layer's benchmark, named here only (the core never imports kv_vla_node; its module keeps
 # rclpy inside ``run``).
 NODE_BENCH = "kv_vla_node.bench"
+#: cache knobs ``kv-vla bench soak`` takes as flags (``kv_vla.settings`` names); ``--positions`` is a list
+SOAK_KNOBS = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
 FRAMES_BENCH = "kv_vla_node.bench_frames"
 
 
@@ -91,14 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     soak.add_argument("--model", default="models/compact-vla")
     soak.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")
     soak.add_argument("--device", default="cpu")
-    for name, kind in (
-        ("chunk-size", int),
-        ("recent-chunks", int),
-        ("sink-tokens", int),
-        ("max-tokens", int),
-        ("gate-threshold", float),
-    ):
-        soak.add_argument(f"--{name}", type=kind, default=None, help="as in kv-vla eval")
+    settings.add_flags(soak.add_argument_group("cache settings (kv_vla/settings.py)"), SOAK_KNOBS)
     soak.add_argument("--seed", type=int, default=0, help="seeds the synthetic frame stream")
     soak.add_argument(
         "--plot",
@@ -176,8 +173,7 @@ def _run_soak(args: argparse.Namespace) -> int:
     from kv_vla.bench.soak import SoakConfig, format_table, options_for, run_soak, write_json, write_plot
     from kv_vla.cache import EpisodeCacheConfig
 
-    names = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
-    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    options = settings.given(args, SOAK_KNOBS)
     for policy in args.policies:  # refuse bad options before loading anything
         for mode in args.positions:
             EpisodeCacheConfig(policy=policy, positions=mode, **options_for(policy, options))

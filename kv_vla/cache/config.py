@@ -37,15 +37,13 @@ class EpisodeCacheConfig:
     max_tokens: int | None = _D("max_tokens")
     seed: int = _D("seed")
     probe_queries: int = _D("probe_queries")
+    positions: str = _D("positions")  # kv_vla.cache.positions
+    storage: str = _D("storage")  # kv_vla.cache.storage
     gate_threshold: float = _D("gate_threshold")
     tau: float = _D("tau")
     low_bits: int = _D("low_bits")
     quant_group_size: int = _D("quant_group_size")
     full_threshold: float = _D("full_threshold")
-    # position mode (kv_vla.cache.positions): "episode" or "cache" (StreamingLLM); next episode
-    positions: str = "episode"
-    # layer storage (kv_vla.cache.storage): "dynamic" or "static" (preallocated, bounded policies)
-    storage: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.max_tokens == 0:

@@ -35,12 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_flags(parser.add_argument_group("cache settings (kv_vla/settings.py)"), CACHE_FLAGS)
     settings.add_flags(parser, ("trust_remote_code",))
     parser.add_argument(
-        "--positions",
-        choices=["episode", "cache"],
-        default=None,
-        help="position ids: 'episode' (grow with the episode) or 'cache' (StreamingLLM, bounded)",
-    )
-    parser.add_argument(
         "--compile",
         action="store_true",
         help="also evaluate each bounded model policy as a compiled step over static storage (rows "
@@ -62,10 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cache_options(args: argparse.Namespace) -> dict[str, Any]:
     """The cache settings given on the command line (the others keep the evaluated setting)."""
-    given = settings.given(args, CACHE_FLAGS)
-    if getattr(args, "positions", None) is not None:
-        given["positions"] = args.positions
-    return given
+    return settings.given(args, CACHE_FLAGS)
 
 
 def model_factory(policy: str, args: argparse.Namespace, compiled: bool = False) -> Any:
