@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cache.add_argument(
         "--storage",
+        dest="storages",
         type=_str_list,
         default=["dynamic"],
         help="comma-separated KV storages to run each policy in: dynamic,static (static only for bounded "
@@ -90,7 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policies", type=_str_list, default=["gated"], help="comma-separated, e.g. gated,full"
     )
     soak.add_argument(
-        "--positions", type=_str_list, default=["cache"], help="comma-separated modes: episode,cache"
+        "--positions",
+        dest="position_modes",
+        type=_str_list,
+        default=["cache"],
+        help="comma-separated position modes to run, each a value of the positions setting: episode,cache",
     )
     soak.add_argument("--model", default="models/compact-vla")
     soak.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")
@@ -148,7 +153,7 @@ def _run_cache(args: argparse.Namespace) -> int:
         keep_steps=args.keep_steps,
         seed=args.seed,
         isolate=args.isolate,
-        storages=args.storage,
+        storages=args.storages,
         compile=args.compile,
     )
 
@@ -175,14 +180,14 @@ def _run_soak(args: argparse.Namespace) -> int:
 
     options = settings.given(args, SOAK_KNOBS)
     for policy in args.policies:  # refuse bad options before loading anything
-        for mode in args.positions:
+        for mode in args.position_modes:
             EpisodeCacheConfig(policy=policy, positions=mode, **options_for(policy, options))
     if args.steps < 1 or args.max_steps_full < 1:
         raise SystemExit("--steps and --max-steps-full must be >= 1")
     cfg = SoakConfig(
         model=args.model,
         policies=args.policies,
-        positions=args.positions,
+        positions=args.position_modes,
         steps=args.steps,
         max_steps_full=args.max_steps_full,
         cache_options=options,

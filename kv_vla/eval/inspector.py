@@ -30,7 +30,7 @@ PENDING, KEPT, LOW, EVICTED = "pending", "kept", "low", "evicted"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="late_cued_reach", help="a task name (kv_vla_sim.tasks.TASKS)")
     parser.add_argument("--seed", type=int, default=3, help="episode seed (evaluation range: < 1_000_000)")
-    parser.add_argument("--policy", default="gated", help="a cache policy (kv_vla.cache.POLICIES)")
+    settings.add_flags(parser, ("policy",), default_none=False)
     parser.add_argument("--out", required=True, help="output directory (inspect.json, inspect.png)")
     parser.add_argument("--model", default="models/compact-vla", help="compact VLA folder")
     parser.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")

@@ -78,7 +78,9 @@ def test_fates_match_the_cache_accounting(forgetful, monkeypatch):
 
 
 def test_low_precision_chunks_are_recorded():
-    rt = _tiny_runtime("gated_tiered", recent_chunks=1, gate_threshold=0.0, full_threshold=1.0)
+    rt = _tiny_runtime(
+        "gated_tiered", recent_chunks=1, max_tokens=None, gate_threshold=0.0, full_threshold=1.0
+    )
     env = TabletopEnv("reach")
     episode = record_episode(rt, env, seed=0)
     env.close()
