@@ -72,11 +72,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cache.add_argument("--no-progress", action="store_true")
 
+    soak = sub.add_parser("soak", help="one long episode per policy and position mode: what grows")
+    soak.add_argument("--json", required=True, type=Path, help="where to write the JSON report")
+    soak.add_argument("--steps", type=int, default=10_000, help="control steps per bounded run")
+    soak.add_argument("--max-steps-full", type=int, default=2_000, help="cap for the 'full' policy")
+    soak.add_argument(
+        "--policies", type=_str_list, default=["gated"], help="comma-separated, e.g. gated,full"
+    )
+    soak.add_argument(
+        "--positions", type=_str_list, default=["cache"], help="comma-separated modes: episode,cache"
+    )
+    soak.add_argument("--model", default="models/compact-vla")
+    soak.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")
+    soak.add_argument("--device", default="cpu")
+    for name, kind in (
+        ("chunk-size", int),
+        ("recent-chunks", int),
+        ("sink-tokens", int),
+        ("max-tokens", int),
+        ("gate-threshold", float),
+    ):
+        soak.add_argument(f"--{name}", type=kind, default=None, help="as in kv-vla eval")
+    soak.add_argument("--seed", type=int, default=0, help="seeds the synthetic frame stream")
+    soak.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of KV bytes and position id against step over the first --plot-steps of every run",
+    )
+    soak.add_argument("--plot-steps", type=int, default=1000)
+    soak.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    soak.add_argument("--no-progress", action="store_true")
+
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch ``kv-vla bench <name>``."""
     if args.bench == "cache":
         return _run_cache(args)
+    if args.bench == "soak":
+        return _run_soak(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
@@ -125,5 +159,43 @@ def _run_cache(args: argparse.Namespace) -> int:
     print(format_table(report))
     path = write_json(report, args.json)
     plot = write_plot(report, path.with_suffix(".png"))
+    print(f"wrote {path}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from kv_vla.bench.soak import SoakConfig, format_table, options_for, run_soak, write_json, write_plot
+    from kv_vla.cache import EpisodeCacheConfig
+
+    names = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    for policy in args.policies:  # refuse bad options before loading anything
+        for mode in args.positions:
+            EpisodeCacheConfig(policy=policy, positions=mode, **options_for(policy, options))
+    if args.steps < 1 or args.max_steps_full < 1:
+        raise SystemExit("--steps and --max-steps-full must be >= 1")
+    cfg = SoakConfig(
+        model=args.model,
+        policies=args.policies,
+        positions=args.positions,
+        steps=args.steps,
+        max_steps_full=args.max_steps_full,
+        cache_options=options,
+        gate=args.gate,
+        device=args.device,
+        seed=args.seed,
+        plot_steps=args.plot_steps,
+        threads=args.threads,
+    )
+
+    def save_partial(report: dict) -> None:
+        write_json(report, args.json)
+        last = report["runs"][-1]
+        print(f"soak {last['policy']}/{last['positions']} done; partial report in {args.json}", flush=True)
+
+    report = run_soak(cfg, progress=not args.no_progress, on_run=save_partial)
+    print(format_table(report))
+    path = write_json(report, args.json)
+    plot = write_plot(report, args.plot) if args.plot is not None else None
     print(f"wrote {path}" + (f" and {plot}" if plot else ""))
     return 0
