@@ -238,20 +238,15 @@ class EpisodeRuntime:
 
     # ---- episode --------------------------------------------------------------------------------
     def _sync_attention_probe(self) -> None:
-        """Attention-scored policies need the probing attention (same outputs as SDPA); others don't.
+        """Attention-scored policies need the probing attention (outputs unchanged); others don't.
 
         The model's own attention setting is the source of truth (a model may be shared by runtimes).
         """
-        from kv_vla.cache import (
-            POLICIES,
-            PROBE_IMPLEMENTATION,
-            disable_attention_probe,
-            enable_attention_probe,
-        )
+        from kv_vla.cache import POLICIES, disable_attention_probe, enable_attention_probe, is_probing
 
         lm = self.model.language_model
         needs = bool(POLICIES[self.cache_config.policy].needs_attention)
-        has = getattr(lm.config, "_attn_implementation", None) == PROBE_IMPLEMENTATION
+        has = is_probing(lm)
         if needs and not has:
             enable_attention_probe(lm)
         elif has and not needs:

@@ -56,7 +56,7 @@ def layer_windows(cfg: Any) -> list[int | None]:
     if unknown:
         raise ValueError(
             f"model_config.layer_types: {unknown} layers ({_family(cfg)}) are not supported by EpisodeCache: "
-            "recurrent, conv or chunked state cannot drop evicted tokens; use a model whose layer_types "
+            "their recurrent/conv state or chunk mask cannot follow evicted tokens; use a model whose layer_types "
             f"are only {list(ATTENTION_LAYER_TYPES)}"
         )
     if "sliding_attention" in layer_types and window is None:
@@ -96,4 +96,15 @@ def check_storage(windows: list[int | None], layer_cls: type) -> None:
             f"storage: {layer_cls.__name__} builds one slot mask for every layer, without the sliding "
             f"windows {sorted({w for w in windows if w is not None})} of this model; allowed values: "
             "storage='dynamic' for sliding-window models"
+        )
+
+
+def check_stock_mask(took_plan: bool, evicted: bool, windows: list[int | None]) -> None:
+    """Refuse a forward whose sliding-window mask was not built from the kept positions after an
+    eviction (a caller's 4-D mask, or a transformers whose builders take no announced plan)."""
+    if evicted and not took_plan and any(w is not None for w in windows):
+        raise ValueError(
+            "attention_mask: this forward's sliding-window mask was not built from the kept tokens' "
+            "positions (a 4-D mask was passed, or this transformers version builds masks another "
+            "way); pass a 2-D or no attention_mask, with attn_implementation 'sdpa' or 'eager'"
         )

@@ -424,6 +424,8 @@ class EpisodeCache(Cache):
         """Append a block to layer ``layer_idx``; the last layer's update commits it to the timeline."""
         if layer_idx == 0:
             self._start_forward()
+            evicted = self._mode == "episode" and int(self._positions.numel()) < self._seen
+            compat.check_stock_mask(masks.took_plan(), evicted, self.layer_windows)
             self._in_forward = True
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         probe.announce(self, layer_idx, int(keys.shape[-2]))

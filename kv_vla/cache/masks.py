@@ -52,14 +52,19 @@ def _take(kwargs: dict) -> MaskPlan | None:
     plan = getattr(_local, "plan", None)
     if plan is None:
         return None
-    if (kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("kv_offset")) != (
-        plan.q_length,
-        plan.kv_length,
-        plan.kv_offset,
-    ):
+    if (kwargs.get("kv_length"), kwargs.get("kv_offset")) != (plan.kv_length, plan.kv_offset):
         return None
-    _local.plan = None
+    if kwargs.get("q_length", plan.q_length) != plan.q_length:
+        return None
+    _local.plan, _local.taken = None, True
     return None if plan.contiguous else plan
+
+
+def took_plan() -> bool:
+    """Whether a mask builder took an announced plan since the last call (and forget both)."""
+    taken = bool(getattr(_local, "taken", False))
+    _local.plan, _local.taken = None, False
+    return taken
 
 
 def remap(mask_function: Callable, plan: MaskPlan, q_offset: int, padding: torch.Tensor | None) -> Callable:
@@ -91,7 +96,7 @@ def wrap(original: Callable, name: str) -> Callable:
         if plan is None:
             return original(*args, **kwargs)
         padding = kwargs.get("attention_mask")
-        if original not in _remappable_builders():
+        if original not in _remappable_builders() or "q_length" not in kwargs:  # flash/flex, other API
             if kwargs.get("local_size") is not None or (padding is not None and not bool(padding.all())):
                 raise ValueError(
                     f"attn_implementation: {name!r} cannot mask a sliding window or padding by the kept "

@@ -67,4 +67,3 @@ def test_none_forces_no_recent_chunks_and_window_no_sinks():
 
 def test_registry_lists_every_policy():
     assert {"full", "none", "window", "sinks", "attention", "random", "gated"} <= set(POLICIES)
-
