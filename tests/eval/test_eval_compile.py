@@ -20,6 +20,6 @@ def test_compiled_rows_only_for_bounded_policies_without_the_probe():
     assert eval_cli.compiled_refusal("window", args) is None
     assert "probe" in eval_cli.compiled_refusal("attention", args)
     assert "low-bit" in eval_cli.compiled_refusal("gated_tiered", args)
-    unbounded = _args("--compile")
+    unbounded = _args("--compile", "--max-tokens", "0")  # 0: no budget (the default is 80)
     assert "bounded policy" in eval_cli.compiled_refusal("gated", unbounded)
     assert "bounded policy" in eval_cli.compiled_refusal("full", unbounded)
