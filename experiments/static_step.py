@@ -50,6 +50,9 @@ def _profile(rt: EpisodeRuntime, frames: np.ndarray, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+PROFILE_ROWS = 18
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/compact-vla")
@@ -63,6 +66,7 @@ def main() -> None:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     runtimes = {k: _runtime(args.model, *VARIANTS[k], args.max_tokens) for k in names}
     times: dict[str, list[float]] = {k: [] for k in runtimes}
+    phases: dict[str, list[dict[str, float]]] = {k: [] for k in runtimes}
     logits: dict[str, list[torch.Tensor]] = {k: [] for k in runtimes}
     first_step_s = {}
     for rt in runtimes.values():
@@ -75,6 +79,7 @@ def main() -> None:
             if i == 0:
                 first_step_s[k] = time.perf_counter() - t0
             times[k].append(res.timings_ms["total"])
+            phases[k].append(res.timings_ms)
             logits[k].append(rt.last_action_logits.clone())
     ref = torch.stack(logits[names[0]])  # the first variant is the reference
     w = args.window
@@ -105,10 +110,13 @@ def main() -> None:
             "max_abs_logit_diff_vs_first": float((got - ref).abs().max()),
             "bins_differ_outside_near_ties": int(differ.sum()),
             "first_step_s": round(first_step_s[k], 2),
+            "phase_ms_p50": {
+                n: round(statistics.median(t[n] for t in phases[k][10:]), 3) for n in phases[k][0]
+            },
             "warmup_s": runtimes[k].warmup_s,
         }
     prof_frames = rng.integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
-    report["profiles"] = {k: _profile(rt, prof_frames) for k, rt in runtimes.items()}
+    report["profiles"] = {k: _profile(rt, prof_frames, PROFILE_ROWS) for k, rt in runtimes.items()}
     atomic_write_json(args.json, report)
     print(json.dumps({k: v for k, v in report.items() if k != "profiles"}, indent=1))
     for k, table in report["profiles"].items():

@@ -63,6 +63,18 @@ def compile_options(mode: str | None) -> dict[str, Any]:
     return {"mode": mode} if mode is not None else {"options": {"freezing": True}}
 
 
+def warm_call(fn: Any, *args: Any) -> Any:
+    """Call a compiled ``fn`` whose shapes were all compiled before, checking only the guards that
+    tell its compiled graphs apart (``skip_guard_eval_unsafe``).
+
+    Why: dynamo re-checks every guard (each weight of the model) on every call, which measured about
+    a sixth of the compact VLA's compiled CPU step; here nothing else it guards on changes between
+    steps (weights are frozen into the graph, inputs differ only by the shapes that pick a graph).
+    """
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        return fn(*args)
+
+
 def check_compilable(cache: Any) -> None:
     """Raise ValueError when ``cache`` cannot run a compiled step (naming what to change)."""
     if cache.config.storage != "static":
@@ -114,9 +126,12 @@ class CompiledDecoder:
         keys = [layer.keys for layer in layers]
         values = [layer.values for layer in layers]
         shape = (n, layers[0].capacity)
-        t0 = time.perf_counter()
-        logits = self._fn(self.lm, embeds, position_ids, mask, index, keys, values, n_logits)
-        if shape not in self.warmup_s:
+        args = (self.lm, embeds, position_ids, mask, index, keys, values, n_logits)
+        if shape in self.warmup_s:
+            logits = warm_call(self._fn, *args)
+        else:
+            t0 = time.perf_counter()
+            logits = self._fn(*args)
             self.warmup_s[shape] = time.perf_counter() - t0
         cache.commit_block(n)
         return logits
