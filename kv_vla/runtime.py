@@ -200,7 +200,7 @@ class EpisodeRuntime:
         """Seconds the first call of each compiled shape took (empty when not compiled)."""
         if self._decoder is None:
             return {}
-        return {f"decoder q={q} slots={s}": t for (q, s), t in self._decoder.warmup_s.items()}
+        return {f"decoder q={q} span={a} slots={s}": t for (q, a, s), t in self._decoder.warmup_s.items()}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
