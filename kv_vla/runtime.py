@@ -146,7 +146,7 @@ class EpisodeRuntime:
 
         Raises ValueError (and changes nothing) when the cache config cannot be compiled.
         """
-        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options
+        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options, warm_call
 
         if not on:
             self.compile, self._decoder, self._embed_image = False, None, self.model.embed_image
@@ -160,8 +160,15 @@ class EpisodeRuntime:
             # uint8 -> pixels stays eager (numpy in); the encoder sees one fixed shape: compiled once
             compiled = torch.compile(encode, dynamic=False, **compile_options(mode))
 
+            warm: list[bool] = []
+
             def embed(frame: Any, condition: torch.Tensor | None = None) -> torch.Tensor:
-                return compiled(self.model.pixel_values(frame), condition)
+                pixels = self.model.pixel_values(frame)
+                if warm:  # one frame shape: compiled at the first call
+                    return warm_call(compiled, pixels, condition)
+                out = compiled(pixels, condition)
+                warm.append(True)
+                return out
 
             self._embed_image = embed
 
@@ -184,7 +191,7 @@ class EpisodeRuntime:
         """Seconds the first call of each compiled shape took (empty when not compiled)."""
         if self._decoder is None:
             return {}
-        return {f"decoder q={q} slots={s}": t for (q, s), t in self._decoder.warmup_s.items()}
+        return {f"decoder q={q} span={a} slots={s}": t for (q, a, s), t in self._decoder.warmup_s.items()}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
