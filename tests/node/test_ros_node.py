@@ -200,7 +200,9 @@ def test_reset_service_starts_a_new_episode_with_an_empty_cache(ros):
     client, _ = ros
     for _ in range(3):
         assert client.exchange(frame()) is not None
-    before = client.wait_diag(lambda d: int(d["episode_step"]) >= 3)
+    # this episode's report (after-step diagnostics are rate-limited, the 1 Hz one follows)
+    running = client.wait_diag(lambda d: int(d["episode_step"]) >= 1)["episode"]
+    before = client.wait_diag(lambda d: d["episode"] == running and int(d["episode_step"]) >= 3)
     assert int(before["seen_tokens"]) > int(before["pinned_tokens"])
     res = client.reset()
     assert res.success and "cache emptied" in res.message
