@@ -81,6 +81,7 @@ class EpisodeRuntime:
         dtype: torch.dtype | None = None,
         unnorm_key: str | None = None,
         gate: Any = None,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -91,6 +92,9 @@ class EpisodeRuntime:
             unnorm_key: which dataset's statistics un-normalise actions (may be omitted when the
                 model carries a single dataset, as in OpenVLA).
             gate: a trained ``ChunkGate`` for the ``gated`` policy (None: the cache's default gate).
+            compile: run the decoder step (and the vision encoder) under ``torch.compile``; needs
+                ``storage='static'`` and a policy without the attention probe. The first step of each
+                shape compiles (``warmup_s``).
         """
         from kv_vla.cache import EpisodeCacheConfig
 
@@ -130,6 +134,56 @@ class EpisodeRuntime:
         tok = model.action_tokenizer
         self._act_begin = tok.action_token_begin_idx
         self._act_end = tok.vocab_size
+        self.compile = False
+        self._decoder: Any = None  # CompiledDecoder when compiled
+        self._embed_image = model.embed_image
+        if compile:
+            self.set_compile(True)
+
+    def set_compile(self, on: bool) -> None:
+        """Run later steps compiled (``on``) or eager; compiling needs ``storage='static'``.
+
+        Raises ValueError (and changes nothing) when the cache config cannot be compiled.
+        """
+        from kv_vla.cache.storage.compiled import CompiledDecoder
+
+        if not on:
+            self.compile, self._decoder, self._embed_image = False, None, self.model.embed_image
+            return
+        self._check_compile(self.cache_config)
+        self.compile = True
+        mode = "reduce-overhead" if self.device.type == "cuda" else None  # a CUDA graph on GPU
+        self._decoder = CompiledDecoder(self.model.language_model, mode=mode)
+        encode = getattr(self.model, "encode_pixels", None)
+        if callable(encode) and callable(getattr(self.model, "pixel_values", None)):
+            # uint8 -> pixels stays eager (numpy in); the encoder sees one fixed shape: compiled once
+            compiled = torch.compile(encode, dynamic=False, mode=mode)
+
+            def embed(frame: Any, condition: torch.Tensor | None = None) -> torch.Tensor:
+                return compiled(self.model.pixel_values(frame), condition)
+
+            self._embed_image = embed
+
+    def _check_compile(self, config: Any) -> None:
+        from kv_vla.cache import POLICIES
+
+        if config.storage != "static":
+            raise ValueError(
+                "compile: the compiled step needs storage='static' (the dynamic storage changes shapes "
+                f"every step); got storage={config.storage!r}"
+            )
+        if POLICIES[config.policy].needs_attention:
+            raise ValueError(
+                f"compile: policy {config.policy!r} reads attention through the probe, which cannot run "
+                "inside a compiled graph; allowed values: a policy without the probe, or compile=False"
+            )
+
+    @property
+    def warmup_s(self) -> dict[str, float]:
+        """Seconds the first call of each compiled shape took (empty when not compiled)."""
+        if self._decoder is None:
+            return {}
+        return {f"decoder q={q} slots={s}": t for (q, s), t in self._decoder.warmup_s.items()}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -141,6 +195,7 @@ class EpisodeRuntime:
         dtype: torch.dtype | None = None,
         gate_path: str | Path | None = None,
         unnorm_key: str | None = None,
+        compile: bool = False,
     ) -> EpisodeRuntime:
         """Load a checkpoint folder (and optionally a trained gate) into a runtime.
 
@@ -172,7 +227,13 @@ class EpisodeRuntime:
 
             gate = ChunkGate.load(gate_path)
         return cls(
-            model, cache_config=cache_config, device=device, dtype=dtype, unnorm_key=unnorm_key, gate=gate
+            model,
+            cache_config=cache_config,
+            device=device,
+            dtype=dtype,
+            unnorm_key=unnorm_key,
+            gate=gate,
+            compile=compile,
         )
 
     # ---- episode --------------------------------------------------------------------------------
@@ -214,16 +275,20 @@ class EpisodeRuntime:
         cache = self.cache if cache is None else cache
         start = self.model.position_offset + cache.get_seq_length()
         positions = torch.arange(start, start + embeds.shape[1], device=self.device, dtype=torch.long)[None]
-        out = self.model.language_model(
-            inputs_embeds=embeds.to(self.dtype),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=n_logits,
-        )
+        if self._decoder is not None:
+            logits = self._decoder(cache, embeds.to(self.dtype), positions, n_logits)
+        else:
+            logits = self.model.language_model(
+                inputs_embeds=embeds.to(self.dtype),
+                position_ids=positions,
+                attention_mask=cache.attention_mask(embeds.shape[1], self.dtype, self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=n_logits,
+            ).logits
         if n_logits > 1:
-            return out.logits[0, -n_logits:, self._act_begin : self._act_end].float()
-        return out.logits[0, -1, self._act_begin : self._act_end].float()
+            return logits[0, -n_logits:, self._act_begin : self._act_end].float()
+        return logits[0, -1, self._act_begin : self._act_end].float()
 
     @torch.inference_mode()
     def reset(self, instruction: str) -> None:
@@ -281,9 +346,9 @@ class EpisodeRuntime:
         t0 = time.perf_counter()
         try:
             if self._condition is None:
-                img = self.model.embed_image(frame)
+                img = self._embed_image(frame)
             else:
-                img = self.model.embed_image(frame, condition=self._condition)
+                img = self._embed_image(frame, condition=self._condition)
             self._sync()
             t1 = time.perf_counter()
             if self._step_text is not None:
@@ -355,6 +420,8 @@ class EpisodeRuntime:
         Raises ValueError (naming the field and the allowed values) and changes nothing if refused.
         """
         new_cfg = self.cache_config.replace(**changes)
+        if self.compile:
+            self._check_compile(new_cfg)
         if self.cache is not None and hasattr(self.cache, "update_config"):
             self.cache.update_config(**changes)
         self.cache_config = new_cfg

@@ -51,6 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run each policy in its own process (fresh CUDA context and cuDNN plan cache): for GPU "
         "latency between policies whose cache grows (full, hf_dynamic, zipvl), which lockstep confounds",
     )
+    cache.add_argument(
+        "--storage",
+        type=_str_list,
+        default=["dynamic"],
+        help="comma-separated KV storages to run each policy in: dynamic,static (static only for bounded "
+        "policies)",
+    )
+    cache.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run every static-storage policy as a compiled step (torch.compile; a CUDA graph on GPU); "
+        "the first steps compile (warmup_s in each row)",
+    )
     cache.add_argument("--no-progress", action="store_true")
 
     soak = sub.add_parser("soak", help="one long episode per policy and position mode: what grows")
@@ -122,6 +135,8 @@ def _run_cache(args: argparse.Namespace) -> int:
         keep_steps=args.keep_steps,
         seed=args.seed,
         isolate=args.isolate,
+        storages=args.storage,
+        compile=args.compile,
     )
 
     def save_partial(report: dict) -> None:

@@ -34,6 +34,9 @@ class EpisodeCacheConfig:
             the episode) or ``"cache"`` (StreamingLLM: positions within the cache, bounded; RoPE
             models only). See :mod:`kv_vla.cache.positions`. A change applies from the next episode.
         extra: free-form options for extensions (e.g. low-precision storage), validated by them.
+        storage: how layers hold keys and values (``kv_vla.cache.storage``): ``dynamic`` (grows and
+            shrinks per forward, any policy) or ``static`` (preallocated slots for a bounded policy:
+            fixed shapes, for a compiled step). Applies from the next cache (episode).
     """
 
     policy: str = "full"
@@ -46,6 +49,7 @@ class EpisodeCacheConfig:
     probe_queries: int = 16
     positions: str = "episode"
     extra: dict[str, Any] = field(default_factory=dict)
+    storage: str = "dynamic"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +77,7 @@ class EpisodeCacheConfig:
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra: must be a dict; got {type(self.extra).__name__}")
         POLICIES[self.policy].validate_config(self)
+        _check_storage(self)
         return self
 
     def replace(self, **changes: Any) -> EpisodeCacheConfig:
@@ -116,6 +121,17 @@ def _policy_class(policy: str) -> type:
     from kv_vla.cache.policies import POLICIES
 
     return POLICIES[policy]
+
+
+def _check_storage(config: EpisodeCacheConfig) -> None:
+    from kv_vla.cache.storage import STORAGES, static_refusal
+
+    if config.storage not in STORAGES:
+        raise ValueError(f"storage: unknown storage {config.storage!r}; allowed values: {list(STORAGES)}")
+    if config.storage == "static":
+        reason = static_refusal(config)
+        if reason is not None:
+            raise ValueError(reason)
 
 
 def _check_int(name: str, value: Any, minimum: int | None, none_ok: bool = False) -> None:

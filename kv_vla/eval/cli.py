@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     zip_group.add_argument(
         "--full-threshold", type=float, default=None, help="gated_tiered: utility for 16 bits"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also evaluate each bounded model policy as a compiled step over static storage (rows "
+        "POLICY+compiled), so the timing columns show eager vs compiled from one run",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -65,8 +71,11 @@ def zipvl_options(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def model_factory(policy: str, args: argparse.Namespace) -> Any:
-    """Load the runtime once with this cache policy; the factory hands it to every task."""
+def model_factory(policy: str, args: argparse.Namespace, compiled: bool = False) -> Any:
+    """Load the runtime once with this cache policy; the factory hands it to every task.
+
+    ``compiled``: the same policy over static storage with a compiled step (``EpisodeRuntime.set_compile``).
+    """
     from kv_vla.cache import EpisodeCacheConfig
     from kv_vla.runtime import EpisodeRuntime, shipped_gate
 
@@ -79,7 +88,23 @@ def model_factory(policy: str, args: argparse.Namespace) -> Any:
     # unit its gate was trained on); then the policy and the given options are applied on top
     runtime = EpisodeRuntime.from_pretrained(args.model, device=args.device, gate_path=gate)
     runtime.update_cache_config(policy=policy, **options)
+    if compiled:
+        runtime.update_cache_config(storage="static")
+        runtime.set_compile(True)
     return lambda env: runtime
+
+
+def compiled_refusal(policy: str, args: argparse.Namespace) -> str | None:
+    """Why ``policy`` (with the command line's options) gets no compiled row, or None."""
+    from kv_vla.cache import POLICIES, EpisodeCacheConfig
+
+    try:
+        EpisodeCacheConfig(policy=policy, storage="static", **cache_options(args))
+    except ValueError as exc:
+        return str(exc)
+    if POLICIES[policy].needs_attention:
+        return f"compile: policy {policy!r} reads attention through the probe"
+    return None
 
 
 def stateless_factory(args: argparse.Namespace) -> Any:
@@ -113,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
                 f"unknown policy {policy!r}: use one of {sorted(POLICIES)}, 'stateless' or {list(MODEL_FREE)}"
             )
         factories[policy] = model_factory(policy, args)
+        if getattr(args, "compile", False):
+            reason = compiled_refusal(policy, args)
+            if reason is None:
+                factories[f"{policy}+compiled"] = model_factory(policy, args, compiled=True)
+            else:
+                print(f"--compile: no compiled row for {policy!r}: {reason}")
     result = evaluate(
         factories,
         tasks,

@@ -67,10 +67,3 @@ def test_none_forces_no_recent_chunks_and_window_no_sinks():
 
 def test_registry_lists_every_policy():
     assert {"full", "none", "window", "sinks", "attention", "random", "gated"} <= set(POLICIES)
-
-
-def test_sliding_window_models_are_refused():
-    with pytest.raises(ValueError, match=r"^model_config: sliding-window"):
-        from transformers import MistralConfig
-
-        EpisodeCache(EpisodeCacheConfig(), MistralConfig(num_hidden_layers=1, sliding_window=64))

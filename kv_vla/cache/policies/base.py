@@ -48,6 +48,7 @@ class ChunkPolicy:
     uses_sinks: ClassVar[bool] = True  # False: sink_tokens is forced to 0
     needs_attention: ClassVar[bool] = False  # True: the attention probe must be enabled
     allows_budget: ClassVar[bool] = True  # False: max_tokens is refused
+    bounded_by_window: ClassVar[bool] = False  # True: evicts every unprotected chunk (bounded without max_tokens)
 
     @classmethod
     def validate_config(cls, config: EpisodeCacheConfig) -> None:

@@ -19,6 +19,7 @@ class SinksPolicy(ChunkPolicy):
     """
 
     name: ClassVar[str] = "sinks"
+    bounded_by_window: ClassVar[bool] = True
 
     @classmethod
     def validate_config(cls, config: EpisodeCacheConfig) -> None:

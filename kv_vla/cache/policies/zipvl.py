@@ -69,6 +69,7 @@ class _MixedPrecisionMixin:
     """Shared plumbing: attach to the cache, locate chunk columns, quantise a chunk in a layer."""
 
     _cache: Any = None
+    low_precision: ClassVar[bool] = True  # packed low-bit chunks: refused by storage='static'
 
     def attach(self, cache: Any) -> None:
         """Bind to ``cache`` and make every layer a :class:`MixedPrecisionLayer` (keeps its data)."""
