@@ -8,7 +8,7 @@ machine affects them alike; ratios are taken against ``full`` at the same histor
 Lockstep shares per-process state between policies. On a GPU that matters for latency: cuDNN
 attention builds a plan per new key length, and policies whose cache grows (``full``,
 ``hf_dynamic``, ``zipvl``) meet the same lengths in the same step, so the first stepped pays for all
-of them (measured on an H100: README, "7B preset"). ``isolate=True`` runs each policy in its own
+of them (docs/RESULTS.md). ``isolate=True`` runs each policy in its own
 spawned process instead (same seed, so the same weights and tokens); KV bytes are identical either
 way.
 
@@ -77,15 +77,15 @@ def policy_config(policy: str, chunk_size: int, keep_steps: int, storage: str = 
     budget = PROMPT_TOKENS + SINK_TOKENS + (keep_steps + 1) * chunk_size
     recent = min(2, keep_steps)
     options: dict[str, dict[str, Any]] = {
-        "full": dict(),
-        "none": dict(),
-        "window": dict(recent_chunks=keep_steps),
-        "sinks": dict(recent_chunks=keep_steps, sink_tokens=SINK_TOKENS),
+        "full": dict(max_tokens=None),
+        "none": dict(max_tokens=None),
+        "window": dict(recent_chunks=keep_steps, max_tokens=None),
+        "sinks": dict(recent_chunks=keep_steps, sink_tokens=SINK_TOKENS, max_tokens=None),
         "attention": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget),
         "random": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget),
         "gated": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget, gate_threshold=0.5),
         # ZipVL keeps every token (no budget) and stores the unimportant ones at 4 bits
-        "zipvl": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, extra={"tau": 0.9, "low_bits": 4}),
+        "zipvl": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=None, tau=0.9, low_bits=4),
         "gated_tiered": dict(
             recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget, gate_threshold=0.5
         ),

@@ -56,7 +56,7 @@ def layer_windows(cfg: Any) -> list[int | None]:
     if unknown:
         raise ValueError(
             f"model_config.layer_types: {unknown} layers ({_family(cfg)}) are not supported by EpisodeCache: "
-            "recurrent, conv or chunked state cannot drop evicted tokens; use a model whose layer_types "
+            "their recurrent/conv state or chunk mask cannot follow evicted tokens; use a model whose layer_types "
             f"are only {list(ATTENTION_LAYER_TYPES)}"
         )
     if "sliding_attention" in layer_types and window is None:

@@ -194,6 +194,11 @@ class EpisodeCache(Cache):
         self.layer_windows = windows  # per layer: sliding window in tokens, or None (full attention)
         super().__init__(layers=[layer_cls(self, i) for i in range(self.num_layers)])
         self.config = config.validate()
+        if self.config.chunk_size < 1:
+            raise ValueError(
+                "chunk_size: 0 means one control step, which EpisodeRuntime resolves at reset; "
+                "a cache built directly needs the chunk size in tokens (an integer >= 1)"
+            )
         self.record_summaries = record_summaries
         self._gate = None
         self.policy = self._attach(policy if policy is not None else self._make_policy(config))
@@ -248,7 +253,7 @@ class EpisodeCache(Cache):
 
     def _make_policy(self, config: EpisodeCacheConfig) -> ChunkPolicy:
         cls = POLICIES[config.policy]
-        policy = cls(seed=config.seed) if "seed" in getattr(cls, "__dataclass_fields__", {}) else cls()
+        policy = cls.from_config(config)
         if isinstance(policy, GatedPolicy):
             policy.gate = self._gate  # None: a default gate is sized from the first cached tensors
         return policy
@@ -305,6 +310,8 @@ class EpisodeCache(Cache):
         re-scored).
         """
         new = self.config.replace(**changes)
+        if new.chunk_size < 1:
+            raise ValueError("chunk_size: a cache needs the chunk size in tokens (an integer >= 1)")
         new.check_budget(self._pinned)
         old = self.config
         if new.chunk_size != old.chunk_size:
@@ -313,11 +320,15 @@ class EpisodeCache(Cache):
         try:
             if new.policy != old.policy:
                 self.policy = self._attach(self._make_policy(new))
+            else:
+                self.policy.set_options(new)
             rotator = self._check_positions(new.positions)
         except ValueError:
             self.config = old
             if new.policy != old.policy:
                 self.policy = self._attach(self._make_policy(old))
+            else:
+                self.policy.set_options(old)
             raise
         if self._seen == 0:
             self._rotator, self._mode = rotator, new.positions
@@ -428,7 +439,7 @@ class EpisodeCache(Cache):
             compat.check_stock_mask(masks.took_plan(), evicted, self.layer_windows)
             self._in_forward = True
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-        probe.announce(self, layer_idx)
+        probe.announce(self, layer_idx, int(keys.shape[-2]))
         if layer_idx == self.num_layers - 1:
             self._commit(int(key_states.shape[-2]))
         return keys, values
@@ -551,7 +562,7 @@ class EpisodeCache(Cache):
         utilities = [float(u) for u in self.policy.score(candidates, ctx)]
         keep = self.policy.keep(candidates, utilities, ctx)
         evict = [c for c, k in zip(candidates, keep) if not k]
-        budget = self.config.max_tokens
+        budget = self.config.effective_max_tokens
         if budget is not None:
             # leave room for the open chunk to fill up, so the budget holds until the next decision
             headroom = max(0, self._open_end() - max(self._seen, self._open_start))

@@ -62,12 +62,33 @@ class GateConfig:
         return 2 * (self.head_dim + self.value_dim)
 
 
+def check_gate_settings(values: Any, where: Any) -> dict[str, Any]:
+    """The ``settings`` of a gate file, refused (ValueError naming the file) unless every entry is a
+    valid cache setting of :mod:`kv_vla.settings`."""
+    from kv_vla import settings
+
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: settings must be a JSON object of cache settings")
+    for name, value in values.items():
+        if name not in settings.CACHE_SETTINGS:
+            raise ValueError(
+                f"{where}: settings.{name} is not a cache setting; allowed: {list(settings.CACHE_SETTINGS)}"
+            )
+        reason = settings.check(name, value)
+        if reason:
+            raise ValueError(f"{where}: settings.{reason}")
+    return dict(values)
+
+
 class ChunkGate(nn.Module):
     """GRU/LSTM gate over chunk summaries producing utilities in [0, 1] (see module docstring)."""
 
     def __init__(self, config: GateConfig):
         super().__init__()
         self.config = config
+        #: cache settings this gate was evaluated with (``kv_vla.settings`` names); they apply when
+        #: the gate is used and no setting is given (``kv_vla.runtime.default_cache_config``)
+        self.settings: dict[str, Any] = {}
         per_layer = config.layer_feature_dim
         self.norm = nn.LayerNorm(per_layer)
         self.layer_proj = nn.Linear(per_layer, config.proj_dim)
@@ -138,8 +159,10 @@ class ChunkGate(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(asdict(self.config), indent=2)
-        atomic_write_text(path.with_suffix(".json"), text)
+        meta: dict[str, Any] = asdict(self.config)
+        if self.settings:
+            meta["settings"] = dict(self.settings)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ChunkGate:
@@ -147,7 +170,9 @@ class ChunkGate(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        config = GateConfig(**json.loads(path.with_suffix(".json").read_text()))
-        gate = cls(config)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        evaluated = meta.pop("settings", {})
+        gate = cls(GateConfig(**meta))
+        gate.settings = check_gate_settings(evaluated, path.with_suffix(".json"))
         gate.load_state_dict(load_file(str(path), device=str(device)))
         return gate.to(device).eval()

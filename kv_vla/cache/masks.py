@@ -52,11 +52,9 @@ def _take(kwargs: dict) -> MaskPlan | None:
     plan = getattr(_local, "plan", None)
     if plan is None:
         return None
-    if (kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("kv_offset")) != (
-        plan.q_length,
-        plan.kv_length,
-        plan.kv_offset,
-    ):
+    if (kwargs.get("kv_length"), kwargs.get("kv_offset")) != (plan.kv_length, plan.kv_offset):
+        return None
+    if kwargs.get("q_length", plan.q_length) != plan.q_length:
         return None
     _local.plan, _local.taken = None, True
     return None if plan.contiguous else plan
@@ -98,7 +96,7 @@ def wrap(original: Callable, name: str) -> Callable:
         if plan is None:
             return original(*args, **kwargs)
         padding = kwargs.get("attention_mask")
-        if original not in _remappable_builders():
+        if original not in _remappable_builders() or "q_length" not in kwargs:  # flash/flex, other API
             if kwargs.get("local_size") is not None or (padding is not None and not bool(padding.all())):
                 raise ValueError(
                     f"attn_implementation: {name!r} cannot mask a sliding window or padding by the kept "
@@ -108,6 +106,8 @@ def wrap(original: Callable, name: str) -> Callable:
         from transformers.masking_utils import causal_mask_function
 
         mask_function = kwargs.get("mask_function") or causal_mask_function
+        if _stock_is_exact(mask_function, kwargs, padding):
+            return original(*args, **kwargs)
         kwargs["mask_function"] = remap(mask_function, plan, int(kwargs.get("q_offset", 0)), padding)
         kwargs["attention_mask"] = None
         kwargs["allow_is_causal_skip"] = False
@@ -116,6 +116,15 @@ def wrap(original: Callable, name: str) -> Callable:
 
     builder._kv_vla_original = original  # type: ignore[attr-defined]
     return builder
+
+
+def _stock_is_exact(mask_function: Callable, kwargs: dict, padding: torch.Tensor | None) -> bool:
+    """A plain causal mask without window or padding: every kept column precedes the queries and is
+    visible, so the stock mask (and SDPA's ``is_causal`` fast path) is already right."""
+    from transformers.masking_utils import causal_mask_function
+
+    plain = mask_function is causal_mask_function and kwargs.get("local_size") is None
+    return plain and (padding is None or bool(padding.all()))
 
 
 def _remappable_builders() -> tuple[Callable, ...]:

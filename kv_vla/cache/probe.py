@@ -24,16 +24,20 @@ PROBE_IMPLEMENTATION = "kv_vla_probe"
 _local = threading.local()
 
 
-def announce(cache: Any, layer_idx: int) -> None:
-    """Called by ``EpisodeCache.update``: the next attention call of ``layer_idx`` belongs to ``cache``."""
-    _local.target = (cache, layer_idx)
+def announce(cache: Any, layer_idx: int, kv_length: int = -1) -> None:
+    """Called by ``EpisodeCache.update``: the next attention call of ``layer_idx`` over ``kv_length``
+    columns belongs to ``cache``."""
+    _local.target = (cache, layer_idx, kv_length)
 
 
-def _take(layer_idx: int) -> Any:
+def _take(layer_idx: int, kv_length: int) -> Any:
+    """The announcing cache, if this attention call is the one it announced. Any announcement is
+    consumed by the next probed call: one left by a forward that ran unprobed (or by another
+    cache) must not be credited to a later forward over another cache."""
     target = getattr(_local, "target", None)
-    if target is None or target[1] != layer_idx:
-        return None
     _local.target = None
+    if target is None or target[1] != layer_idx or target[2] not in (-1, kv_length):
+        return None
     return target[0]
 
 
@@ -97,7 +101,7 @@ def _probe_forward(previous: str) -> Any:
         out, weights = _inner_forward(module, previous)(
             module, query, key, value, attention_mask, *args, **kwargs
         )
-        cache = _take(getattr(module, "layer_idx", -1))
+        cache = _take(getattr(module, "layer_idx", -1), int(key.shape[-2]))
         if cache is not None:
             window = cache.config.probe_queries
             with torch.no_grad():
@@ -147,18 +151,27 @@ def enable_attention_probe(model: Any) -> Any:
             "AttentionInterface, so the attention probe cannot observe it; use a policy that needs no "
             "probe (window, sinks, random, gated)"
         )
+    if is_probing(model):
+        return model
     current = model.config._attn_implementation
-    if current.startswith(PROBE_IMPLEMENTATION):
-        return model  # already probing
     model.set_attn_implementation(register_probe(current))
     model._kv_vla_probe_previous = current
     return model
 
 
+def is_probing(model: Any) -> bool:
+    """Whether ``model`` runs the attention probe (whichever implementation it wraps)."""
+    return str(getattr(model.config, "_attn_implementation", "")).startswith(PROBE_IMPLEMENTATION)
+
+
 def disable_attention_probe(model: Any) -> Any:
     """Switch ``model`` back to the attention implementation it had before the probe (no-op if none)."""
+    if not is_probing(model):
+        return model
     previous = getattr(model, "_kv_vla_probe_previous", None)
-    if previous is not None:
-        model.set_attn_implementation(previous)
-        del model._kv_vla_probe_previous
+    if previous is None:  # e.g. a copy of a probed model: the wrapped name says what it wrapped
+        name = model.config._attn_implementation
+        previous = name[len(PROBE_IMPLEMENTATION) + 1 :] or "sdpa"
+    model.set_attn_implementation(previous)
+    model.__dict__.pop("_kv_vla_probe_previous", None)
     return model

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kv_vla.bench import cli as bench_cli
 
 
@@ -82,6 +84,7 @@ def test_dynamic_cache_reference_holds_what_full_holds():
         assert by[("hf_dynamic", h)]["kv_ratio_vs_full"] == 1.0
 
 
+@pytest.mark.slow  # one process per policy
 def test_isolated_run_measures_each_policy_in_its_own_process_with_the_same_bytes():
     """``--isolate`` (one spawned process per policy, for fair GPU latency) sees the same model and
     tokens as lockstep: every row's KV bytes equal the lockstep run's exactly, and the partial

@@ -13,8 +13,8 @@ from kv_vla.cache import EpisodeCache, EpisodeCacheConfig, disable_attention_pro
 
 POLICIES = {
     "window": dict(recent_chunks=1),
-    "zipvl": dict(recent_chunks=1, extra={"tau": 0.5}),
-    "gated_tiered": dict(recent_chunks=1, gate_threshold=0.2, extra={"full_threshold": 0.9}),
+    "zipvl": dict(recent_chunks=1, tau=0.5),
+    "gated_tiered": dict(recent_chunks=1, gate_threshold=0.2, full_threshold=0.9),
 }
 
 

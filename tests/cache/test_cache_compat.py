@@ -11,7 +11,7 @@ from kv_vla.cache.testing import reference_logits, reference_mask, run_episode, 
 
 
 def test_default_mistral_window_is_accepted():
-    cache = EpisodeCache(EpisodeCacheConfig(), MistralConfig(num_hidden_layers=2))
+    cache = EpisodeCache(EpisodeCacheConfig(chunk_size=8), MistralConfig(num_hidden_layers=2))
     assert cache.layer_windows == [4096, 4096]
     assert all(layer.is_sliding for layer in cache.layers)
 
@@ -49,3 +49,21 @@ def test_static_storage_refuses_sliding_windows():
     cfg = EpisodeCacheConfig(policy="window", chunk_size=8, storage="static")
     with pytest.raises(ValueError, match=r"^storage: .* sliding"):
         EpisodeCache(cfg, MistralConfig(num_hidden_layers=2, sliding_window=64))
+
+
+def test_flash_mask_builder_refuses_padding_after_eviction():
+    """flash-attention masks are 2-D padding flags by column: after an eviction they would be misplaced."""
+    from transformers.masking_utils import flash_attention_mask
+
+    from kv_vla.cache import masks
+
+    builder = masks.wrap(flash_attention_mask, "flash_attention_2")
+    kept = torch.tensor([0, 1, 2, 9, 10])  # positions 3..8 were evicted
+    plan = masks.MaskPlan(2, 7, 6, torch.cat([kept, torch.tensor([11, 12])]), torch.tensor([11, 12]))
+    padding = torch.ones(1, 13, dtype=torch.bool)
+    padding[0, 0] = False
+    masks.announce(plan)
+    with pytest.raises(ValueError, match=r"^attn_implementation: 'flash_attention_2' cannot mask"):
+        builder(batch_size=1, q_length=2, kv_length=7, q_offset=11, kv_offset=6, attention_mask=padding)
+    masks.announce(plan)  # without padding the flash kernel's bottom-right causal mask is right
+    assert builder(batch_size=1, q_length=2, kv_length=7, q_offset=11, kv_offset=6, attention_mask=None) is None

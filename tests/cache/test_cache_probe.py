@@ -93,3 +93,29 @@ def test_probe_refuses_a_family_it_cannot_observe():
     with pytest.raises(ValueError, match="gptj computes attention inside its own modules"):
         enable_attention_probe(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_a_copy_of_a_probed_model_restores_what_the_probe_wrapped():
+    import copy
+
+    import transformers as T
+    from transformers import AutoModelForCausalLM
+
+    from kv_vla.cache import is_probing
+
+    cfg = T.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        attn_implementation="eager",
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    enable_attention_probe(model)
+    twin = copy.deepcopy(model)
+    twin.__dict__.pop("_kv_vla_probe_previous", None)  # what a reloaded or re-wrapped model lacks
+    assert is_probing(model) and is_probing(twin)
+    disable_attention_probe(twin)
+    disable_attention_probe(model)
+    assert model.config._attn_implementation == twin.config._attn_implementation == "eager"
+    assert not is_probing(model)

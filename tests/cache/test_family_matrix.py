@@ -15,12 +15,13 @@ import warnings
 import pytest
 import torch
 import transformers as T
+from lockstep import CHUNK as LOCKSTEP_CHUNK
+from lockstep import run_lockstep
 from numerics import assert_logits_close
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from kv_vla.cache import EpisodeCache, EpisodeCacheConfig, disable_attention_probe, enable_attention_probe
 from kv_vla.cache.compat import layer_windows, text_config
-from kv_vla.cache.quant.testing import run_lockstep
 from kv_vla.cache.testing import reference_logits, run_episode
 
 H, V, WINDOW = 32, 96, 12  # the window is shorter than the episode, so it really masks
@@ -53,8 +54,8 @@ POLICY_OPTIONS = {
 EXACT_POLICIES = sorted(POLICY_OPTIONS)
 # low-precision policies: equal to the dequantised lockstep reference instead (Llama row)
 LOW_PRECISION_OPTIONS = {
-    "zipvl": dict(recent_chunks=1, extra={"tau": 0.5}),
-    "gated_tiered": dict(recent_chunks=1, max_tokens=30, gate_threshold=0.0, extra={"full_threshold": 1.0}),
+    "zipvl": dict(recent_chunks=1, tau=0.5),
+    "gated_tiered": dict(recent_chunks=1, max_tokens=60, gate_threshold=0.0, full_threshold=1.0),
 }
 
 
@@ -227,14 +228,16 @@ def test_family_is_exact(family):
         assert any(w is not None and w < len(record.ids) for w in layer_windows(text_config(model.config)))
 
 
-@pytest.mark.parametrize("policy", sorted(LOW_PRECISION_OPTIONS))
-def test_llama_low_precision_policies_equal_the_dequantised_reference(policy):
-    model = _model(CHECKED["llama"][0])
-    cfg = EpisodeCacheConfig(policy=policy, chunk_size=CHUNK, **LOW_PRECISION_OPTIONS[policy])
+@pytest.mark.parametrize(
+    "family,policy", [("llama", "zipvl"), ("llama", "gated_tiered"), ("deepseek_v3_mla", "gated_tiered")]
+)
+def test_low_precision_policies_equal_the_dequantised_reference(family, policy):
+    model = _model(CHECKED[family][0])
+    cfg = EpisodeCacheConfig(policy=policy, chunk_size=LOCKSTEP_CHUNK, **LOW_PRECISION_OPTIONS[policy])
     cache = EpisodeCache(cfg, model.config)
     enable_attention_probe(model)
     try:
-        worst, _, _ = run_lockstep(model, cache, 4, 32, PROMPT, STEPS, OBS, DECODE)
+        worst, _, _ = run_lockstep(model, cache, 4, 32, steps=8)
     finally:
         disable_attention_probe(model)
     assert any(c.precision != "full" for c in cache.chunks)

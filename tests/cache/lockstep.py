@@ -1,27 +1,29 @@
-"""The dequantised lockstep reference that mixed-precision caches must equal, shared by tests.
+"""A lockstep reference for low-precision cache policies (``zipvl``, ``gated_tiered``).
 
-The reference runs in lockstep with the episode cache: before every forward it takes the cache's
-decision (which chunks were evicted, which were stored at low precision in which layer), applies it
-to its own full-precision copy of the KV (dropping evicted columns, replacing low-precision chunks
-by ``dequantize(quantize(...))`` of its own tensors), and runs the same block through a plain
-``DynamicCache`` holding those tensors (full-attention decoders).
+Before every forward it takes the cache's decision (which chunks were evicted, which were stored at
+low precision in which layer), applies it to its own full-precision copy of the KV (dropping
+evicted columns, replacing low-precision chunks by ``dequantize(quantize(...))`` of its own
+tensors), and runs the same block through a plain ``DynamicCache`` holding those tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from transformers import DynamicCache
 
-from kv_vla.cache.quant.quantize import dequantize, quantize_keys, quantize_values
+from kv_vla.cache import EpisodeCache
+from kv_vla.cache.quant import dequantize, quantize_keys, quantize_values
 from kv_vla.cache.quant.store import balanced_group
+
+PROMPT = list(range(3, 13))
+STEPS, OBS, DECODE = 30, 12, 3
+CHUNK = OBS + DECODE
 
 
 class LockstepReference:
     """Full-precision KV mirror of an :class:`EpisodeCache`, quantised/evicted as the cache decides."""
 
-    def __init__(self, cache, bits: int, group: int):
+    def __init__(self, cache: EpisodeCache, bits: int, group: int):
         self.cache, self.bits, self.group = cache, bits, group
         self.keys: list[torch.Tensor] | None = None
         self.values: list[torch.Tensor] | None = None
@@ -67,17 +69,7 @@ class LockstepReference:
 
 
 @torch.no_grad()
-def run_lockstep(
-    model: torch.nn.Module,
-    cache,
-    bits: int,
-    group: int,
-    prompt: Sequence[int],
-    steps: int,
-    obs: int,
-    decode: int,
-    seed: int = 1,
-):
+def run_lockstep(model, cache: EpisodeCache, bits: int, group: int, seed: int = 1, steps: int = STEPS):
     """Drive ``cache`` like the runtime and the reference beside it; returns (max |diff|, logits)."""
     ref = LockstepReference(cache, bits, group)
     gen = torch.Generator().manual_seed(seed)
@@ -96,10 +88,10 @@ def run_lockstep(
         all_logits.append(got)
         return got
 
-    forward(list(prompt))
+    forward(PROMPT)
     cache.pin_prefix()
     for _ in range(steps):
-        logits = forward(torch.randint(0, vocab, (obs,), generator=gen).tolist())
-        for _ in range(decode):
+        logits = forward(torch.randint(0, vocab, (OBS,), generator=gen).tolist())
+        for _ in range(DECODE):
             logits = forward([int(logits[0, -1].argmax())])
     return worst, torch.cat(all_logits, dim=1), ref
