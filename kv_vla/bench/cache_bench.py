@@ -59,6 +59,7 @@ class BenchConfig:
     isolate: bool = False  # one process per policy (fair GPU latency between growing caches)
     storages: list[str] = field(default_factory=lambda: ["dynamic"])  # kv_vla.cache.storage names
     compile: bool = False  # also run each static-storage policy as a compiled step
+    full_reference: bool = True  # add `full` (the unit of *_vs_full); its step grows with history
 
     def resolved_dtype(self) -> torch.dtype:
         name = self.dtype or ("bfloat16" if self.preset == "openvla-7b" else "float32")
@@ -240,7 +241,7 @@ def run_bench(
         if p not in POLICIES and p != REFERENCE_POLICY:
             allowed = [*sorted(POLICIES), REFERENCE_POLICY]
             raise ValueError(f"policies: unknown policy {p!r}; allowed values: {allowed}")
-    if "full" not in cfg.policies:
+    if cfg.full_reference and "full" not in cfg.policies:
         cfg.policies = ["full", *cfg.policies]
     if not cfg.history or min(cfg.history) < 1:
         raise ValueError("history: allowed values: a non-empty list of integers >= 1")
@@ -253,7 +254,7 @@ def run_bench(
 
     ctx = multiprocessing.get_context("spawn")  # a fresh CUDA context, allocator and plan cache
     measured = []
-    policies = ["full", *[p for p in cfg.policies if p != "full"]]
+    policies = (["full"] if "full" in cfg.policies else []) + [p for p in cfg.policies if p != "full"]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -337,7 +338,7 @@ def _report(
     from kv_vla.bench.floor import step_floor_s
 
     results = []
-    full = next(t for t in timings if (t.policy, t.storage, t.compiled) == ("full", "dynamic", False))
+    full = next((t for t in timings if (t.policy, t.storage, t.compiled) == ("full", "dynamic", False)), None)
     eager = {t.policy: t for t in timings if (t.storage, t.compiled) == ("dynamic", False)}
     p50 = lambda t, h: statistics.median(t.step_ms[h : h + cfg.repeats])  # noqa: E731
     for one in timings:
@@ -354,9 +355,9 @@ def _report(
                     "history_steps": h,
                     "step_ms_p50": round(ms, 3),
                     "kv_bytes": int(kv),
-                    "latency_ratio_vs_full": round(ms / p50(full, h), 4),
+                    "latency_ratio_vs_full": round(ms / p50(full, h), 4) if full else None,
                     "latency_ratio_vs_dynamic": round(ms / p50(base, h), 4) if base is not None else None,
-                    "kv_ratio_vs_full": round(kv / full.kv_bytes[h], 4),
+                    "kv_ratio_vs_full": round(kv / full.kv_bytes[h], 4) if full else None,
                     "floor_ms": round(floor_ms, 4),
                     "floor_ratio": round(ms / floor_ms, 2),
                     "warmup_s": round(one.warmup_s, 2),

@@ -15,13 +15,16 @@ def format_table(report: dict) -> str:
         f"{'latency/full':>12} {'/dynamic':>8} {'KV/full':>7} {'floor ms':>8} {'/floor':>7}"
     )
     lines = [head, "-" * len(head)]
+
+    def ratio(value: float | None, width: int) -> str:
+        return f"{'-' if value is None else f'{value:.3f}':>{width}}"
+
     for r in report["results"]:
-        vs_dyn = r.get("latency_ratio_vs_dynamic")
         lines.append(
             f"{r['policy']:<12} {r.get('storage', 'dynamic'):<8} {'yes' if r.get('compiled') else 'no':<4} "
             f"{r['history_steps']:>7} {r['step_ms_p50']:>11.2f} {r['kv_bytes'] / 2**20:>8.2f} "
-            f"{r['latency_ratio_vs_full']:>12.3f} {'-' if vs_dyn is None else f'{vs_dyn:.3f}':>8} "
-            f"{r['kv_ratio_vs_full']:>7.3f} {r.get('floor_ms', 0):>8.3f} {r.get('floor_ratio', 0):>7.1f}"
+            f"{ratio(r['latency_ratio_vs_full'], 12)} {ratio(r.get('latency_ratio_vs_dynamic'), 8)} "
+            f"{ratio(r['kv_ratio_vs_full'], 7)} {r.get('floor_ms', 0):>8.3f} {r.get('floor_ratio', 0):>7.1f}"
         )
     bw = report.get("copy_bandwidth_gb_s")
     if bw:

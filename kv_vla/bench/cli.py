@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run every static-storage policy as a compiled step (torch.compile; a CUDA graph on GPU); "
         "the first steps compile (warmup_s in each row)",
     )
+    cache.add_argument(
+        "--no-full",
+        action="store_true",
+        help="skip the full-history reference row (its step grows with history: the longest part of a "
+        "long run); the *_vs_full ratios are then null",
+    )
     cache.add_argument("--no-progress", action="store_true")
 
     soak = sub.add_parser("soak", help="one long episode per policy and position mode: what grows")
@@ -144,6 +150,7 @@ def _run_cache(args: argparse.Namespace) -> int:
         isolate=args.isolate,
         storages=args.storage,
         compile=args.compile,
+        full_reference=not args.no_full,
     )
 
     def save_partial(report: dict) -> None:

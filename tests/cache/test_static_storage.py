@@ -24,8 +24,8 @@ BOUNDED = {
 CASES = [("llama", p) for p in sorted(BOUNDED)] + [(f, "gated") for f in FAMILIES if f != "llama"]
 
 
-def _episode(model, policy: str, storage: str, steps: int = STEPS, on_step=None):
-    cfg = EpisodeCacheConfig(policy=policy, chunk_size=CHUNK, storage=storage, **BOUNDED[policy])
+def _episode(model, policy: str, storage: str, steps: int = STEPS, on_step=None, **options):
+    cfg = EpisodeCacheConfig(policy=policy, chunk_size=CHUNK, storage=storage, **BOUNDED[policy], **options)
     cache = EpisodeCache(cfg, model.config)
     if policy == "attention":
         enable_attention_probe(model)
@@ -55,6 +55,16 @@ def test_static_storage_equals_dynamic(tiny_models, family, policy):
     assert torch.equal(sta.kept_positions(), dyn.kept_positions())
     assert s.kv_bytes_reserved >= s.kv_bytes and d.kv_bytes_reserved == d.kv_bytes
     assert all(layer.grows == 0 for layer in sta.layers)
+
+
+@pytest.mark.parametrize("policy", ["sinks", "gated"])
+def test_static_storage_equals_dynamic_in_cache_positions(tiny_models, policy):
+    """``cache`` positions re-rotate kept keys when a gap closes: in their slots for static storage."""
+    model = tiny_models("llama")
+    (dyn, ref), (sta, got) = (_episode(model, policy, s, positions="cache") for s in ("dynamic", "static"))
+    assert got.ids == ref.ids and dyn.stats().evicted_chunks > 5
+    assert max((a - b).abs().max().item() for a, b in zip(got.logits, ref.logits)) <= 1e-6
+    assert sta.stats().kv_bytes == dyn.stats().kv_bytes
 
 
 class _KVAllocations(TorchDispatchMode):
