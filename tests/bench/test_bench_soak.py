@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
 
 from kv_vla.bench import cli as bench_cli
+from kv_vla.model import CompactVLA, CompactVLAConfig
 
 KEYS = {
     "step_ms_p50_first",
