@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kv_vla import settings
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -18,6 +20,9 @@ def _int_list(text: str) -> list[int]:
 
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+SOAK_KNOBS = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,14 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     soak.add_argument("--model", default="models/compact-vla")
     soak.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")
     soak.add_argument("--device", default="cpu")
-    for name, kind in (
-        ("chunk-size", int),
-        ("recent-chunks", int),
-        ("sink-tokens", int),
-        ("max-tokens", int),
-        ("gate-threshold", float),
-    ):
-        soak.add_argument(f"--{name}", type=kind, default=None, help="as in kv-vla eval")
+    settings.add_flags(soak, SOAK_KNOBS)  # as in kv-vla eval
     soak.add_argument("--seed", type=int, default=0, help="seeds the synthetic frame stream")
     soak.add_argument(
         "--plot",
@@ -190,8 +188,7 @@ def _run_soak(args: argparse.Namespace) -> int:
         print(f"wrote {path}" + (f" and {plot}" if plot else ""))
         return 0
 
-    names = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
-    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    options = settings.given(args, SOAK_KNOBS)
     for policy in args.policies:  # refuse bad options before loading anything
         for mode in args.positions:
             EpisodeCacheConfig(policy=policy, positions=mode, **options_for(policy, options))
