@@ -51,8 +51,10 @@ def test_feature_dim_follows_model_config():
 
 def test_cache_utilities_are_the_gates_forward_over_chunk_summaries(tiny_models):
     model = tiny_models("llama")
-    cfg = EpisodeCacheConfig(policy="gated", chunk_size=CHUNK, recent_chunks=2, gate_threshold=0.0)
-    cache = EpisodeCache(cfg, model.config)
+    cfg = EpisodeCacheConfig(
+        policy="gated", chunk_size=CHUNK, recent_chunks=2, gate_threshold=0.0, max_tokens=None
+    )
+    cache = EpisodeCache(cfg, model.config)  # no budget: every chunk is kept, so every summary is held
     run_episode(model, cache, list(range(10)), 8, 12, 3)
     summaries = cache.chunk_summaries()
     assert summaries.shape == (8, cache.gate.feature_dim)
