@@ -60,7 +60,7 @@ def test_cache_positions_are_bounded_and_contiguous_in_the_runtime(model):
 
 
 def test_without_eviction_both_modes_give_the_same_actions(model):
-    base = EpisodeCacheConfig(policy="full", chunk_size=STEP)
+    base = EpisodeCacheConfig(policy="full", chunk_size=STEP, max_tokens=None)
     _, _, ep = _episode(model, base, 6)
     _, _, ca = _episode(model, base.replace(positions="cache"), 6)
     for (r1, l1), (r2, l2) in zip(ep, ca):

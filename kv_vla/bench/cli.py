@@ -115,6 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PNG of KV bytes and position id against step over the first --plot-steps of every run",
     )
     soak.add_argument("--plot-steps", type=int, default=1000)
+    soak.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: merge the runs of these soak reports into --json (and --plot)",
+    )
     soak.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     soak.add_argument("--no-progress", action="store_true")
 
@@ -182,8 +189,24 @@ def _run_cache(args: argparse.Namespace) -> int:
 
 
 def _run_soak(args: argparse.Namespace) -> int:
-    from kv_vla.bench.soak import SoakConfig, format_table, options_for, run_soak, write_json, write_plot
+    from kv_vla.bench.soak import (
+        SoakConfig,
+        format_table,
+        merge_reports,
+        options_for,
+        run_soak,
+        write_json,
+        write_plot,
+    )
     from kv_vla.cache import EpisodeCacheConfig
+
+    if args.from_json:
+        report = merge_reports(args.from_json)
+        print(format_table(report))
+        path = write_json(report, args.json)
+        plot = write_plot(report, args.plot) if args.plot is not None else None
+        print(f"wrote {path}" + (f" and {plot}" if plot else ""))
+        return 0
 
     options = settings.given(args, SOAK_KNOBS)
     for policy in args.policies:  # refuse bad options before loading anything

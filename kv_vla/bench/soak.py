@@ -166,6 +166,19 @@ def run_soak(cfg: SoakConfig, progress: bool = True, on_run: Any = None) -> dict
     return report
 
 
+def merge_reports(paths: list[str | os.PathLike]) -> dict:
+    """One report holding the runs of several (e.g. runs made in parallel processes), in order."""
+    import json
+
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    return {
+        "config": [r["config"] for r in reports],
+        "frames": reports[0]["frames"] if reports else "",
+        "merged_from": [str(p) for p in paths],
+        "runs": [run for r in reports for run in r["runs"]],
+    }
+
+
 SUMMARY_KEYS = (
     "steps",
     "step_ms_p50_first",

@@ -141,7 +141,7 @@ def test_static_refusals_and_missing_mask(tiny_models):
         EpisodeCacheConfig(policy="gated", max_tokens=None, storage="static")
     with pytest.raises(ValueError, match="low-bit codes"):
         EpisodeCacheConfig(policy="gated_tiered", max_tokens=200, storage="static")
-    with pytest.raises(ValueError, match="storage: .paged. is not allowed; allowed values: dynamic, static"):
+    with pytest.raises(ValueError, match="storage: 'paged' is not allowed; allowed values: dynamic, static"):
         EpisodeCacheConfig(policy="window", storage="paged")
     cfg = EpisodeCacheConfig(policy="window", chunk_size=CHUNK, storage="static")
     with pytest.raises(ValueError, match="max_tokens=None keeps an unbounded"):
