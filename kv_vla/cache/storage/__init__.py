@@ -70,7 +70,7 @@ def layer_class(storage: str) -> type:
 
         return StaticLayer
     if storage == "dynamic":
-        from kv_vla.cache.episode_cache import EpisodeLayer
+        from kv_vla.cache.storage.dynamic import EpisodeLayer
 
         return EpisodeLayer
     raise ValueError(f"storage: unknown {storage!r}; allowed values: {list(STORAGES)}")

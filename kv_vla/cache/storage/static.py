@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kv_vla.cache.episode_cache import EpisodeLayer
+from kv_vla.cache.storage.dynamic import EpisodeLayer
 
 #: Attention covers slots ``[0, span)``, ``span`` rounded up to ``capacity / SPAN_BUCKETS``: a policy
 #: holding far fewer tokens than its bound (a gate evicting below threshold) does not attend over
