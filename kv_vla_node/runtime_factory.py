@@ -24,6 +24,7 @@ class RuntimeSettings:
     gate_path: str
     cache: dict[str, Any] = field(default_factory=dict)  # node parameter names (params.CACHE_KEYS)
     trust_remote_code: bool = False
+    compile: bool = False  # kv_vla.settings "compile": the decoder step compiled over static storage
 
 
 RuntimeFactory = Callable[[RuntimeSettings], Any]
@@ -70,6 +71,8 @@ def build_runtime(settings: RuntimeSettings) -> Any:
     )
     # Every field, so the node's values replace the runtime's defaults (validated, ValueError if not).
     runtime.update_cache_config(**cache_kwargs(settings.cache))
+    if settings.compile:
+        runtime.set_compile(True)  # ValueError naming the setting when the cache cannot be compiled
     # A budget that cannot hold even the shortest prompt would refuse every instruction: refuse it
     # now, at configure, instead of going active.
     pinned, step = prompt_layout(runtime, running=False, pinned_tokens=None)

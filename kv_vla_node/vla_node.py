@@ -169,6 +169,7 @@ class VLANode(LifecycleNode):
             values["gate_path"],
             cache,
             trust_remote_code=values["trust_remote_code"],
+            compile=values["compile"],
         )
         with self._runtime_lock:
             try:

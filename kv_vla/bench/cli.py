@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cache.add_argument(
         "--compile",
+        dest="compiled_rows",
         action="store_true",
         help="also run every static-storage policy as a compiled step (torch.compile; a CUDA graph on GPU); "
         "the first steps compile (warmup_s in each row)",
@@ -167,7 +168,7 @@ def _run_cache(args: argparse.Namespace) -> int:
         seed=args.seed,
         isolate=args.isolate,
         storages=args.storages,
-        compile=args.compile,
+        compile=args.compiled_rows,
         full_reference=not args.no_full,
     )
 

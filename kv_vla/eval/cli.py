@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_flags(parser, ("trust_remote_code",))
     parser.add_argument(
         "--compile",
+        dest="compiled_rows",
         action="store_true",
         help="also evaluate each bounded model policy as a compiled step over static storage (rows "
         "POLICY+compiled), so the timing columns show eager vs compiled from one run",
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--workers needs --backend ray (the local backend runs in this process)")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if backend == "ray" and getattr(args, "compile", False):
+    if backend == "ray" and getattr(args, "compiled_rows", False):
         raise SystemExit("--compile runs on the local backend (its rows compare eager and compiled side by side)")
     if backend == "ray":
         result = _evaluate_on_ray(policies, tasks, args)
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         factories = {}
         for policy in policies:
             factories[policy] = agent_factory(policy, args)
-            if getattr(args, "compile", False) and policy not in MODEL_FREE and policy != "stateless":
+            if getattr(args, "compiled_rows", False) and policy not in MODEL_FREE and policy != "stateless":
                 reason = compiled_refusal(policy, args)
                 if reason is None:
                     factories[f"{policy}+compiled"] = model_factory(policy, args, compiled=True)

@@ -15,7 +15,7 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_compiled_rows_only_for_bounded_policies_without_the_probe():
     args = _args("--compile", "--max-tokens", "80")
-    assert args.compile
+    assert args.compiled_rows
     assert eval_cli.compiled_refusal("gated", args) is None
     assert eval_cli.compiled_refusal("window", args) is None
     assert "probe" in eval_cli.compiled_refusal("attention", args)
