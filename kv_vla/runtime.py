@@ -1,5 +1,8 @@
 """The episode runtime: one VLA, one KV cache that lives for the whole episode.
 
+Longer than ~400 lines on purpose: reset, step, the compiled step and resolving the cache settings
+at each episode start share the episode's state (prompt layout, pinned tokens, the cache).
+
 ``reset(instruction)`` prefills OpenVLA's prompt and pins it; every ``step(image)`` prefills the
 frame's visual tokens into the *same* cache at the episode's next absolute positions, greedily
 decodes ``action_dim`` action tokens (argmax restricted to the 256 action ids, each fed back so the

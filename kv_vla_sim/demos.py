@@ -1,5 +1,8 @@
 """Recording scripted-expert demonstrations, resumably, and reading them back.
 
+Longer than ~400 lines on purpose: recording, the resumable index and reading back all follow the
+one on-disk layout below, and the sim room has no shared I/O module to move them to.
+
 Layout of a demonstration directory::
 
     DIR/index.json                 {"episodes": [{file, task, seed, steps, instruction}, ...],

@@ -1,5 +1,9 @@
 """The chunked episode KV cache: a ``transformers.Cache`` that lives for a whole control episode.
 
+Longer than ~400 lines on purpose: the chunk timeline, the decisions and both position modes are
+one state shared by all layers; storage is in ``kv_vla/cache/storage/``, masks in ``masks.py``,
+rotation in ``positions.py`` and model checks in ``compat.py``.
+
 Semantics (see DESIGN.md, "Cache semantics that must hold"):
 
 * Keys are cached already rotated. Evicting a token just drops its column. ``get_seq_length()`` is
