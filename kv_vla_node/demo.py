@@ -191,19 +191,20 @@ def _follow(node: Any, bridge: Any, total: int, timeout_s: float, bar: Any) -> i
             if finished > done:
                 bar.update(finished - done)
                 done = finished
-            if code is not None:
-                return code
+            # the node's refusal first: a bridge left without a node exits too, and its code says less
             refusal = instruction_refusal(node.log_text())
-            if node.poll() is not None and refusal is None:
-                print(
-                    f"[demo] the VLA node exited ({node.poll()}):\n{node.log_text()[-2000:]}", file=sys.stderr
-                )
-                return 1
             if refusal is not None:
                 # the bridge only sends valid instructions, so a refusal is the node's configuration
                 # (e.g. a budget too small for the model's steps): no episode can run, say why now
                 # rather than after the bridge's startup timeout
                 print(f"[demo] the VLA node refused the episode: {refusal}", file=sys.stderr)
+                return 1
+            if code is not None:
+                return code
+            if node.poll() is not None:
+                print(
+                    f"[demo] the VLA node exited ({node.poll()}):\n{node.log_text()[-2000:]}", file=sys.stderr
+                )
                 return 1
             if time.monotonic() > deadline:
                 print(f"[demo] timed out after {timeout_s:.0f} s", file=sys.stderr)

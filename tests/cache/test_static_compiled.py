@@ -25,7 +25,10 @@ def _model() -> CompactVLA:
 
 def _config(model: CompactVLA) -> EpisodeCacheConfig:
     step = model.num_image_tokens + model.action_dim
-    return EpisodeCacheConfig(policy="window", chunk_size=step, recent_chunks=3, storage="static")
+    # window is bounded by its recent chunks: no token budget (the default 80 would not fit three)
+    return EpisodeCacheConfig(
+        policy="window", chunk_size=step, recent_chunks=3, max_tokens=None, storage="static"
+    )
 
 
 def _episode(
