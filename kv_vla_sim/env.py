@@ -22,7 +22,6 @@ Design choices (costs measured on one laptop-class CPU core):
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
@@ -126,11 +125,16 @@ class TabletopEnv:
     def close(self) -> None:
         if self._client is not None:
             self._client.disconnect()
+            # BulletClient's own __del__ would disconnect again, and at interpreter exit (module
+            # globals gone) report a TypeError instead of ignoring it
+            self._client._client = -1
             self._client = None  # type: ignore[assignment]
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        with contextlib.suppress(Exception):
+        try:  # noqa: SIM105 (no contextlib: at interpreter exit its module may be torn down already)
             self.close()
+        except BaseException:
+            pass
 
     # ------------------------------------------------------------------ state
     @property
