@@ -17,7 +17,12 @@ DEFAULT_MODEL = "models/compact-vla"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default="expert,random-actions", help="comma-separated policy names")
-    parser.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    parser.add_argument(
+        "--tasks",
+        default="all",
+        help="comma-separated task names (options as NAME:key=value), 'all' (the standard suite) or "
+        "'long' (the long-horizon memory tasks)",
+    )
     parser.add_argument("--episodes", type=int, default=20, help="episodes per task and policy")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="compact VLA folder (model policies only)")
@@ -88,10 +93,13 @@ def stateless_factory(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from kv_vla.eval.harness import MODEL_FREE, evaluate, model_free_factory
     from kv_vla.eval.report import write_report
-    from kv_vla_sim.tasks import TASKS
+    from kv_vla_sim.tasks import select_tasks
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        tasks = select_tasks(args.tasks)
+    except ValueError as exc:
+        raise SystemExit(f"--tasks: {exc}") from None
     factories = {}
     for policy in policies:
         if policy in MODEL_FREE:

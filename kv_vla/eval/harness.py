@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from kv_vla_sim.demos import DEMO_SEED_OFFSET
 from kv_vla_sim.env import TabletopEnv
-from kv_vla_sim.tasks import TASKS
+from kv_vla_sim.tasks import STANDARD_TASKS, get_task
 
 
 class Agent(Protocol):
@@ -122,10 +122,9 @@ def evaluate(
     Returns ``{"config", "episodes": [record, ...], "aggregates": [per task and policy],
     "summary": [per policy over memory / no-memory tasks]}`` - the content of eval_info.json.
     """
-    tasks = list(TASKS) if tasks is None else list(tasks)
+    tasks = list(STANDARD_TASKS) if tasks is None else list(tasks)
     for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}; choose from {sorted(TASKS)}")
+        get_task(t)  # unknown names and bad options raise ValueError here, before any episode
     seeds = eval_seeds(episodes, seed_offset)
     records: list[dict[str, Any]] = []
     times: dict[tuple[str, str], list[float]] = {}
@@ -150,15 +149,15 @@ def evaluate(
                 {
                     "task": task,
                     "policy": policy,
-                    "memory_task": TASKS[task].needs_memory,
-                    "chance_pct": 100.0 * TASKS[task].chance,
+                    "memory_task": get_task(task).needs_memory,
+                    "chance_pct": 100.0 * get_task(task).chance,
                     **aggregate(recs, times[(task, policy)]),
                 }
             )
     summary = []
     for policy in agent_factories:
         for family, memory in (("memory", True), ("no-memory", False)):
-            fam = [t for t in tasks if TASKS[t].needs_memory == memory]
+            fam = [t for t in tasks if get_task(t).needs_memory == memory]
             if not fam:
                 continue
             recs = [r for r in records if r["policy"] == policy and r["task"] in fam]
