@@ -37,7 +37,8 @@ class CacheStats:
     """Memory and token accounting of an :class:`EpisodeCache`, in bytes actually held.
 
     ``kv_bytes`` sums ``kv_bytes_per_layer``; each layer reports the bytes of the tensors it holds
-    (packed bytes plus scales for chunks stored at low precision).
+    (packed bytes plus scales for chunks stored at low precision). ``max_position`` shows whether
+    position ids stay bounded (``cache`` positions) or grow with the episode (``episode``).
     """
 
     seen_tokens: int
@@ -48,6 +49,7 @@ class CacheStats:
     pinned_tokens: int
     kv_bytes: int
     kv_bytes_per_layer: list[int]
+    max_position: int = -1  # largest position id used so far (before the model's own offset)
 
     def as_dict(self) -> dict:
         """JSON-friendly copy (for diagnostics and logs)."""
@@ -60,4 +62,5 @@ class CacheStats:
             "pinned_tokens": self.pinned_tokens,
             "kv_bytes": self.kv_bytes,
             "kv_bytes_per_layer": list(self.kv_bytes_per_layer),
+            "max_position": self.max_position,
         }

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kv_vla.cache.positions import check_mode
+
 
 @dataclass
 class EpisodeCacheConfig:
@@ -28,6 +30,9 @@ class EpisodeCacheConfig:
         seed: seeds the ``random`` policy and the default (untrained) gate.
         probe_queries: newest queries per forward whose attention mass the attention probe
             measures (SnapKV's observation window); only used when the probe is enabled.
+        positions: ``"episode"`` (kept tokens keep their episode positions; position ids grow with
+            the episode) or ``"cache"`` (StreamingLLM: positions within the cache, bounded; RoPE
+            models only). See :mod:`kv_vla.cache.positions`. A change applies from the next episode.
         extra: free-form options for extensions (e.g. low-precision storage), validated by them.
     """
 
@@ -39,6 +44,7 @@ class EpisodeCacheConfig:
     gate_threshold: float = 0.5
     seed: int = 0
     probe_queries: int = 16
+    positions: str = "episode"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +69,7 @@ class EpisodeCacheConfig:
             )
         if not 0.0 <= float(self.gate_threshold) <= 1.0:
             raise ValueError(f"gate_threshold: {self.gate_threshold} is outside the allowed values [0, 1]")
+        check_mode(self.positions)
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra: must be a dict; got {type(self.extra).__name__}")
         POLICIES[self.policy].validate_config(self)

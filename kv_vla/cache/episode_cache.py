@@ -2,12 +2,15 @@
 
 Semantics (see DESIGN.md, "Cache semantics that must hold"):
 
-* Keys are cached already rotated. Evicting a token just drops its column; survivors keep their
-  original positions and new tokens continue the episode's position counter, so
-  ``get_seq_length()`` is the number of tokens *seen* in the episode (HF derives new position ids
-  from it), while ``get_mask_sizes`` reports ``kv_length = kept + new`` with
-  ``kv_offset = seen - kept``: every kept token then lies before the first query (all visible) and
-  the new block stays causal within itself.
+* Keys are cached already rotated. Evicting a token just drops its column. ``get_seq_length()`` is
+  the next position id (HF derives new position ids and the query offset from it), and
+  ``get_mask_sizes`` reports ``kv_length = kept + new`` with ``kv_offset = next - kept``: every
+  kept token lies before the first query (all visible) and the new block stays causal within
+  itself. The position mode (``config.positions``, :mod:`kv_vla.cache.positions`) sets ``next``:
+  ``episode``: survivors keep their original positions and ``next`` is the number of tokens *seen*;
+  ``cache``: kept column ``j`` is at position ``j`` (keys re-rotated when a gap closes) and ``next``
+  is the number of kept tokens, bounded by the budget. ``generate()`` derives positions from its
+  whole ``input_ids`` and so needs ``episode``.
 * Tokens are grouped into chunks of ``chunk_size`` consecutive positions, with boundaries counted
   from the end of the pinned prefix (so a chunk is one control step when ``chunk_size`` is a step's
   tokens); sink tokens are cut from the front of the first chunk(s). The prefix (``pin_prefix``), the sinks, the
@@ -19,6 +22,8 @@ Semantics (see DESIGN.md, "Cache semantics that must hold"):
   runtime calls after each step to free memory at once). Deciding lazily, rather than inside the
   last layer's ``update``, lets the decision use everything the completing forward produced,
   including the last layer's attention probe, and never changes tensors a running forward holds.
+* Nothing grows with the episode but counters: only kept chunks have a record (evicted ones are
+  counted), and per-step work scales with the kept tokens, not the tokens seen.
 * ``max_tokens`` is a hard budget on kept tokens between forward calls (a forward's own new block
   is held while it runs): a decision evicts until the kept tokens *plus the room the open chunk
   still needs to complete* fit, so the budget holds until the next decision.
@@ -44,6 +49,7 @@ from kv_vla.cache import probe
 from kv_vla.cache.chunks import CacheStats, Chunk
 from kv_vla.cache.config import EpisodeCacheConfig
 from kv_vla.cache.policies import POLICIES, ChunkPolicy, GatedPolicy, PolicyContext
+from kv_vla.cache.positions import RopeRotator, closing_deltas
 from kv_vla.cache.summary import chunk_summary, layer_summary
 
 
@@ -93,6 +99,16 @@ class EpisodeLayer(CacheLayerMixin):
     def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of columns ``[start, end)`` (full precision), e.g. for a chunk summary."""
         return self.keys[:, :, start:end], self.values[:, :, start:end]
+
+    #: False for storage that cannot re-rotate its keys exactly (e.g. quantised keys): ``cache``
+    #: positions are then refused.
+    supports_rotation = True
+
+    def rotate_keys(self, start: int, rotate: Any) -> None:
+        """Replace the keys of columns ``[start, kept)`` by ``rotate(keys)`` (``cache`` positions)."""
+        if self.keys is not None and self.keys.shape[-2] > start:
+            # a new tensor, not in place: the keys may be inference tensors touched outside inference mode
+            self.keys = torch.cat([self.keys[:, :, :start], rotate(self.keys[:, :, start:])], dim=2)
 
     def truncate(self, n: int) -> None:
         """Drop columns past ``n`` (rolls back a forward that raised midway)."""
@@ -170,6 +186,8 @@ class EpisodeCache(Cache):
         self.record_summaries = record_summaries
         self._gate = None
         self.policy = self._attach(policy if policy is not None else self._make_policy(config))
+        self._rotator = self._check_positions(self.config.positions)
+        self._mode = self.config.positions
         self._clear()
 
     # ------------------------------------------------------------------ episode state
@@ -178,8 +196,12 @@ class EpisodeCache(Cache):
         self._pinned = 0  # length of the pinned prefix
         self._positions = torch.empty(0, dtype=torch.long)  # kept positions, ascending (CPU)
         self._attn = None  # accumulated attention mass per kept column (device), or None
-        self._chunks: list[Chunk] = []
+        self._chunks: list[Chunk] = []  # kept completed chunks, in order (evicted ones are only counted)
         self._new_chunks: list[Chunk] = []  # completed, not yet seen by a decision
+        self._completed = 0  # chunks completed in this episode (the next chunk's index)
+        self._evicted_chunks = 0
+        self._summary_log: list[torch.Tensor] = []  # every chunk's summary, only with record_summaries
+        self._max_position = -1  # largest position id (before the model's offset) used so far
         self._origin = 0  # chunk boundaries lie at origin + k * chunk_size
         self._open_start = self.config.effective_sink_tokens
         self._evicted_tokens = 0
@@ -191,7 +213,27 @@ class EpisodeCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.policy.reset()
+        self._rotator = self._check_positions(self.config.positions)
+        self._mode = self.config.positions
         self._clear()
+
+    def _check_positions(self, mode: str) -> RopeRotator | None:
+        """The RoPE rotator ``cache`` positions need (None for ``episode``); ValueError if refused."""
+        if mode != "cache":
+            return None
+        rotator = RopeRotator.for_config(self.model_config)
+        odd = sorted({type(layer).__name__ for layer in self.layers if not layer.supports_rotation})
+        if odd:
+            raise ValueError(
+                f"positions: 'cache' needs keys that can be re-rotated exactly, but layer storage {odd} "
+                f"(policy {self.config.policy!r}) cannot; allowed values with this policy: ['episode']"
+            )
+        return rotator
+
+    @property
+    def position_mode(self) -> str:
+        """The position mode of the running episode (a changed ``config.positions`` waits for ``reset``)."""
+        return self._mode
 
     def _make_policy(self, config: EpisodeCacheConfig) -> ChunkPolicy:
         cls = POLICIES[config.policy]
@@ -228,17 +270,28 @@ class EpisodeCache(Cache):
 
         A new ``max_tokens`` is checked against the pinned prefix at once; a new ``chunk_size``
         applies from the open chunk on (closed chunks keep their size); a new ``sink_tokens`` applies
-        from the next episode (``reset``/``pin_prefix``); a new ``policy`` starts from the chunks as
-        they are (utilities of the old policy are kept until re-scored).
+        from the next episode (``reset``/``pin_prefix``); a new ``positions`` is checked at once and
+        applies from the next episode (``reset``), or at once while nothing is cached; a new
+        ``policy`` starts from the chunks as they are (utilities of the old policy are kept until
+        re-scored).
         """
         new = self.config.replace(**changes)
         new.check_budget(self._pinned)
-        old_policy = self.config.policy
-        if new.chunk_size != self.config.chunk_size:
+        old = self.config
+        if new.chunk_size != old.chunk_size:
             self._origin = self._open_start  # the open chunk is re-cut from its start
         self.config = new
-        if new.policy != old_policy:
-            self.policy = self._attach(self._make_policy(new))
+        try:
+            if new.policy != old.policy:
+                self.policy = self._attach(self._make_policy(new))
+            rotator = self._check_positions(new.positions)
+        except ValueError:
+            self.config = old
+            if new.policy != old.policy:
+                self.policy = self._attach(self._make_policy(old))
+            raise
+        if self._seen == 0:
+            self._rotator, self._mode = rotator, new.positions
         return new
 
     def pin_prefix(self) -> int:
@@ -261,11 +314,23 @@ class EpisodeCache(Cache):
 
     # ------------------------------------------------------------------ HF Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen in this episode (not kept tokens): new position ids continue from here."""
-        return self._seen
+        """The next position id: tokens seen (``episode`` positions) or kept (``cache`` positions).
+
+        In ``cache`` mode a pending decision is applied first (outside a forward), so the position
+        ids a caller derives from it are those the next forward is masked and rotated for.
+        """
+        if self._mode == "episode":
+            return self._seen
+        if not self._in_forward:
+            self._apply_pending()
+        return int(self._positions.numel())
+
+    def next_position(self) -> int:
+        """Position id of the next token (before the model's own offset); same as ``get_seq_length``."""
+        return self.get_seq_length()
 
     def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
-        """``(kept + new, seen - kept)``: all kept tokens precede the queries, the new block is causal.
+        """``(kept + new, next - kept)``: all kept tokens precede the queries, the new block is causal.
 
         Accepts the query length (transformers >= 5.x) or a ``cache_position`` tensor (older 5.x).
         """
@@ -276,7 +341,8 @@ class EpisodeCache(Cache):
     def _mask_sizes(self, query_length: int) -> tuple[int, int]:
         self._start_forward()
         kept = int(self._positions.numel())
-        return kept + query_length, self._seen - kept
+        nxt = self._seen if self._mode == "episode" else kept
+        return kept + query_length, nxt - kept
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -311,9 +377,12 @@ class EpisodeCache(Cache):
         new = torch.arange(self._seen, self._seen + n_new, dtype=torch.long)
         self._positions = torch.cat([self._positions, new])
         self._seen += n_new
+        held = self._seen if self._mode == "episode" else int(self._positions.numel())
+        self._max_position = max(self._max_position, held - 1)
         self._pad_attention()
         while self._seen >= (end := self._open_end()):
-            chunk = Chunk(index=len(self._chunks), start=self._open_start, length=end - self._open_start)
+            chunk = Chunk(index=self._completed, start=self._open_start, length=end - self._open_start)
+            self._completed += 1
             self._chunks.append(chunk)
             self._new_chunks.append(chunk)
             self._open_start = end
@@ -386,6 +455,8 @@ class EpisodeCache(Cache):
         if self.record_summaries or isinstance(self.policy, GatedPolicy):
             for chunk in self._new_chunks:
                 self._chunk_summary(chunk)
+                if self.record_summaries:
+                    self._summary_log.append(chunk.summary)
         for chunk in self._new_chunks:
             self.policy.observe(chunk, ctx)
         self._new_chunks = []
@@ -393,9 +464,8 @@ class EpisodeCache(Cache):
         return self._decide(ctx)
 
     def _decide(self, ctx: PolicyContext) -> list[Chunk]:
-        recent = self.config.effective_recent_chunks
-        protected = {c.index for c in self._chunks[max(0, len(self._chunks) - recent) :]}
-        candidates = [c for c in self._chunks if not c.evicted and c.index not in protected]
+        first_recent = self._completed - self.config.effective_recent_chunks
+        candidates = [c for c in self._chunks if c.index < first_recent]
         if not candidates:
             return []
         utilities = [float(u) for u in self.policy.score(candidates, ctx)]
@@ -424,7 +494,11 @@ class EpisodeCache(Cache):
             a, b = self._chunk_columns(chunk)
             keep[a:b] = False
             chunk.evicted = True
+            chunk.summary = None  # the policy has read it; nothing of an evicted chunk is held
             self._evicted_tokens += b - a
+        self._evicted_chunks += len(chunks)
+        gone = {id(c) for c in chunks}
+        self._chunks = [c for c in self._chunks if id(c) not in gone]
         index = keep.nonzero().squeeze(1)
         self._positions = self._positions[index]
         device_index: dict[torch.device, torch.Tensor] = {}
@@ -437,16 +511,30 @@ class EpisodeCache(Cache):
             layer.select(device_index[dev])
         if self._attn is not None:
             self._attn = self._attn.index_select(0, index.to(self._attn.device))
+        if self._rotator is not None:
+            self._close_gaps(index)
+
+    def _close_gaps(self, index: torch.Tensor) -> None:
+        """``cache`` positions: re-rotate every key after the first closed gap to its new column."""
+        first, delta = closing_deltas(index)
+        if delta.numel() == 0:
+            return
+        rotator = self._rotator
+        for layer in self.layers:
+            layer.rotate_keys(first, lambda keys: rotator.rotate(keys, delta))
 
     # ------------------------------------------------------------------ introspection
     def kept_positions(self) -> torch.Tensor:
-        """Absolute episode positions still held (ascending, CPU LongTensor copy)."""
+        """Episode positions (order of arrival) of the tokens still held (ascending, CPU LongTensor copy).
+
+        With ``cache`` positions the model sees kept token ``j`` at position ``j`` instead.
+        """
         self._apply_pending()
         return self._positions.clone()
 
     @property
     def chunks(self) -> list[Chunk]:
-        """Every completed chunk of the episode, in order (evicted ones flagged)."""
+        """The kept completed chunks, in order (evicted chunks are only counted, see ``stats()``)."""
         return list(self._chunks)
 
     @property
@@ -455,9 +543,13 @@ class EpisodeCache(Cache):
         return min(self._seen, self._pinned + self.config.effective_sink_tokens)
 
     def chunk_summaries(self) -> torch.Tensor:
-        """``[T_chunks, F]`` summaries of the completed chunks (needs ``gated`` or ``record_summaries``)."""
+        """``[T_chunks, F]`` summaries of every completed chunk (a trainer's recording, with
+        ``record_summaries``; it grows with the episode), else of the kept chunks (``gated``)."""
         self._apply_pending()
-        rows = [c.summary for c in self._chunks if c.summary is not None]
+        if self.record_summaries:
+            rows = list(self._summary_log)
+        else:
+            rows = [c.summary for c in self._chunks if c.summary is not None]
         if not rows:
             return torch.empty(0, 0)
         return torch.stack(rows)
@@ -466,16 +558,16 @@ class EpisodeCache(Cache):
         """Token/chunk counts and bytes actually held per layer (applies a pending decision first)."""
         self._apply_pending()
         per_layer = [int(layer.nbytes()) for layer in self.layers]
-        evicted_chunks = sum(c.evicted for c in self._chunks)
         return CacheStats(
             seen_tokens=self._seen,
             kept_tokens=int(self._positions.numel()),
             evicted_tokens=self._evicted_tokens,
-            kept_chunks=len(self._chunks) - evicted_chunks,
-            evicted_chunks=evicted_chunks,
+            kept_chunks=len(self._chunks),
+            evicted_chunks=self._evicted_chunks,
             pinned_tokens=self.pinned_tokens,
             kv_bytes=sum(per_layer),
             kv_bytes_per_layer=per_layer,
+            max_position=self._max_position,
         )
 
     def __repr__(self) -> str:

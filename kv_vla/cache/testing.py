@@ -96,18 +96,20 @@ def run_episode(
     on_step=None,
 ) -> EpisodeRecord:
     """Drive ``cache`` like the runtime: prompt (pinned), then per step an observation block and
-    ``decode_tokens`` greedy tokens, each forward with explicit ``position_ids``."""
+    ``decode_tokens`` greedy tokens, each forward with explicit ``position_ids`` from
+    ``get_seq_length()``; the record numbers tokens in episode order whatever the position mode."""
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size
     record = EpisodeRecord()
 
     def forward(ids: list[int]) -> torch.Tensor:
-        start = cache.get_seq_length()
+        start = len(record.ids)  # episode position of the block (records are kept in episode order)
         kept = cache.kept_positions() if hasattr(cache, "kept_positions") else torch.arange(start)
         record.kept_before.append(kept)
         record.blocks.append((start, start + len(ids)))
         record.ids.extend(ids)
-        pos = torch.arange(start, start + len(ids)).unsqueeze(0)
+        first = cache.get_seq_length()  # the model's next position id (either position mode)
+        pos = torch.arange(first, first + len(ids)).unsqueeze(0)
         out = model(input_ids=torch.tensor([ids]), position_ids=pos, past_key_values=cache, use_cache=True)
         record.logits.append(out.logits)
         return out.logits

@@ -25,6 +25,7 @@ needs ``EpisodeCache.record_attention`` to hand each layer its own probe report
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,6 +38,8 @@ from kv_vla.cache.policies.gated import GatedPolicy
 
 if TYPE_CHECKING:
     from kv_vla.cache.config import EpisodeCacheConfig
+
+RATIO_HISTORY = 1000  # decisions whose per-layer ratios are kept for inspection
 
 DEFAULTS: dict[str, Any] = {"tau": 0.9, "low_bits": 4, "quant_group_size": 32, "full_threshold": 0.75}
 
@@ -112,7 +115,7 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
 
     After every decision, ``last_ratios`` holds each layer's ZipVL ratio ``p`` (tokens of the
     smallest chunk set holding ``tau`` of the newest attention / candidate tokens; ``ratio_history``
-    keeps all of them) and ``last_full_fractions`` the share of candidate tokens actually at full
+    keeps the last ``RATIO_HISTORY`` of them, so nothing grows with the episode) and ``last_full_fractions`` the share of candidate tokens actually at full
     precision in each layer. Demotion is irreversible, so the mass already at low precision is
     charged against the ``1 - tau`` allowance (:func:`kv_vla.cache.quant.ratio.demote_within_allowance`).
     """
@@ -120,7 +123,7 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
     name: ClassVar[str] = "zipvl"
     needs_attention: ClassVar[bool] = True
     last_ratios: list[float] = field(default_factory=list)
-    ratio_history: list[list[float]] = field(default_factory=list)
+    ratio_history: deque[list[float]] = field(default_factory=lambda: deque(maxlen=RATIO_HISTORY))
     last_full_fractions: list[float] = field(default_factory=list)
 
     @classmethod
@@ -133,7 +136,7 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
 
     def reset(self) -> None:
         self.last_ratios = []
-        self.ratio_history = []
+        self.ratio_history = deque(maxlen=RATIO_HISTORY)
         self.last_full_fractions = []
 
     def _layer_chunk_mass(self, layer: Any, cols: list[tuple[int, int]]) -> torch.Tensor | None:

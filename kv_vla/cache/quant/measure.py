@@ -116,7 +116,7 @@ def ratio_episode(
     finally:
         disable_attention_probe(model)
     cache.maybe_evict()
-    return cache.policy.ratio_history
+    return list(cache.policy.ratio_history)
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:

@@ -77,6 +77,8 @@ class MixedPrecisionLayer(EpisodeLayer):
     logical column, whether it lives in one of ``segments`` instead.
     """
 
+    supports_rotation = False  # re-rotating quantised keys would re-quantise them: not exact
+
     def __init__(self, owner, layer_idx: int):
         super().__init__(owner, layer_idx)
         self._init_extra()
