@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--gate-threshold", type=float, default=None)
     parser.add_argument(
+        "--positions",
+        choices=["episode", "cache"],
+        default=None,
+        help="position ids: 'episode' (grow with the episode) or 'cache' (StreamingLLM, bounded)",
+    )
+    parser.add_argument(
         "--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors when present)"
     )
     zip_group = parser.add_argument_group("ZipVL options (policies zipvl and gated_tiered)")
@@ -51,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cache_options(args: argparse.Namespace) -> dict[str, Any]:
     """The cache options given on the command line (others keep the config defaults)."""
-    names = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
+    names = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold", "positions")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
