@@ -73,9 +73,22 @@ def _shipped_run(device: str, dtype: torch.dtype, fr: np.ndarray):
     for f in fr:
         res = rt.step(f)
         logits.append(rt.last_action_logits.float().cpu())
-        kept.append(rt.cache.kept_positions().cpu())
+        kept.append({c.index: c.utility for c in rt.cache.chunks if not c.evicted})
         assert res.cache_stats.kept_tokens <= 80
     return torch.stack(logits), kept
+
+
+def _assert_same_evictions_except_near_ties(gpu: list[dict], cpu: list[dict], atol: float) -> None:
+    """The devices keep the same chunks until their first disagreement (after which the episodes
+    diverge), and that one may only be a near tie: the chunks the two kept differently have CPU
+    utilities within ``atol`` of each other (the gate's float32 rounding differs by device)."""
+    for step, (g, c) in enumerate(zip(gpu, cpu, strict=True)):
+        if g.keys() == c.keys():
+            continue
+        differing = (g.keys() ^ c.keys()) & (cpu[step - 1].keys() if step else c.keys())
+        utilities = [cpu[step - 1][i] for i in differing] if step else []
+        assert utilities and max(utilities) - min(utilities) <= atol, (step, sorted(differing), utilities)
+        return
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped model")
@@ -86,7 +99,7 @@ def test_cuda_shipped_model_gated_float32_matches_cpu_and_bf16_runs():
     cpu, cpu_kept = _shipped_run("cpu", torch.float32, fr)
     gpu, gpu_kept = _shipped_run("cuda", torch.float32, fr)
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
-    assert all(torch.equal(a, b) for a, b in zip(gpu_kept, cpu_kept, strict=True))
+    _assert_same_evictions_except_near_ties(gpu_kept, cpu_kept, atol=1e-3)
     bf16, _ = _shipped_run("cuda", torch.bfloat16, fr)
     assert torch.isfinite(bf16).all()
     agree = (bf16.argmax(-1) == cpu.argmax(-1)).float().mean().item()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import near_ties
 from transformers import DynamicCache
 
 from kv_vla.cache import EpisodeCache, EpisodeCacheConfig
@@ -107,8 +108,10 @@ def test_generate_continues_from_evicted_cache(tiny_models, family):
         full.blocks.append((start, end))
         full.kept_before.append(kept)
     logits = reference_logits(model, full)
-    ref_tokens = [int(logits[0, end - 1].argmax()) for end in starts[1:]]
-    assert generated == ref_tokens
+    # greedy tokens match the reference's argmax except at near ties (other kernels: stated bound)
+    for end, token in zip(starts[1:], generated, strict=True):
+        row = logits[0, end - 1]
+        assert token == int(row.argmax()) or bool(near_ties(row)), (end, token, int(row.argmax()))
 
 
 def test_live_config_changes_keep_reference_semantics(tiny_models):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from numerics import assert_logits_close
 
 from kv_vla.model import CompactVLA, CompactVLAConfig, build_prompt
 from kv_vla.model.text_tokenizer import DEFAULT_WORDS, build_text_tokenizer
@@ -56,10 +57,10 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert m2.norm_stats == m.norm_stats
     sd1, sd2 = m.state_dict(), m2.state_dict()
     assert sd1.keys() == sd2.keys()
-    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)  # the stored bits come back exactly
     f = frames(1, 1)[0]
-    with torch.no_grad():
-        assert torch.equal(m.embed_image(f), m2.embed_image(f))
+    with torch.no_grad():  # a reloaded model may round differently (MKL alignment): stated bound
+        assert_logits_close(m2.embed_image(f), m.embed_image(f))
     # saving again over an existing folder replaces it atomically
     m2.save_pretrained(tmp_path / "ckpt")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -215,6 +216,7 @@ def test_film_starts_as_identity_and_then_conditions_the_image_tokens_on_the_ins
     red, green = (film.prompt_ids(build_prompt(f"reach the {c} cube")) for c in ("red", "green"))
     with torch.no_grad():
         for ids in (red, green):
+            # exact: same kernels on equal in-memory weights, and a zero FiLM adds exactly nothing
             assert torch.equal(film.embed_image(f, film.instruction_condition(ids)), plain.embed_image(f))
         film.film.weight.normal_(0, 0.5)
         tok_red = film.embed_image(f, film.instruction_condition(red))
@@ -227,7 +229,7 @@ def test_film_starts_as_identity_and_then_conditions_the_image_tokens_on_the_ins
     again = CompactVLA.from_pretrained(tmp_path / "film").eval()
     assert again.config.film
     with torch.no_grad():
-        assert torch.equal(again.embed_image(f, again.instruction_condition(red)), tok_red)
+        assert_logits_close(again.embed_image(f, again.instruction_condition(red)), tok_red)  # reloaded
 
 
 def test_colour_highlight_starts_as_identity_then_lights_the_named_colour(tmp_path):
@@ -264,7 +266,7 @@ def test_colour_highlight_starts_as_identity_then_lights_the_named_colour(tmp_pa
     again = CompactVLA.from_pretrained(tmp_path / "lit").eval()
     assert again.config.highlight
     with torch.no_grad():
-        assert torch.equal(again.embed_image(img, cond), lit.embed_image(img, cond))
+        assert_logits_close(again.embed_image(img, cond), lit.embed_image(img, cond))  # reloaded
 
 
 def test_ordered_highlight_slots_tell_word_order_apart(tmp_path):
@@ -301,8 +303,8 @@ def test_ordered_highlight_slots_tell_word_order_apart(tmp_path):
     again = CompactVLA.from_pretrained(tmp_path / "two").eval()
     assert again.config.highlight_slots == 2
     with torch.no_grad():
-        assert torch.equal(again.instruction_condition(again.prompt_ids(rb)), c_rb)
-        assert torch.equal(again.embed_image(f, c_rb), two.embed_image(f, c_rb))
+        assert_logits_close(again.instruction_condition(again.prompt_ids(rb)), c_rb)  # reloaded
+        assert_logits_close(again.embed_image(f, c_rb), two.embed_image(f, c_rb))
     with pytest.raises(ValueError, match="highlight_slots"):
         CompactVLAConfig.tiny(highlight=True, film=True, highlight_slots=2)
 

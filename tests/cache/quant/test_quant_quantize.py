@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kv_vla.cache.quant.packing import unpack_codes
 from kv_vla.cache.quant.quantize import (
     KEY_AXIS,
     VALUE_AXIS,
@@ -148,10 +149,14 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
         qc = quantize_keys(x.cuda(), bits, 16)
         ref = quantize_keys(x, bits, 16)
         assert qc.data.is_cuda
-        # codes and scales are bit-identical; the dequantised value may differ by one rounding of
-        # the output dtype, because CUDA fuses the multiply-add (seen on an H100 in bf16)
-        assert torch.equal(qc.data.cpu(), ref.data)
-        assert torch.equal(qc.scale.cpu(), ref.scale) and torch.equal(qc.zero.cpu(), ref.zero)
+        # scales and zeros agree to one rounding of the dtype; a code may differ by one step only where
+        # the value sits on a rounding boundary (fused multiply-add on CUDA), so in few elements
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(qc.scale.cpu().float(), ref.scale.float(), atol=0, rtol=2 * eps)
+        torch.testing.assert_close(qc.zero.cpu().float(), ref.zero.float(), atol=0, rtol=2 * eps)
+        codes_gpu, codes_cpu = (unpack_codes(q.data.cpu(), bits, q.data.numel() * 8 // bits) for q in (qc, ref))
+        off = (codes_gpu.int() - codes_cpu.int()).abs()
+        assert off.max() <= 1 and off.float().mean() <= 1e-3
         got, want = dequantize(qc).cpu().float(), dequantize(ref).float()
         ulp = torch.finfo(dtype).eps * want.abs().clamp(min=1e-3)
         assert ((got - want).abs() <= ulp).all()
