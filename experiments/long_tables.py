@@ -17,9 +17,12 @@ def _rows(dirs: list[Path]) -> list[dict]:
     rows = []
     for d in dirs:
         info = json.loads((d / "eval_info.json").read_text())
-        mode = info["config"].get("cache_options", {}).get("positions")
+        opts = info["config"].get("cache_options", {})
+        mode, budget = opts.get("positions"), opts.get("max_tokens")
         for a in info["aggregates"]:
-            label = a["policy"] + (f" ({mode} positions)" if a["policy"] == "gated" and mode else "")
+            label = a["policy"]
+            if a["policy"] == "gated":
+                label += f" ({budget} tokens, {mode or 'episode'} positions)"
             rows.append({**a, "label": label})
     return rows
 

@@ -145,7 +145,9 @@ def test_expert_solves_a_short_wait(name):
 @pytest.mark.parametrize("wait", ["train", "eval"])
 def test_expert_reaches_95_percent_over_seeds(name, wait):
     env = TabletopEnv(get_task(f"{name}:wait={wait}"))
-    ok = [run_expert_episode(env, s, noise=0.1 if wait == "train" else 0.0)["success"] for s in range(20)]
+    # 10 seeds keep this under the suite's timeout on a loaded CPU; the expert table runs 50
+    seeds = 20 if wait == "train" else 10
+    ok = [run_expert_episode(env, s, noise=0.1 if wait == "train" else 0.0)["success"] for s in range(seeds)]
     env.close()
     assert np.mean(ok) >= 0.95, ok
 
