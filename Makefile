@@ -1,4 +1,5 @@
-# kv_vla: the two commands a newcomer runs are `make demo` (main job) and `make test` (tests).
+# kv_vla: the two commands a newcomer runs are `make demo` (main job) and `make test` (tests);
+# `make test-fast` is the inner loop (everything not marked slow).
 # Both create .venv and install everything on first use.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.kv_vla-installed
 VENV_FLAGS := $(if $(ROS_DISTRO),--system-site-packages,)
 ROS_REQS := $(if $(ROS_DISTRO),,-r requirements-ros.txt)
 
-.PHONY: setup test demo lint bench eval clean
+.PHONY: setup test test-fast demo lint bench eval clean
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-ros.txt requirements-dev.txt pyproject.toml
@@ -22,6 +23,9 @@ $(STAMP): requirements.txt requirements-ros.txt requirements-dev.txt pyproject.t
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
 
 demo: setup
 	$(VENV)/bin/kv-vla demo

@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kv_vla.bench.cli", "benchmarks (cache: latency and KV memory per policy)"),
     "collect": ("kv_vla_sim.cli", "record scripted-expert demonstrations in PyBullet"),
     "eval": ("kv_vla.eval.cli", "closed-loop evaluation of cache policies and agents"),
-    "probe": ("kv_vla_sim.probe", "does the policy read its instruction's colour word? (reach scenes)"),
+    "probe": ("kv_vla.eval.probe", "does the policy read its instruction's colour word? (reach scenes)"),
     "train": ("kv_vla.train.cli", "behaviour-clone the compact VLA on whole episodes"),
     "train-gate": ("kv_vla.train.gate_cli", "learn the chunk gate's utility"),
     "interpolate": ("kv_vla.train.interpolate", "mix two fine-tunes of one model in weight space (WiSE-FT)"),

@@ -70,6 +70,18 @@ def shipped_gate(model_dir: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
+def gate_settings(gate: Any) -> dict[str, Any]:
+    """The cache settings a trained gate was evaluated with (``settings`` in its ``.json``), or ``{}``."""
+    return dict(getattr(gate, "settings", None) or {})
+
+
+def default_cache_config(gate: Any = None) -> Any:
+    """The evaluated setting: ``kv_vla.settings`` defaults, overlaid with the gate's own settings."""
+    from kv_vla.cache import EpisodeCacheConfig
+
+    return EpisodeCacheConfig(**gate_settings(gate))
+
+
 class EpisodeRuntime:
     """Runs a :class:`~kv_vla.model.base.VLABackbone` step by step over one episode cache."""
 
@@ -81,19 +93,22 @@ class EpisodeRuntime:
         dtype: torch.dtype | None = None,
         unnorm_key: str | None = None,
         gate: Any = None,
+        compile: bool = False,
     ) -> None:
         """
         Args:
             model: the VLA (compact model, HF adapter or OpenVLA wrapper); moved to ``device``/``dtype``.
-            cache_config: an ``EpisodeCacheConfig``; None means the ``full`` policy with one control
-                step per chunk.
+            cache_config: an ``EpisodeCacheConfig`` (``chunk_size`` 0: one control step, resolved at
+                every ``reset``); None means the evaluated setting (:func:`default_cache_config`:
+                the ``kv_vla.settings`` defaults with the gate's own settings on top).
             device: torch device; ``dtype`` defaults to bf16 on CUDA and float32 elsewhere.
             unnorm_key: which dataset's statistics un-normalise actions (may be omitted when the
                 model carries a single dataset, as in OpenVLA).
             gate: a trained ``ChunkGate`` for the ``gated`` policy (None: the cache's default gate).
+            compile: run the decoder step (and the vision encoder) under ``torch.compile``; needs
+                ``storage='static'`` and a policy without the attention probe. The first step of each
+                shape compiles (``warmup_s``).
         """
-        from kv_vla.cache import EpisodeCacheConfig
-
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else _default_dtype(self.device)
         if isinstance(model, torch.nn.Module):
@@ -105,11 +120,10 @@ class EpisodeRuntime:
         self.step_tokens = int(model.num_image_tokens + model.action_dim)
         self._prompt_in_step = bool(getattr(model, "prompt_in_step", False))
         self._step_text: torch.Tensor | None = None
-        # chunk_size follows the step length only when the caller left the cache config to us
-        self._auto_chunk = cache_config is None
-        if cache_config is None:
-            cache_config = EpisodeCacheConfig(policy="full", chunk_size=self.step_tokens)
-        self.cache_config = cache_config.validate()
+        #: the cache settings as asked for (``chunk_size`` 0 = one control step); see ``cache_config``
+        self.requested_config = (
+            cache_config if cache_config is not None else default_cache_config(gate)
+        ).validate()
         self.unnorm_key = unnorm_key
         self._stats = action_stats(model.norm_stats, unnorm_key)
         if self._stats["q01"].shape[0] != model.action_dim:
@@ -124,12 +138,62 @@ class EpisodeRuntime:
         self.instruction: str | None = None
         self.step_index = 0
         self._broken: str | None = None
-        self._condition: torch.Tensor | None = None  # instruction condition (FiLM/highlight; set by reset)
+        self._condition: torch.Tensor | None = None  # instruction condition (highlight; set by reset)
         #: ``[action_dim, n_bins]`` float32 logits over the action bins of the last step's decoded dims.
         self.last_action_logits: torch.Tensor | None = None
         tok = model.action_tokenizer
         self._act_begin = tok.action_token_begin_idx
         self._act_end = tok.vocab_size
+        self.compile = False
+        self._decoder: Any = None  # CompiledDecoder when compiled
+        self._embed_image = model.embed_image
+        if compile:
+            self.set_compile(True)
+
+    def set_compile(self, on: bool) -> None:
+        """Run later steps compiled (``on``) or eager; compiling needs ``storage='static'``.
+
+        Raises ValueError (and changes nothing) when the cache config cannot be compiled.
+        """
+        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options
+
+        if not on:
+            self.compile, self._decoder, self._embed_image = False, None, self.model.embed_image
+            return
+        self._check_compile(self.cache_config)
+        self.compile = True
+        mode = "reduce-overhead" if self.device.type == "cuda" else None  # a CUDA graph on GPU
+        self._decoder = CompiledDecoder(self.model.language_model, mode=mode)
+        encode = getattr(self.model, "encode_pixels", None)
+        if callable(encode) and callable(getattr(self.model, "pixel_values", None)):
+            # uint8 -> pixels stays eager (numpy in); the encoder sees one fixed shape: compiled once
+            compiled = torch.compile(encode, dynamic=False, **compile_options(mode))
+
+            def embed(frame: Any, condition: torch.Tensor | None = None) -> torch.Tensor:
+                return compiled(self.model.pixel_values(frame), condition)
+
+            self._embed_image = embed
+
+    def _check_compile(self, config: Any) -> None:
+        from kv_vla.cache import POLICIES
+
+        if config.storage != "static":
+            raise ValueError(
+                "compile: the compiled step needs storage='static' (the dynamic storage changes shapes "
+                f"every step); got storage={config.storage!r}"
+            )
+        if POLICIES[config.policy].needs_attention:
+            raise ValueError(
+                f"compile: policy {config.policy!r} reads attention through the probe, which cannot run "
+                "inside a compiled graph; allowed values: a policy without the probe, or compile=False"
+            )
+
+    @property
+    def warmup_s(self) -> dict[str, float]:
+        """Seconds the first call of each compiled shape took (empty when not compiled)."""
+        if self._decoder is None:
+            return {}
+        return {f"decoder q={q} slots={s}": t for (q, s), t in self._decoder.warmup_s.items()}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -141,15 +205,19 @@ class EpisodeRuntime:
         dtype: torch.dtype | None = None,
         gate_path: str | Path | None = None,
         unnorm_key: str | None = None,
+        compile: bool = False,
+        trust_remote_code: bool = False,
     ) -> EpisodeRuntime:
-        """Load a checkpoint folder (and optionally a trained gate) into a runtime.
+        """Load a checkpoint folder and its trained gate into a runtime.
 
         A compact VLA folder (``model_type`` ``kv_vla_compact``) loads natively; a folder with
-        remote code (``auto_map``, e.g. OpenVLA) goes through :func:`kv_vla.model.openvla.load_openvla`.
+        remote code (``auto_map``, e.g. OpenVLA) goes through :func:`kv_vla.model.openvla.load_openvla`
+        and only with ``trust_remote_code`` (it runs Python files from the folder). ``gate_path``
+        None takes the gate saved beside the model (:func:`shipped_gate`), if there is one.
         """
         import json
 
-        from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+        from kv_vla.model.compact import CompactVLA, CompactVLAConfig
 
         cfg_file = Path(path) / "config.json"
         if not cfg_file.exists():
@@ -160,47 +228,105 @@ class EpisodeRuntime:
         elif "auto_map" in meta:
             from kv_vla.model.openvla import load_openvla
 
-            model = load_openvla(path, device=device, dtype=dtype)
+            model = load_openvla(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             raise ValueError(
                 f"{path}: model_type {meta.get('model_type')!r} is neither a compact VLA nor a remote-code "
                 "(OpenVLA) checkpoint; wrap other Hugging Face VLMs with kv_vla.model.adapters.adapt()"
             )
         gate = None
+        if gate_path is None:
+            gate_path = shipped_gate(path)
         if gate_path is not None:
             from kv_vla.cache import ChunkGate
 
             gate = ChunkGate.load(gate_path)
         return cls(
-            model, cache_config=cache_config, device=device, dtype=dtype, unnorm_key=unnorm_key, gate=gate
+            model,
+            cache_config=cache_config,
+            device=device,
+            dtype=dtype,
+            unnorm_key=unnorm_key,
+            gate=gate,
+            compile=compile,
         )
 
+    # ---- settings -------------------------------------------------------------------------------
+    @property
+    def cache_config(self) -> Any:
+        """The cache config in force: ``requested_config`` with one control step in tokens.
+
+        On a ``prompt_in_step`` backbone a step also holds the instruction, so its length is final
+        only after ``reset``.
+        """
+        return self.requested_config.resolve(self.step_tokens)
+
+    def update_cache_config(self, **changes: Any) -> None:
+        """Validate and apply cache settings (``kv_vla.settings`` names); they govern the next
+        eviction decision and later episodes. ``chunk_size`` 0 means one control step.
+
+        Raises ValueError (naming the knob and the allowed values) and changes nothing if refused.
+        """
+        requested = self.requested_config.replace(**changes)
+        resolved = requested.resolve(self.step_tokens)
+        if self.compile:
+            self._check_compile(resolved)
+        if self.cache is not None and hasattr(self.cache, "update_config"):
+            old = self.cache.config
+            diff = {k: v for k, v in vars(resolved).items() if getattr(old, k) != v}
+            if diff:
+                self.cache.update_config(**diff)
+        self.requested_config = requested
+        if self.cache is not None:
+            self._sync_attention_probe()
+
+    def prompt_layout(self, instruction: str) -> tuple[int, int]:
+        """``(pinned tokens, tokens per control step)`` an episode with ``instruction`` would have
+        (tokenising only). On a ``prompt_in_step`` backbone only BOS is pinned and every step
+        repeats the rest of the prompt."""
+        n_prompt = int(self.model.prompt_ids(build_prompt(instruction)).shape[1])
+        n_step = int(self.model.num_image_tokens + self.model.action_dim)
+        return (1, n_step + n_prompt - 1) if self._prompt_in_step else (n_prompt, n_step)
+
+    def check_prompt(self, prompt_tokens: int, step_tokens: int | None = None, config: Any = None) -> None:
+        """Refuse a prompt the budget cannot hold beside the recent chunks and the open chunk.
+
+        The one rule for instruction length: ``max_instruction_chars`` only bounds the message; the
+        budget (``max_tokens``) bounds its prompt in tokens, and this refusal gives the numbers.
+        """
+        config = (config or self.requested_config).resolve(
+            self.step_tokens if step_tokens is None else step_tokens
+        )
+        room = config.prompt_room()
+        if room is not None and prompt_tokens > room:
+            raise ValueError(
+                f"instruction: its prompt is {prompt_tokens} tokens, but max_tokens={config.max_tokens} leaves "
+                f"room for {max(room, 0)} beside {config.effective_sink_tokens} sink tokens, "
+                f"{config.effective_recent_chunks} recent chunks and the open chunk of {config.chunk_size} "
+                "tokens; shorten the instruction or raise max_tokens"
+            )
+
     # ---- episode --------------------------------------------------------------------------------
-    def _sync_attention_probe(self) -> None:
-        """Attention-scored policies need the probing attention (same outputs as SDPA); others don't.
+    def _sync_attention_probe(self, policy: str | None = None) -> None:
+        """Attention-scored policies need the probing attention (outputs unchanged); others don't.
 
         The model's own attention setting is the source of truth (a model may be shared by runtimes).
         """
-        from kv_vla.cache import (
-            POLICIES,
-            PROBE_IMPLEMENTATION,
-            disable_attention_probe,
-            enable_attention_probe,
-        )
+        from kv_vla.cache import POLICIES, disable_attention_probe, enable_attention_probe, is_probing
 
         lm = self.model.language_model
-        needs = bool(POLICIES[self.cache_config.policy].needs_attention)
-        has = getattr(lm.config, "_attn_implementation", None) == PROBE_IMPLEMENTATION
+        needs = bool(POLICIES[policy or self.requested_config.policy].needs_attention)
+        has = is_probing(lm)
         if needs and not has:
             enable_attention_probe(lm)
         elif has and not needs:
             disable_attention_probe(lm)
 
-    def _new_cache(self) -> Any:
+    def _new_cache(self, config: Any) -> Any:
         from kv_vla.cache import EpisodeCache
 
-        self._sync_attention_probe()
-        cache = EpisodeCache(self.cache_config, self.model.language_model.config)
+        self._sync_attention_probe(config.policy)
+        cache = EpisodeCache(config, self.model.language_model.config)
         from kv_vla.cache.policies.gated import GatedPolicy
 
         # the trained gate serves every gate-driven policy (``gated`` and ZipVL's ``gated_tiered``)
@@ -214,24 +340,31 @@ class EpisodeRuntime:
         cache = self.cache if cache is None else cache
         start = self.model.position_offset + cache.get_seq_length()
         positions = torch.arange(start, start + embeds.shape[1], device=self.device, dtype=torch.long)[None]
-        out = self.model.language_model(
-            inputs_embeds=embeds.to(self.dtype),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=n_logits,
-        )
+        if self._decoder is not None:
+            logits = self._decoder(cache, embeds.to(self.dtype), positions, n_logits)
+        else:
+            logits = self.model.language_model(
+                inputs_embeds=embeds.to(self.dtype),
+                position_ids=positions,
+                attention_mask=cache.attention_mask(embeds.shape[1], self.dtype, self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=n_logits,
+            ).logits
         if n_logits > 1:
-            return out.logits[0, -n_logits:, self._act_begin : self._act_end].float()
-        return out.logits[0, -1, self._act_begin : self._act_end].float()
+            return logits[0, -n_logits:, self._act_begin : self._act_end].float()
+        return logits[0, -1, self._act_begin : self._act_end].float()
 
     @torch.inference_mode()
-    def reset(self, instruction: str) -> None:
+    def reset(self, instruction: str, **cache_changes: Any) -> None:
         """Start an episode: fresh cache, prefill the prompt, pin it (never evicted).
 
-        The new episode replaces the old one only once its prompt is cached and pinned, so a refused
-        instruction or cache configuration leaves the previous episode as it was.
+        ``cache_changes`` (``kv_vla.settings`` names) apply from this episode on, checked together
+        with this instruction's prompt. The new episode (and the changes) replace the old ones only
+        once its prompt is cached and pinned, so a refused instruction or cache configuration leaves
+        the previous episode and settings as they were.
         """
+        requested = self.requested_config.replace(**cache_changes) if cache_changes else self.requested_config
         prompt = build_prompt(instruction)
         step_text = None
         if self._prompt_in_step:
@@ -240,18 +373,19 @@ class EpisodeRuntime:
             ids = self.model.prompt_ids(prompt)
             prefix, step_text = self.model.embed_tokens(ids[:, :1]), self.model.embed_tokens(ids[:, 1:])
             n_step = int(self.model.num_image_tokens + self.model.action_dim + step_text.shape[1])
-            if self._auto_chunk and self.cache_config.chunk_size != n_step:
-                self.cache_config = self.cache_config.replace(chunk_size=n_step)
         else:
             prefix = self.model.embed_prompt(prompt)
             n_step = int(self.model.num_image_tokens + self.model.action_dim)
+        self.check_prompt(int(prefix.shape[1]), n_step, requested)
         condition_of = getattr(self.model, "instruction_condition", None)
         condition = condition_of(self.model.prompt_ids(prompt)) if condition_of is not None else None
-        cache = self._new_cache()
+        # "one control step" is resolved here, once per episode; an explicit chunk size is kept
+        cache = self._new_cache(requested.resolve(n_step))
         self._lm(prefix, cache)
         cache.pin_prefix()
+        self.requested_config = requested
         self.cache = cache
-        self._condition = condition  # conditions this episode's frames (None: no FiLM or highlight)
+        self._condition = condition  # conditions this episode's frames (None: no highlight)
         self.step_tokens = n_step
         self._step_text = step_text
         self.instruction = instruction
@@ -281,9 +415,9 @@ class EpisodeRuntime:
         t0 = time.perf_counter()
         try:
             if self._condition is None:
-                img = self.model.embed_image(frame)
+                img = self._embed_image(frame)
             else:
-                img = self.model.embed_image(frame, condition=self._condition)
+                img = self._embed_image(frame, condition=self._condition)
             self._sync()
             t1 = time.perf_counter()
             if self._step_text is not None:
@@ -348,18 +482,6 @@ class EpisodeRuntime:
         evict = getattr(self.cache, "maybe_evict", None)
         if callable(evict):
             evict()
-
-    def update_cache_config(self, **changes: Any) -> None:
-        """Validate and apply cache options; they govern the next eviction decision and later episodes.
-
-        Raises ValueError (naming the field and the allowed values) and changes nothing if refused.
-        """
-        new_cfg = self.cache_config.replace(**changes)
-        if self.cache is not None and hasattr(self.cache, "update_config"):
-            self.cache.update_config(**changes)
-        self.cache_config = new_cfg
-        if self.cache is not None:
-            self._sync_attention_probe()
 
     @property
     def norm_stats(self) -> Mapping[str, Any]:

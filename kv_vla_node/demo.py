@@ -22,7 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kv_vla import settings
+
 DEFAULT_TASKS = ("cued_reach", "late_cued_reach", "touch_sequence", "reach", "push")
+#: node parameters the demo takes as flags (``kv_vla.settings`` names, ``--chunk-size`` etc.)
+DEMO_SETTINGS = ("chunk_size", "gate_threshold", "max_tokens", "recent_chunks", "device", "dtype")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["gated", "full"],
         help="cache policies, one node run each (full = keep everything: the memory reference)",
     )
-    parser.add_argument("--chunk-size", type=int, default=0, help="0 = the tokens of one control step")
-    parser.add_argument("--gate-threshold", type=float, default=None, help="default: config/kv_vla.yaml")
-    parser.add_argument("--max-tokens", type=int, default=None, help="KV token budget (0 = unbounded)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    settings.add_flags(parser, DEMO_SETTINGS)  # typed and described by kv_vla/settings.py
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--json", default="outputs/demo.json", help="where to write per-episode results")
     parser.add_argument("--log-dir", default="outputs/demo_logs", help="the children's logs")
@@ -71,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every episode ran (success or not), 1 when the ROS graph failed."""
     from tqdm import tqdm
 
-    from kv_vla_node.sim_bridge import write_json_atomic
-    from kv_vla_node.testing import (
+    from kv_vla_node.ros_env import (
         CONFIG_FILE,
         REPO_ROOT,
         NodeProcess,
@@ -81,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         ros_env,
         save_random_model,
     )
+    from kv_vla_node.sim_bridge import write_json_atomic
     from kv_vla_sim import TASKS
 
     _interrupt_on_stop_signals()
@@ -109,17 +109,11 @@ def run(args: argparse.Namespace) -> int:
         env = ros_env(log_dir / "ros", domain)
         node_params: dict[str, Any] = {
             "model_path": str(model.resolve()),
-            "device": args.device,
-            "dtype": args.dtype,
-            "cache_policy": policy,
-            "chunk_size": args.chunk_size,
+            "policy": policy,
             "control_rate_hz": 50.0,  # polls for new frames; steps only run on a new frame
             "max_image_age_s": 30.0,  # a loaded 2-core machine must not turn frames stale
+            **settings.given(args, DEMO_SETTINGS),  # left out: the node's defaults / the YAML
         }
-        if args.gate_threshold is not None:
-            node_params["gate_threshold"] = args.gate_threshold
-        if args.max_tokens is not None:
-            node_params["max_tokens"] = args.max_tokens
         results_path = work / f"results_{policy}.json"
         bridge_params = {
             "tasks": list(args.tasks),

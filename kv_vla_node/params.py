@@ -1,5 +1,5 @@
-"""The VLA node's parameters: one table that the node, the YAML file, the launch files and the tests
-all check against, so a parameter cannot exist in one place and be missing in another.
+"""The VLA node's parameters: built from the one settings table (:mod:`kv_vla.settings`), so a
+parameter has the name, default, range and meaning it has everywhere else (the cache, the CLI).
 
 ``effect`` says when a valid change takes effect:
 
@@ -8,28 +8,44 @@ all check against, so a parameter cannot exist in one place and be missing in an
 * ``next_episode``: the next episode (a new instruction or a ``~/reset`` call); a cache cannot change
   its chunking or budget in the middle of an episode without invalidating the chunks it holds.
 
-The ZipVL options are thresholds or a storage format. ``EpisodeCache.update_config`` accepts a live
-change of ``extra`` and the policies read it at every decision, so the thresholds (``zipvl_tau``,
-``tiered_full_threshold``) apply ``now``, like ``gate_threshold``. The storage format
-(``zipvl_low_bits``, ``zipvl_group_size``) waits for the next episode: demotion is one-way, so a live
-change would leave one episode's low-precision chunks in two formats and its KV bytes comparable
-with neither setting.
+The ZipVL thresholds (``tau``, ``full_threshold``) apply ``now``, like ``gate_threshold``; the storage
+format (``low_bits``, ``quant_group_size``) waits for the next episode: demotion is one-way, so a live
+change would leave one episode's low-precision chunks in two formats.
+
+:func:`check_cache_change` is the one check of a cache change: the whole resulting set of cache
+parameters, against the running episode's prompt (or the shortest prompt while idle), so a change
+is refused when it is set, with the reason, and an accepted one cannot fail later.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-STARTUP, NOW, NEXT_EPISODE = "startup", "now", "next_episode"
-DTYPES = ("float32", "float16", "bfloat16")
-DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+from kv_vla import settings
+
+STARTUP, NOW, NEXT_EPISODE = settings.STARTUP, settings.NOW, settings.NEXT_EPISODE
+DTYPES = settings.DTYPES
+#: the node's parameters, in declaration order (every one a ``kv_vla.settings`` knob)
+NAMES: tuple[str, ...] = (
+    "model_path",
+    "device",
+    "dtype",
+    "gate_path",
+    "trust_remote_code",
+    *settings.CACHE_SETTINGS,
+    *(s.name for s in settings.SETTINGS_LIST if s.group == settings.NODE),
+)
+#: the parameters that reach the cache (``EpisodeCacheConfig`` fields, same names)
+CACHE_KEYS: tuple[str, ...] = settings.CACHE_SETTINGS
+#: an instruction of one word: its prompt is the shortest any episode can have
+SHORTEST_INSTRUCTION = "go"
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One declared parameter: default, meaning, when a change applies, and its valid values."""
+    """One declared parameter as ROS needs it: default, meaning, when a change applies, its range."""
 
     name: str
     default: Any
@@ -41,69 +57,65 @@ class ParamSpec:
     choices: tuple[str, ...] | None = None
 
 
-PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("model_path", "models/compact-vla", "checkpoint directory (EpisodeRuntime.from_pretrained)", STARTUP),
-    ParamSpec("device", "cpu", "torch device: cpu, cuda, cuda:N or mps", STARTUP),
-    ParamSpec("dtype", "float32", "model dtype", STARTUP, choices=DTYPES),
-    ParamSpec("gate_path", "", "chunk-gate weights; empty = the gate shipped with the model, if any", STARTUP),
-    ParamSpec("cache_policy", "gated", "KV eviction policy (a key of kv_vla.cache.POLICIES)", NEXT_EPISODE),
-    ParamSpec("chunk_size", 0, "tokens per cache chunk; 0 = the tokens of one control step", NEXT_EPISODE, 0, 65536, 1),
-    ParamSpec("gate_threshold", 0.5, "gated policy: evict a chunk whose utility is below this", NOW, 0.0, 1.0, 0.0),
-    ParamSpec("recent_chunks", 2, "most recent complete chunks that are never evicted", NEXT_EPISODE, 0, 4096, 1),
-    ParamSpec("max_tokens", 0, "KV token budget per episode; 0 = unbounded", NEXT_EPISODE, 0, 10_000_000, 1),
-    ParamSpec("zipvl_tau", 0.9, "zipvl: share of attention mass whose chunks stay at full precision (> 0)", NOW, 0.0, 1.0, 0.0),
-    ParamSpec("zipvl_low_bits", 4, "zipvl, gated_tiered: bits of low-precision chunks: 2, 4 or 8", NEXT_EPISODE, 2, 8, 2),
-    ParamSpec("zipvl_group_size", 32, "zipvl, gated_tiered: quantisation group size (tokens or channels)", NEXT_EPISODE, 1, 65536, 1),
-    ParamSpec("tiered_full_threshold", 0.75, "gated_tiered: chunks with utility >= this stay full precision (>= gate_threshold)", NOW, 0.0, 1.0, 0.0),
-    ParamSpec("control_rate_hz", 10.0, "rate of the control-step timer", NOW, 0.1, 200.0, 0.0),
-    ParamSpec("max_image_age_s", 1.0, "frames older than this (header stamp vs node clock) are skipped", NOW, 0.001, 3600.0, 0.0),
-    ParamSpec("action_clip", 1.0, "every action component is clipped to [-action_clip, action_clip]", NOW, 0.0, 1.0, 0.0),
-    ParamSpec("dry_run", False, "compute actions and diagnostics but publish no action", NOW),
-    ParamSpec("twist_scale", 0.05, "action_twist.linear = (dx, dy, dz) x twist_scale", NOW, 0.0, 10.0, 0.0),
-    ParamSpec("max_image_pixels", 4_194_304, "frames with more pixels (width x height) are refused", NOW, 1, 268_435_456, 1),
-    ParamSpec("max_instruction_chars", 1000, "longer instructions are refused", NOW, 1, 100_000, 1),
-)  # fmt: skip
+def _spec(s: settings.Setting) -> ParamSpec:
+    low, high, choices, step = s.low, s.high, None, None
+    if s.choices is not None and s.type is str:
+        choices = tuple(s.choices)
+    elif s.choices is not None:  # integer choices: the ROS range spans them, check() picks them
+        low, high = min(s.choices), max(s.choices)
+    if low is not None:
+        step = 1 if s.type is int else 0.0
+    return ParamSpec(s.name, s.default, s.help, s.effect, low, high, step, choices)
+
+
+PARAMS: tuple[ParamSpec, ...] = tuple(_spec(settings.SETTINGS[n]) for n in NAMES)
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
-# Options of the mixed-precision policies (``zipvl``, ``gated_tiered``); they reach the cache as
-# ``EpisodeCacheConfig.extra`` and only for those policies (``runtime_glue.cache_kwargs``).
-ZIPVL_KEYS = ("zipvl_tau", "zipvl_low_bits", "zipvl_group_size", "tiered_full_threshold")
-LOW_BITS = (2, 4, 8)
-CACHE_KEYS = ("cache_policy", "chunk_size", "gate_threshold", "recent_chunks", "max_tokens", *ZIPVL_KEYS)
 
 
 def validate(name: str, value: Any, policies: tuple[str, ...] | None = None) -> str | None:
     """Return why ``value`` is invalid for parameter ``name`` (None when it is valid).
 
-    Ranges are also declared in the descriptors (rclpy enforces those itself); this covers what a
-    range cannot say: string choices, device syntax, the policy registry, non-finite floats.
+    One value at a time, from the settings table; ``policies`` (the registry) checks a policy name.
     """
-    spec = SPECS.get(name)
-    if spec is None:
+    if name not in SPECS:
         return None  # not ours (e.g. use_sim_time): rclpy handles it
-    if isinstance(spec.default, bool):
-        return None if isinstance(value, bool) else f"{name} must be a bool"
-    if isinstance(spec.default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"{name} must be an integer"
-    elif isinstance(spec.default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{name} must be a number"
-        if value != value or value in (float("inf"), float("-inf")):
-            return f"{name} must be finite"
-    elif isinstance(spec.default, str) and not isinstance(value, str):
-        return f"{name} must be a string"
-    if spec.low is not None and spec.high is not None and not spec.low <= value <= spec.high:
-        return f"{name}={value} is outside [{spec.low}, {spec.high}]"
-    if spec.choices is not None and value not in spec.choices:
-        return f"{name}={value!r} is not one of {', '.join(spec.choices)}"
-    if name == "device" and not DEVICE_RE.match(value):
-        return f"device={value!r} is not cpu, mps, cuda or cuda:N"
-    if name == "cache_policy" and policies is not None and value not in policies:
-        return f"cache_policy={value!r} is not one of {', '.join(policies)}"
-    if name == "zipvl_low_bits" and value not in LOW_BITS:
-        return f"zipvl_low_bits={value} is not one of {', '.join(map(str, LOW_BITS))}"
-    if name == "zipvl_tau" and value <= 0.0:
-        return f"zipvl_tau={value} is outside (0, 1]: a zero share of the attention mass keeps nothing"
-    if name == "model_path" and not value:
-        return "model_path must not be empty"
+    if name == "policy" and isinstance(value, str) and policies is not None and value not in policies:
+        return f"policy={value!r} is not one of {', '.join(policies)}"
+    return settings.check(name, value)
+
+
+def check_cache_change(
+    active: Mapping[str, Any],
+    changes: Mapping[str, Any],
+    pinned_tokens: int | None = None,
+    step_tokens: int | None = None,
+) -> str | None:
+    """Why applying ``changes`` to the cache parameters ``active`` is refused, or None.
+
+    The whole resulting set is checked: each value, the policy's own options, and (with
+    ``pinned_tokens`` and ``step_tokens``, the running episode's prompt and step length, or the
+    shortest prompt's while idle) whether the budget can hold the prompt, the sinks, the recent
+    chunks and the open chunk. Pure: the node calls it from its on-set-parameters callback.
+    """
+    from kv_vla.cache import EpisodeCacheConfig
+
+    merged = {k: v for k, v in {**active, **changes}.items() if k in CACHE_KEYS}
+    try:
+        config = EpisodeCacheConfig(**merged)
+        if pinned_tokens is not None and step_tokens is not None:
+            config.resolve(step_tokens).check_budget(pinned_tokens)
+    except (ValueError, TypeError) as exc:
+        where = "" if pinned_tokens is None else f" (with a {pinned_tokens}-token prompt)"
+        return f"{exc}{where}"
     return None
+
+
+def prompt_layout(runtime: Any, running: bool, pinned_tokens: int | None) -> tuple[int | None, int | None]:
+    """``(pinned, step)`` tokens to check a change against: the running episode's, else the
+    shortest prompt's (``runtime.prompt_layout``); ``(None, None)`` for a runtime without one."""
+    layout = getattr(runtime, "prompt_layout", None)
+    if not callable(layout):
+        return None, None
+    if running and pinned_tokens is not None:
+        return int(pinned_tokens), int(runtime.step_tokens)
+    return layout(SHORTEST_INSTRUCTION)

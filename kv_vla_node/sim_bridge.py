@@ -222,7 +222,7 @@ class SimBridgeNode(Node):
             evicted_chunks=int(diag.get("evicted_chunks", 0)) if same_episode else None,
             seen_tokens=int(diag.get("seen_tokens", 0)) if same_episode else None,
             kept_tokens=int(diag.get("kept_tokens", 0)) if same_episode else None,
-            cache_policy=diag.get("cache_policy"),
+            policy=diag.get("policy"),
             step_latency_ms_p50=_percentile(latencies, 50),
             round_trip_ms_p50=_percentile(round_trips, 50),
         )

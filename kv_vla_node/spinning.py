@@ -5,10 +5,8 @@ Why not ``executor.spin()`` on the main thread: rclpy's SIGINT handler shuts the
 bytecode the main thread is running. Inside the executor that can be after it has taken a ready
 callback and before it has handed it to its pool, or between a lock's acquire and its ``try``;
 and ``MultiThreadedExecutor.shutdown()`` joins its pool threads with no time limit, so one stuck
-callback keeps the process alive forever. CI once saw the VLA node ignore SIGINT for 10 s and get
-SIGKILLed; SIGINTs at random moments in a stress loop did not reproduce it, so which of these it
-was is not known. This module removes both by construction and makes any hang that is left say
-where it waits.
+callback keeps the process alive forever. This module removes both by construction and makes
+any hang that is left say where it waits.
 
 Here the executor spins on its own thread and the main thread only waits, so a
 ``KeyboardInterrupt`` can land nowhere but in that wait. Stopping goes: shut the context down (the

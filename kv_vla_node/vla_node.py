@@ -44,7 +44,7 @@ from std_srvs.srv import Trigger
 
 from kv_vla_node import conversions, params
 from kv_vla_node.params import NOW, PARAMS, SPECS, STARTUP
-from kv_vla_node.runtime_glue import build_runtime, cache_kwargs, check_cache_values
+from kv_vla_node.runtime_glue import build_runtime, cache_kwargs
 from kv_vla_node.spinning import register_stack_dump, spin_until_shutdown
 
 NODE_NAME = "kv_vla"
@@ -72,6 +72,7 @@ class RuntimeSettings:
     dtype: str
     gate_path: str
     cache: dict[str, Any] = field(default_factory=dict)  # node parameter names (params.CACHE_KEYS)
+    trust_remote_code: bool = False
 
 
 RuntimeFactory = Callable[[RuntimeSettings], Any]
@@ -162,6 +163,7 @@ class VLANode(Node):
             dtype=self._values["dtype"],
             gate_path=self._values["gate_path"],
             cache=dict(self._active_cache),
+            trust_remote_code=self._values["trust_remote_code"],
         )
         t0 = time.perf_counter()
         self._runtime = (runtime_factory or default_runtime_factory)(settings)
@@ -197,12 +199,12 @@ class VLANode(Node):
                 return SetParametersResult(successful=False, reason=reason)
         cache_changes = {p.name: p.value for p in changes if p.name in params.CACHE_KEYS}
         if cache_changes and self._policies is not None:
-            with self._lock:
-                candidate = {k: self._values[k] for k in params.CACHE_KEYS}
+            with self._lock:  # the accepted values (refused ones never get here)
+                active = {k: self._values[k] for k in params.CACHE_KEYS}
                 running = self._instruction is not None
-            candidate.update(cache_changes)
-            pinned = getattr(self._last_stats, "pinned_tokens", None) if running else None
-            reason = check_cache_values(candidate, self._step_tokens, pinned_tokens=pinned)
+            pinned = getattr(self._last_stats, "pinned_tokens", None)
+            layout = params.prompt_layout(self._runtime, running, pinned)
+            reason = params.check_cache_change(active, cache_changes, *layout)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
@@ -271,15 +273,13 @@ class VLANode(Node):
             pending.update(self._pending_now)
             self._pending_now = {}
             self._frame = None  # a frame from before the reset never answers into the new episode
-        self._runtime.reset(instruction)
-        if pending:
-            try:
-                self._runtime.update_cache_config(
-                    **cache_kwargs(pending, self._step_tokens, self._active_cache)
-                )
-                self._active_cache.update(pending)
-            except ValueError as exc:
-                self._refuse("parameter", f"cache change {pending} refused at episode start: {exc}")
+        try:  # the changes and the instruction are checked together; a refusal changes nothing
+            self._runtime.reset(instruction, **cache_kwargs(pending))
+        except ValueError:
+            with self._lock:  # the instruction is refused; the accepted changes stay pending
+                self._pending_episode = {**pending, **self._pending_episode}
+            raise
+        self._active_cache.update(pending)
         self._instruction = instruction
         self._episode += 1
         self._episode_step = 0

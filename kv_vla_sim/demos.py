@@ -17,8 +17,7 @@ Stale data is refused, not trained on: every episode carries the ``sim_signature
 recorded it (:func:`sim_signature`: a hash of a probe episode's first frame, instruction and expert
 actions), and :func:`load_episodes` skips, with a warning, episodes whose signature differs from
 the current simulator's. Why: a camera or layout change makes old demonstrations look like a
-different world; mixed into training they silently teach the wrong mapping (this happened:
-``reach``/``push``/``pick_place`` demos recorded before a camera change). Files written before
+different world; mixed into training they silently teach the wrong mapping. Files written before
 signatures existed can be checked once with ``python -m kv_vla_sim.demos --stamp DIR``, which
 re-renders each episode's first frame and stamps only the ones that still match.
 

@@ -1,6 +1,6 @@
 """TabletopEnv: a Franka Panda over a table with cubes, zones and a go lamp, in PyBullet DIRECT mode.
 
-Design choices (measured on a laptop-class CPU core; see README "Simulation"):
+Design choices (costs measured on one laptop-class CPU core):
 
 * Each env owns its own physics client (``BulletClient``), so several envs live in one process.
 * ``reset`` rebuilds the world from scratch (``resetSimulation`` + loading, ~40 ms): no contact

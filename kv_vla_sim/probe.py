@@ -1,12 +1,13 @@
-"""``kv-vla probe``: does a policy read the colour word of its instruction?
+"""The instruction probe's scenes and scoring: does a policy read the colour word of its instruction?
 
-Why: a policy can reach 40-60% on the instruction-named tasks without reading the instruction at
-all (it touches *a* cube; chance is 1/3 for ``reach``), so success alone hides whether the language
-path works. This probe isolates it. On the first frame of ``reach`` scenes it asks the model once
+Why: a policy can succeed well above chance on the instruction-named tasks without reading the
+instruction at all (it touches *a* cube), so success alone hides whether the language path works. This probe isolates it. On the first frame of ``reach`` scenes it asks the model once
 per cube, changing only the colour word ("reach the red/green/blue cube"), and checks whether the
 first action heads for the named cube: its lateral direction must be closer (by cosine) to the
 direction from the gripper to that cube than to the other two. A policy that ignores the word gives
-the same action for all three and scores 1/3; the scripted expert scores 1.
+the same action for all three and scores 1/3; the scripted expert scores 1. The policy comes in
+as a function (``FirstAction``), so this room needs no model: ``kv-vla probe``
+(:mod:`kv_vla.eval.probe`) plugs the VLA in.
 
 It also reports how far the action moves when only the word changes (mean pairwise distance of the
 lateral actions, in the env's action units), to put beside the expert's (``--expert``).
@@ -19,10 +20,7 @@ bag of words: the same action for (a, b) and (b, a)) at most 1/2.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,21 +95,6 @@ def instruction_binding(
     }
 
 
-def model_first_action(model: Any) -> FirstAction:
-    """The compact VLA's first (un-normalised) action for an instruction and a frame, in a fresh
-    episode each time."""
-    from kv_vla.cache import EpisodeCacheConfig
-    from kv_vla.runtime import EpisodeRuntime
-
-    runtime = EpisodeRuntime(model, EpisodeCacheConfig(policy="full"))
-
-    def act(instruction: str, image: np.ndarray, _env: Any, _target: int) -> np.ndarray:
-        runtime.reset(instruction)
-        return runtime.step(image).action
-
-    return act
-
-
 def expert_first_action(_instruction: str, _image: np.ndarray, env: Any, target: int) -> np.ndarray:
     """The scripted expert's first action toward cube ``target`` (it is told, not asked to read):
     the probe's ceiling, and the scale of how much the action should change between words. In a
@@ -130,42 +113,3 @@ def expert_first_action(_instruction: str, _image: np.ndarray, env: Any, target:
         return Expert(env).act()
     finally:
         env.spec = spec
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="models/compact-vla", help="compact VLA folder")
-    parser.add_argument("--scenes", type=int, default=50, help="scenes (evaluation seeds 0..N-1)")
-    parser.add_argument(
-        "--order",
-        action="store_true",
-        help="probe word order on touch_sequence scenes ('touch the A cube, then the B cube')",
-    )
-    parser.add_argument(
-        "--expert", action="store_true", help="probe the scripted expert instead (the ceiling)"
-    )
-    parser.add_argument("--json", default=None, help="write the report here (atomically)")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    from kv_vla.atomic import atomic_write_text
-    from kv_vla.model.compact_vla import CompactVLA
-
-    if args.expert:
-        agent, image_size, name = expert_first_action, 64, "scripted expert"
-    else:
-        model = CompactVLA.from_pretrained(args.model).eval()
-        agent, image_size, name = model_first_action(model), model.image_size, str(args.model)
-    report = instruction_binding(
-        agent, list(range(args.scenes)), image_size, not args.no_progress, order=args.order
-    )
-    report["agent"] = name
-    print(
-        f"binding accuracy {report['binding_accuracy']:.2f} (chance {report['chance']:.2f}"
-        f"{', word order ignored: <= 0.50' if args.order else ''}) over "
-        f"{report['scenes']} {report['task']} scenes; mean action change between instructions "
-        f"{report['mean_action_change_between_words']:.3f} (action units)"
-    )
-    if args.json:
-        atomic_write_text(Path(args.json), json.dumps(report, indent=2))
-    return 0

@@ -33,11 +33,9 @@ instruction and does not write state into the world (e.g. by parking the arm som
 no-memory tasks the number given is that of a policy that picks an object at random, not a bound.
 A learned policy can break the "current frame only" assumption on ``touch_sequence`` through the
 clock: caches keep RoPE positions, so even with its cache reset every step (``none``) the policy
-knows how many steps have passed, and here the phase follows the step count. The shipped model
-solves 78% that way (stage 7 64%; the stage-6 model 78%, and 82% with the arm put exactly back at
-home: scripts/touch_sequence_leak.py, models/README.md). Making the task memory-bound needs a
-phase independent of time (e.g. a random wait before a visible go signal) and a dwell at home
-longer than the evaluated recent window.
+knows how many steps have passed, and here the phase follows the step count (measured in
+docs/RESULTS.md). Making the task memory-bound needs a phase independent of time (e.g. a random
+wait before a visible go signal) and a dwell at home longer than the evaluated recent window.
 """
 
 from __future__ import annotations
@@ -628,7 +626,7 @@ def target_sequence_xy(task: str, seed: int) -> np.ndarray | None:
     """``[2, 2]``: where the episode's first and second target cubes sit, scaled like
     :func:`first_target_xy`; the second is the first for a task with one target. None for a task
     without one. Why: the label that tells whether an instruction's word *order* reaches the
-    image tokens (touch_sequence), ``scripts/binding_feasibility.py highlight2``.
+    image tokens (touch_sequence), ``experiments/binding_feasibility.py highlight2``.
     """
     spec = get_task(task).sample(seed)
     order = spec.sequence if spec.sequence else (spec.target, spec.target)

@@ -16,16 +16,22 @@ from launch_ros.actions import Node
 
 from launch import LaunchDescription
 
-# launch argument (= node parameter name) -> (type, help). Empty means "keep the YAML value".
+# launch argument (= node parameter name, one of kv_vla/settings.py) -> (type, help); checked against
+# that table by tests/test_settings.py. Empty means "keep the YAML value".
+_BOOL = lambda v: v.lower() in ("true", "1")  # noqa: E731
+
+
 OVERRIDES = {
     "model_path": (str, "checkpoint folder"),
     "device": (str, "cpu, cuda, cuda:N or mps"),
     "dtype": (str, "float32, float16 or bfloat16"),
-    "cache_policy": (str, "KV eviction policy, e.g. gated, full, window"),
+    "trust_remote_code": (_BOOL, "run Python code shipped in the model folder (OpenVLA)"),
+    "policy": (str, "KV eviction policy, e.g. gated, full, window"),
     "chunk_size": (int, "tokens per cache chunk (0 = one control step)"),
+    "recent_chunks": (int, "newest complete chunks that are never evicted"),
     "gate_threshold": (float, "gated policy: evict chunks whose utility is below this"),
-    "max_tokens": (int, "KV token budget (0 = unbounded)"),
-    "dry_run": (lambda v: v.lower() in ("true", "1"), "compute but publish no action"),
+    "max_tokens": (int, "KV token budget (0 = no budget)"),
+    "dry_run": (_BOOL, "compute but publish no action"),
 }
 
 

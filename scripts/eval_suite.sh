@@ -20,18 +20,20 @@ PLAIN=reach,push,pick_place
 MODEL=${MODEL:-models/compact-vla}
 E=".venv/bin/kv-vla eval --model $MODEL --episodes $N --no-progress"
 BUDGETED="--recent-chunks 2 --max-tokens $BUDGET --gate-threshold 0.0"
+# window and sinks match the budget with their recent window instead, as evaluated: no budget
+UNBUDGETED="--max-tokens 0"
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 (
   $E --policies full,none --tasks $MEM --out "$OUT/mem_full_none"
   $E --policies gated,attention --tasks $MEM --out "$OUT/mem_budget" $BUDGETED
-  $E --policies window --tasks $MEM --out "$OUT/mem_window" --recent-chunks 6
+  $E --policies window --tasks $MEM --out "$OUT/mem_window" --recent-chunks 6 $UNBUDGETED
 ) > "$OUT/chain_a.log" 2>&1 &
 (
   $E --policies full,none --tasks $PLAIN --out "$OUT/plain_full_none"
   $E --policies gated --tasks $PLAIN --out "$OUT/plain_gated" $BUDGETED
   $E --policies random,zipvl,gated_tiered --tasks $MEM --out "$OUT/mem_budget_b" $BUDGETED
-  $E --policies sinks --tasks $MEM --out "$OUT/mem_sinks" --sink-tokens 4 --recent-chunks 5
+  $E --policies sinks --tasks $MEM --out "$OUT/mem_sinks" --sink-tokens 4 --recent-chunks 5 $UNBUDGETED
 ) > "$OUT/chain_b.log" 2>&1 &
 wait
 .venv/bin/python -m kv_vla.eval.merge --out "$OUT" "$OUT"/mem_* "$OUT"/plain_*

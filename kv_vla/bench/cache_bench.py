@@ -8,9 +8,13 @@ machine affects them alike; ratios are taken against ``full`` at the same histor
 Lockstep shares per-process state between policies. On a GPU that matters for latency: cuDNN
 attention builds a plan per new key length, and policies whose cache grows (``full``,
 ``hf_dynamic``, ``zipvl``) meet the same lengths in the same step, so the first stepped pays for all
-of them (measured on an H100: README, "7B preset"). ``isolate=True`` runs each policy in its own
+of them (docs/RESULTS.md). ``isolate=True`` runs each policy in its own
 spawned process instead (same seed, so the same weights and tokens); KV bytes are identical either
 way.
+
+Each policy runs in every storage of ``storages`` that can hold it (``static`` needs a bounded
+policy) and, with ``compile``, also as a compiled step over static storage; a row names its
+``storage`` and ``compiled``, and reports the step's memory-bandwidth floor (:mod:`kv_vla.bench.floor`).
 
 Policies other than ``full``/``none`` keep ``keep_steps`` steps of history: ``window``/``sinks``
 through ``recent_chunks``, the scored ones (``attention``, ``random``, ``gated``) through a
@@ -19,17 +23,16 @@ through ``recent_chunks``, the scored ones (``attention``, ``random``, ``gated``
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kv_vla.atomic import atomic_write, atomic_write_json
+from kv_vla.bench.cache_output import format_table, write_json, write_plot  # re-exported
+from kv_vla.bench.presets import build_model, preset_config  # re-exported
 
 ALL_POLICIES = ("full", "none", "window", "sinks", "attention", "random", "gated", "zipvl", "gated_tiered")
 # not a cache policy: transformers' own DynamicCache, so that a run separates what the episode cache
@@ -54,6 +57,9 @@ class BenchConfig:
     keep_steps: int = 8
     seed: int = 0
     isolate: bool = False  # one process per policy (fair GPU latency between growing caches)
+    storages: list[str] = field(default_factory=lambda: ["dynamic"])  # kv_vla.cache.storage names
+    compile: bool = False  # also run each static-storage policy as a compiled step
+    full_reference: bool = True  # add `full` (the unit of *_vs_full); its step grows with history
 
     def resolved_dtype(self) -> torch.dtype:
         name = self.dtype or ("bfloat16" if self.preset == "openvla-7b" else "float32")
@@ -65,70 +71,22 @@ class BenchConfig:
             ) from None
 
 
-def preset_config(preset: str) -> Any:
-    """The decoder shape of a preset: ``small`` (CPU) or ``openvla-7b`` (Llama-2-7B shape, 32064 vocab)."""
-    from transformers import LlamaConfig
-
-    if preset == "small":
-        return LlamaConfig(
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=2048,
-            max_position_embeddings=65536,
-        )
-    if preset == "openvla-7b":
-        return LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32064,
-            max_position_embeddings=65536,
-        )
-    raise ValueError(f"preset: unknown {preset!r}; allowed values: ['small', 'openvla-7b']")
-
-
-def build_model(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A random model of the preset's shape, created directly on ``device`` in ``dtype``.
-
-    Building under ``torch.device(device)`` with the default dtype set avoids materialising a 7B
-    model in float32 on the CPU first.
-    """
-    from transformers import LlamaForCausalLM
-
-    config = preset_config(preset)
-    config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()  # parameters were created in `dtype` on `device`; RoPE buffers stay float32
-
-
-def policy_config(policy: str, chunk_size: int, keep_steps: int) -> Any:
+def policy_config(policy: str, chunk_size: int, keep_steps: int, storage: str = "dynamic") -> Any:
     """The cache configuration each policy runs with (same history budget for all but full/none)."""
     from kv_vla.cache import EpisodeCacheConfig
 
     budget = PROMPT_TOKENS + SINK_TOKENS + (keep_steps + 1) * chunk_size
     recent = min(2, keep_steps)
     options: dict[str, dict[str, Any]] = {
-        "full": dict(),
-        "none": dict(),
-        "window": dict(recent_chunks=keep_steps),
-        "sinks": dict(recent_chunks=keep_steps, sink_tokens=SINK_TOKENS),
+        "full": dict(max_tokens=None),
+        "none": dict(max_tokens=None),
+        "window": dict(recent_chunks=keep_steps, max_tokens=None),
+        "sinks": dict(recent_chunks=keep_steps, sink_tokens=SINK_TOKENS, max_tokens=None),
         "attention": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget),
         "random": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget),
         "gated": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget, gate_threshold=0.5),
         # ZipVL keeps every token (no budget) and stores the unimportant ones at 4 bits
-        "zipvl": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, extra={"tau": 0.9, "low_bits": 4}),
+        "zipvl": dict(recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=None, tau=0.9, low_bits=4),
         "gated_tiered": dict(
             recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget, gate_threshold=0.5
         ),
@@ -137,17 +95,53 @@ def policy_config(policy: str, chunk_size: int, keep_steps: int) -> Any:
         extra = dict(
             recent_chunks=recent, sink_tokens=SINK_TOKENS, max_tokens=budget
         )  # registered extensions
-        return EpisodeCacheConfig(policy=policy, chunk_size=chunk_size, **extra)
-    return EpisodeCacheConfig(policy=policy, chunk_size=chunk_size, **options[policy])
+        return EpisodeCacheConfig(policy=policy, chunk_size=chunk_size, storage=storage, **extra)
+    return EpisodeCacheConfig(policy=policy, chunk_size=chunk_size, storage=storage, **options[policy])
+
+
+def variants(cfg: BenchConfig) -> list[tuple[str, str, bool]]:
+    """``(policy, storage, compiled)`` of every runner: each storage that can hold the policy, and a
+    compiled static step with ``cfg.compile`` (not for probe-scored policies)."""
+    from kv_vla.cache import POLICIES
+    from kv_vla.cache.storage import STORAGES, static_refusal
+
+    for s in cfg.storages:
+        if s not in STORAGES:
+            raise ValueError(f"storage: unknown {s!r}; allowed values: {list(STORAGES)}")
+    if cfg.compile and "static" not in cfg.storages:
+        raise ValueError("compile: the compiled step runs over static storage; add 'static' to storages")
+    chunk = cfg.obs_tokens + cfg.action_tokens
+    out = []
+    for p in cfg.policies:
+        if p == "full":  # the unit of every ratio, whatever storages were asked for
+            out.append(("full", "dynamic", False))
+        for s in cfg.storages:
+            if s == "static" and (
+                p == REFERENCE_POLICY or static_refusal(policy_config(p, chunk, cfg.keep_steps)) is not None
+            ):
+                continue
+            out.append((p, s, False))
+            if s == "static" and cfg.compile and not POLICIES[p].needs_attention:
+                out.append((p, s, True))
+    return list(dict.fromkeys(out))
 
 
 class _Runner:
     """One policy's episode: its cache and its step loop."""
 
-    def __init__(self, model: torch.nn.Module, policy: str, cfg: BenchConfig, prompt: torch.Tensor):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        policy: str,
+        cfg: BenchConfig,
+        prompt: torch.Tensor,
+        storage: str = "dynamic",
+        compiled: bool = False,
+    ):
         from kv_vla.cache import EpisodeCache
 
         self.model, self.policy, self.cfg = model, policy, cfg
+        self.storage, self.compiled, self.decoder = storage, compiled, None
         self.step_ms: list[float] = []
         self.kv_bytes: list[int] = []  # before each step: bytes held with `len(kv_bytes)-1` steps of history
         self.attn = "sdpa"
@@ -158,9 +152,13 @@ class _Runner:
             self._forward(prompt)
             return
         chunk = cfg.obs_tokens + cfg.action_tokens
-        self.cache = EpisodeCache(policy_config(policy, chunk, cfg.keep_steps), model.config)
+        self.cache = EpisodeCache(policy_config(policy, chunk, cfg.keep_steps, storage), model.config)
         if self.cache.policy.needs_attention:
             self.attn = "kv_vla_probe"
+        if compiled:
+            from kv_vla.cache.storage.compiled import CompiledDecoder
+
+            self.decoder = CompiledDecoder(model, mode="reduce-overhead" if prompt.is_cuda else None)
         self._forward(prompt)
         self.cache.pin_prefix()
 
@@ -178,8 +176,18 @@ class _Runner:
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         start = self.cache.get_seq_length()
         pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        if self.decoder is not None:
+            embeds = self.model.get_input_embeddings()(ids)
+            return self.decoder(self.cache, embeds, pos, 1)[:, -1]
+        make_mask = getattr(self.cache, "attention_mask", None)  # static storage: a mask over its slots
+        mask = make_mask(ids.shape[1], self.model.dtype, ids.device) if make_mask else None
         out = self.model(
-            input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits[:, -1]
 
@@ -211,6 +219,11 @@ class PolicyTimings:
     policy: str
     step_ms: list[float]
     kv_bytes: list[int]
+    storage: str = "dynamic"
+    compiled: bool = False
+    warmup_s: float = 0.0  # seconds of the compiled step's first calls (compilation)
+    bandwidth: float = 0.0  # copy bandwidth measured in the same process (bytes/s)
+    weight_bytes: int = 0
 
 
 def run_bench(
@@ -228,7 +241,7 @@ def run_bench(
         if p not in POLICIES and p != REFERENCE_POLICY:
             allowed = [*sorted(POLICIES), REFERENCE_POLICY]
             raise ValueError(f"policies: unknown policy {p!r}; allowed values: {allowed}")
-    if "full" not in cfg.policies:
+    if cfg.full_reference and "full" not in cfg.policies:
         cfg.policies = ["full", *cfg.policies]
     if not cfg.history or min(cfg.history) < 1:
         raise ValueError("history: allowed values: a non-empty list of integers >= 1")
@@ -241,7 +254,7 @@ def run_bench(
 
     ctx = multiprocessing.get_context("spawn")  # a fresh CUDA context, allocator and plan cache
     measured = []
-    policies = ["full", *[p for p in cfg.policies if p != "full"]]
+    policies = (["full"] if "full" in cfg.policies else []) + [p for p in cfg.policies if p != "full"]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -275,7 +288,10 @@ def _measure(
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=gen).to(device)
-    runners = [_Runner(model, p, cfg, prompt) for p in cfg.policies]
+    from kv_vla.bench.floor import copy_bandwidth
+
+    bandwidth = copy_bandwidth(device)
+    runners = [_Runner(model, p, cfg, prompt, s, c) for p, s, c in variants(cfg)]
     total = max(cfg.history) + cfg.repeats
     steps = range(total)
     if progress:
@@ -288,12 +304,27 @@ def _measure(
             runner.step(obs)
         if on_point is not None and i + 1 < total and i + 1 in {h + cfg.repeats for h in cfg.history}:
             done = [h for h in cfg.history if h + cfg.repeats <= i + 1]
-            on_point(_report(cfg, _timings(runners), device, dtype, done))
-    return _timings(runners)
+            on_point(_report(cfg, _timings(runners, model, bandwidth), device, dtype, done))
+    return _timings(runners, model, bandwidth)
 
 
-def _timings(runners: list[_Runner]) -> list[PolicyTimings]:
-    return [PolicyTimings(r.policy, list(r.step_ms), list(r.kv_bytes)) for r in runners]
+def _timings(runners: list[_Runner], model: torch.nn.Module, bandwidth: float) -> list[PolicyTimings]:
+    from kv_vla.bench.floor import weight_bytes
+
+    weights = weight_bytes(model)
+    return [
+        PolicyTimings(
+            r.policy,
+            list(r.step_ms),
+            list(r.kv_bytes),
+            storage=r.storage,
+            compiled=r.compiled,
+            warmup_s=sum(r.decoder.warmup_s.values()) if r.decoder is not None else 0.0,
+            bandwidth=bandwidth,
+            weight_bytes=weights,
+        )
+        for r in runners
+    ]
 
 
 def _report(
@@ -304,21 +335,32 @@ def _report(
     history: list[int],
     complete: bool | None = None,
 ) -> dict:
+    from kv_vla.bench.floor import step_floor_s
+
     results = []
-    full = next(t for t in timings if t.policy == "full")
+    full = next((t for t in timings if (t.policy, t.storage, t.compiled) == ("full", "dynamic", False)), None)
+    eager = {t.policy: t for t in timings if (t.storage, t.compiled) == ("dynamic", False)}
+    p50 = lambda t, h: statistics.median(t.step_ms[h : h + cfg.repeats])  # noqa: E731
     for one in timings:
         for h in sorted(history):
-            ms = statistics.median(one.step_ms[h : h + cfg.repeats])
-            full_ms = statistics.median(full.step_ms[h : h + cfg.repeats])
+            ms = p50(one, h)
             kv = one.kv_bytes[h]
+            floor_ms = 1e3 * step_floor_s(one.weight_bytes, kv, 1 + cfg.action_tokens, one.bandwidth)
+            base = eager.get(one.policy)
             results.append(
                 {
                     "policy": one.policy,
+                    "storage": one.storage,
+                    "compiled": one.compiled,
                     "history_steps": h,
                     "step_ms_p50": round(ms, 3),
                     "kv_bytes": int(kv),
-                    "latency_ratio_vs_full": round(ms / full_ms, 4),
-                    "kv_ratio_vs_full": round(kv / full.kv_bytes[h], 4),
+                    "latency_ratio_vs_full": round(ms / p50(full, h), 4) if full else None,
+                    "latency_ratio_vs_dynamic": round(ms / p50(base, h), 4) if base is not None else None,
+                    "kv_ratio_vs_full": round(kv / full.kv_bytes[h], 4) if full else None,
+                    "floor_ms": round(floor_ms, 4),
+                    "floor_ratio": round(ms / floor_ms, 2),
+                    "warmup_s": round(one.warmup_s, 2),
                 }
             )
     return {
@@ -330,6 +372,9 @@ def _report(
         "keep_steps": cfg.keep_steps,
         "repeats": cfg.repeats,
         "torch": torch.__version__,
+        "copy_bandwidth_gb_s": round(timings[0].bandwidth / 1e9, 2),
+        "weight_bytes": timings[0].weight_bytes,
+        "passes_per_step": 1 + cfg.action_tokens,
         "config": asdict(cfg),
         "complete": sorted(history) == sorted(cfg.history) if complete is None else complete,
         "results": results,
@@ -342,50 +387,12 @@ def _device_name(device: torch.device) -> str:
     return "cpu"
 
 
-def format_table(report: dict) -> str:
-    """A fixed-width table of the report (also pasted into the README)."""
-    head = f"{'policy':<10} {'history':>7} {'step ms p50':>11} {'KV MiB':>10} {'latency/full':>12} {'KV/full':>8}"
-    lines = [head, "-" * len(head)]
-    for r in report["results"]:
-        lines.append(
-            f"{r['policy']:<10} {r['history_steps']:>7} {r['step_ms_p50']:>11.2f} {r['kv_bytes'] / 2**20:>10.2f} "
-            f"{r['latency_ratio_vs_full']:>12.3f} {r['kv_ratio_vs_full']:>8.3f}"
-        )
-    return "\n".join(lines)
-
-
-def write_json(report: dict, path: str | os.PathLike) -> Path:
-    """Write the report atomically (:func:`kv_vla.atomic.atomic_write_json`); returns the path."""
-    atomic_write_json(path, report)
-    return Path(path)
-
-
-def write_plot(report: dict, path: str | os.PathLike) -> Path | None:
-    """Latency and KV memory against history, one line per policy (PNG; None without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    path = Path(path)
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for policy in dict.fromkeys(r["policy"] for r in report["results"]):
-        rows = [r for r in report["results"] if r["policy"] == policy]
-        hs = [r["history_steps"] for r in rows]
-        ax_t.plot(hs, [r["step_ms_p50"] for r in rows], marker="o", label=policy)
-        ax_m.plot(hs, [r["kv_bytes"] / 2**20 for r in rows], marker="o", label=policy)
-    for ax, ylabel in ((ax_t, "step latency p50 (ms)"), (ax_m, "KV cache held (MiB)")):
-        ax.set_xlabel("history (control steps)")
-        ax.set_ylabel(ylabel)
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-    ax_m.legend(fontsize=8)
-    fig.suptitle(f"kv_vla cache bench: {report['preset']} on {report['device']} ({report['dtype']})")
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+__all__ = [
+    "BenchConfig",
+    "build_model",
+    "format_table",
+    "preset_config",
+    "run_bench",
+    "write_json",
+    "write_plot",
+]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kv_vla import settings
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -18,6 +20,9 @@ def _int_list(text: str) -> list[int]:
 
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+SOAK_KNOBS = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,13 +56,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run each policy in its own process (fresh CUDA context and cuDNN plan cache): for GPU "
         "latency between policies whose cache grows (full, hf_dynamic, zipvl), which lockstep confounds",
     )
+    cache.add_argument(
+        "--storage",
+        type=_str_list,
+        default=["dynamic"],
+        help="comma-separated KV storages to run each policy in: dynamic,static (static only for bounded "
+        "policies)",
+    )
+    cache.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run every static-storage policy as a compiled step (torch.compile; a CUDA graph on GPU); "
+        "the first steps compile (warmup_s in each row)",
+    )
+    cache.add_argument(
+        "--no-full",
+        action="store_true",
+        help="skip the full-history reference row (its step grows with history: the longest part of a "
+        "long run); the *_vs_full ratios are then null",
+    )
     cache.add_argument("--no-progress", action="store_true")
+
+    soak = sub.add_parser("soak", help="one long episode per policy and position mode: what grows")
+    soak.add_argument("--json", required=True, type=Path, help="where to write the JSON report")
+    soak.add_argument("--steps", type=int, default=10_000, help="control steps per bounded run")
+    soak.add_argument("--max-steps-full", type=int, default=2_000, help="cap for the 'full' policy")
+    soak.add_argument(
+        "--policies", type=_str_list, default=["gated"], help="comma-separated, e.g. gated,full"
+    )
+    soak.add_argument(
+        "--positions", type=_str_list, default=["cache"], help="comma-separated modes: episode,cache"
+    )
+    soak.add_argument("--model", default="models/compact-vla")
+    soak.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")
+    soak.add_argument("--device", default="cpu")
+    settings.add_flags(soak, SOAK_KNOBS)  # as in kv-vla eval
+    soak.add_argument("--seed", type=int, default=0, help="seeds the synthetic frame stream")
+    soak.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of KV bytes and position id against step over the first --plot-steps of every run",
+    )
+    soak.add_argument("--plot-steps", type=int, default=1000)
+    soak.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: merge the runs of these soak reports into --json (and --plot)",
+    )
+    soak.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    soak.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch ``kv-vla bench <name>``."""
     if args.bench == "cache":
         return _run_cache(args)
+    if args.bench == "soak":
+        return _run_soak(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")
 
 
@@ -88,6 +146,9 @@ def _run_cache(args: argparse.Namespace) -> int:
         keep_steps=args.keep_steps,
         seed=args.seed,
         isolate=args.isolate,
+        storages=args.storage,
+        compile=args.compile,
+        full_reference=not args.no_full,
     )
 
     def save_partial(report: dict) -> None:
@@ -103,5 +164,58 @@ def _run_cache(args: argparse.Namespace) -> int:
     print(format_table(report))
     path = write_json(report, args.json)
     plot = write_plot(report, path.with_suffix(".png"))
+    print(f"wrote {path}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from kv_vla.bench.soak import (
+        SoakConfig,
+        format_table,
+        merge_reports,
+        options_for,
+        run_soak,
+        write_json,
+        write_plot,
+    )
+    from kv_vla.cache import EpisodeCacheConfig
+
+    if args.from_json:
+        report = merge_reports(args.from_json)
+        print(format_table(report))
+        path = write_json(report, args.json)
+        plot = write_plot(report, args.plot) if args.plot is not None else None
+        print(f"wrote {path}" + (f" and {plot}" if plot else ""))
+        return 0
+
+    options = settings.given(args, SOAK_KNOBS)
+    for policy in args.policies:  # refuse bad options before loading anything
+        for mode in args.positions:
+            EpisodeCacheConfig(policy=policy, positions=mode, **options_for(policy, options))
+    if args.steps < 1 or args.max_steps_full < 1:
+        raise SystemExit("--steps and --max-steps-full must be >= 1")
+    cfg = SoakConfig(
+        model=args.model,
+        policies=args.policies,
+        positions=args.positions,
+        steps=args.steps,
+        max_steps_full=args.max_steps_full,
+        cache_options=options,
+        gate=args.gate,
+        device=args.device,
+        seed=args.seed,
+        plot_steps=args.plot_steps,
+        threads=args.threads,
+    )
+
+    def save_partial(report: dict) -> None:
+        write_json(report, args.json)
+        last = report["runs"][-1]
+        print(f"soak {last['policy']}/{last['positions']} done; partial report in {args.json}", flush=True)
+
+    report = run_soak(cfg, progress=not args.no_progress, on_run=save_partial)
+    print(format_table(report))
+    path = write_json(report, args.json)
+    plot = write_plot(report, args.plot) if args.plot is not None else None
     print(f"wrote {path}" + (f" and {plot}" if plot else ""))
     return 0

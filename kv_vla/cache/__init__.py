@@ -8,7 +8,12 @@ from kv_vla.cache.config import EpisodeCacheConfig
 from kv_vla.cache.episode_cache import EpisodeCache, EpisodeLayer
 from kv_vla.cache.gate import ChunkGate, GateConfig
 from kv_vla.cache.policies import POLICIES, ChunkPolicy, PolicyContext, register_policy
-from kv_vla.cache.probe import PROBE_IMPLEMENTATION, disable_attention_probe, enable_attention_probe
+from kv_vla.cache.probe import (
+    PROBE_IMPLEMENTATION,
+    disable_attention_probe,
+    enable_attention_probe,
+    is_probing,
+)
 
 __all__ = [
     "POLICIES",
@@ -24,5 +29,6 @@ __all__ = [
     "PolicyContext",
     "disable_attention_probe",
     "enable_attention_probe",
+    "is_probing",
     "register_policy",
 ]

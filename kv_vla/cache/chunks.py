@@ -39,6 +39,8 @@ class CacheStats:
     ``kv_bytes`` sums ``kv_bytes_per_layer``; each layer reports the bytes of the tensors it holds
     (packed bytes plus scales for chunks stored at low precision). ``max_position`` shows whether
     position ids stay bounded (``cache`` positions) or grow with the episode (``episode``).
+    ``kv_bytes_reserved`` is what the storage has allocated: equal to ``kv_bytes`` for the dynamic
+    storage, the whole preallocated bound for the static one.
     """
 
     seen_tokens: int
@@ -50,6 +52,7 @@ class CacheStats:
     kv_bytes: int
     kv_bytes_per_layer: list[int]
     max_position: int = -1  # largest position id used so far (before the model's own offset)
+    kv_bytes_reserved: int = 0
 
     def as_dict(self) -> dict:
         """JSON-friendly copy (for diagnostics and logs)."""
@@ -63,4 +66,5 @@ class CacheStats:
             "kv_bytes": self.kv_bytes,
             "kv_bytes_per_layer": list(self.kv_bytes_per_layer),
             "max_position": self.max_position,
+            "kv_bytes_reserved": self.kv_bytes_reserved,
         }

@@ -1,124 +1,156 @@
 """Configuration of the chunked episode KV cache.
 
-One validated dataclass carries every knob the runtime (and the ROS node's live parameters) may
-change. Validation names the field and the allowed values so a refused parameter update can be
-reported to the operator verbatim.
+One flat dataclass carries every cache knob under its one name in :mod:`kv_vla.settings` (defaults
+from there too). The cache's own fields are checked here; the policy's options are checked by the
+policy's dataclass (kvpress style, looked up in :mod:`kv_vla.cache.registry`, so this module imports
+no policy). Options of other policies ride along unread, so switching the policy live needs no
+re-mapping. Refusals name the knob and the allowed values, so the node can report them verbatim.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from kv_vla import settings
 from kv_vla.cache.positions import check_mode
+from kv_vla.cache.registry import POLICIES
+
+_D = settings.default
 
 
 @dataclass
 class EpisodeCacheConfig:
-    """Knobs of :class:`kv_vla.cache.EpisodeCache`.
+    """Knobs of :class:`kv_vla.cache.EpisodeCache`; each one's meaning is its ``kv_vla.settings`` help.
 
-    Attributes:
-        policy: eviction policy name, a key of ``kv_vla.cache.policies.POLICIES``.
-        chunk_size: tokens per chunk (default: the tokens of one control step).
-        recent_chunks: newest complete chunks that are never evicted (forced to 0 by ``none``).
-        sink_tokens: first tokens after the pinned prefix that are never evicted (StreamingLLM).
-        max_tokens: hard budget of kept tokens between forward calls, or None for no budget. It must
-            leave room for the pinned prefix, the sinks, the recent chunks and one open chunk; that
-            is checked once the prefix is known (``pin_prefix``).
-        gate_threshold: chunks whose utility is under this value are evicted (``gated`` policy).
-        seed: seeds the ``random`` policy and the default (untrained) gate.
-        probe_queries: newest queries per forward whose attention mass the attention probe
-            measures (SnapKV's observation window); only used when the probe is enabled.
-        positions: ``"episode"`` (kept tokens keep their episode positions; position ids grow with
-            the episode) or ``"cache"`` (StreamingLLM: positions within the cache, bounded; RoPE
-            models only). See :mod:`kv_vla.cache.positions`. A change applies from the next episode.
-        extra: free-form options for extensions (e.g. low-precision storage), validated by them.
+    ``chunk_size`` 0 is one control step: ``EpisodeRuntime`` resolves it at every ``reset``
+    (:meth:`resolve`); a cache built directly needs it in tokens. ``max_tokens`` 0 or None: no budget.
+    The budget must leave room for the pinned prefix, the sinks, the recent chunks and one open
+    chunk; that is checked once the prefix is known (``pin_prefix``).
     """
 
-    policy: str = "full"
-    chunk_size: int = 16
-    recent_chunks: int = 2
-    sink_tokens: int = 0
-    max_tokens: int | None = None
-    gate_threshold: float = 0.5
-    seed: int = 0
-    probe_queries: int = 16
+    policy: str = _D("policy")
+    chunk_size: int = _D("chunk_size")
+    recent_chunks: int = _D("recent_chunks")
+    sink_tokens: int = _D("sink_tokens")
+    max_tokens: int | None = _D("max_tokens")
+    seed: int = _D("seed")
+    probe_queries: int = _D("probe_queries")
+    gate_threshold: float = _D("gate_threshold")
+    tau: float = _D("tau")
+    low_bits: int = _D("low_bits")
+    quant_group_size: int = _D("quant_group_size")
+    full_threshold: float = _D("full_threshold")
+    # position mode (kv_vla.cache.positions): "episode" or "cache" (StreamingLLM); next episode
     positions: str = "episode"
-    extra: dict[str, Any] = field(default_factory=dict)
+    # layer storage (kv_vla.cache.storage): "dynamic" or "static" (preallocated, bounded policies)
+    storage: str = "dynamic"
 
     def __post_init__(self) -> None:
+        if self.max_tokens == 0:
+            self.max_tokens = None  # one meaning: no budget
         self.validate()
 
     def validate(self) -> EpisodeCacheConfig:
-        """Raise ValueError naming the offending field and its allowed values; return self."""
-        from kv_vla.cache.policies import POLICIES
-
+        """Raise ValueError naming the offending knob and its allowed values; return self."""
         if self.policy not in POLICIES:
             raise ValueError(f"policy: unknown policy {self.policy!r}; allowed values: {sorted(POLICIES)}")
-        _check_int("chunk_size", self.chunk_size, minimum=1)
-        _check_int("recent_chunks", self.recent_chunks, minimum=0)
-        _check_int("sink_tokens", self.sink_tokens, minimum=0)
-        _check_int("seed", self.seed, minimum=None)
-        _check_int("probe_queries", self.probe_queries, minimum=1)
-        if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, minimum=1, none_ok=True)
-        if isinstance(self.gate_threshold, bool) or not isinstance(self.gate_threshold, (int, float)):
-            raise ValueError(
-                f"gate_threshold: must be a number in [0, 1]; got {self.gate_threshold!r} (allowed values: [0, 1])"
-            )
-        if not 0.0 <= float(self.gate_threshold) <= 1.0:
-            raise ValueError(f"gate_threshold: {self.gate_threshold} is outside the allowed values [0, 1]")
+        for name in settings.CACHE_SETTINGS:
+            if name == "policy" or (name == "max_tokens" and self.max_tokens is None):
+                continue
+            reason = settings.check(name, getattr(self, name))
+            if reason:
+                raise ValueError(reason)
+        self.policy_class.check_config(self)
+        self.policy_class.from_config(self)  # the policy's dataclass checks its own options
         check_mode(self.positions)
-        if not isinstance(self.extra, dict):
-            raise ValueError(f"extra: must be a dict; got {type(self.extra).__name__}")
-        POLICIES[self.policy].validate_config(self)
+        _check_storage(self)
         return self
 
     def replace(self, **changes: Any) -> EpisodeCacheConfig:
-        """Return a validated copy with ``changes`` applied (unknown field names raise ValueError)."""
+        """Return a validated copy with ``changes`` applied (unknown names raise ValueError)."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown cache option; allowed fields: {sorted(names)}")
         return dataclasses.replace(self, **changes)  # __post_init__ validates
 
+    def resolve(self, step_tokens: int) -> EpisodeCacheConfig:
+        """This config with ``chunk_size`` 0 (one control step) replaced by ``step_tokens``."""
+        if self.chunk_size != settings.ONE_STEP:
+            return self
+        return self.replace(chunk_size=int(step_tokens))
+
+    def as_settings(self) -> dict[str, Any]:
+        """Every knob by its ``kv_vla.settings`` name (``max_tokens`` None is reported as 0)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["max_tokens"] = out["max_tokens"] or 0
+        return out
+
+    @property
+    def policy_class(self) -> Any:
+        """The registered class of ``policy``."""
+        return POLICIES[self.policy]
+
     @property
     def effective_recent_chunks(self) -> int:
         """Recent chunks the policy really protects (``none`` forces 0)."""
-        return self.recent_chunks if _policy_class(self.policy).keeps_recent else 0
+        return self.recent_chunks if self.policy_class.keeps_recent else 0
 
     @property
     def effective_sink_tokens(self) -> int:
         """Sink tokens the policy really protects (``full``, ``none`` and ``window`` force 0)."""
-        return self.sink_tokens if _policy_class(self.policy).uses_sinks else 0
+        return self.sink_tokens if self.policy_class.uses_sinks else 0
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        """The budget the cache enforces (``full`` never evicts, so it has none)."""
+        return self.max_tokens if self.policy_class.allows_budget else None
 
     def min_budget(self, pinned_tokens: int) -> int:
         """Smallest ``max_tokens`` that can hold the prefix, sinks, recent chunks and an open chunk."""
+        if self.chunk_size == settings.ONE_STEP:
+            raise ValueError("chunk_size: 0 (one control step) must be resolved first (resolve(step_tokens))")
         return (
             pinned_tokens + self.effective_sink_tokens + (self.effective_recent_chunks + 1) * self.chunk_size
         )
 
+    def prompt_room(self) -> int | None:
+        """Most prompt tokens the budget can hold beside the sinks, recent chunks and open chunk."""
+        if self.effective_max_tokens is None:
+            return None
+        return self.effective_max_tokens - self.min_budget(0)
+
     def check_budget(self, pinned_tokens: int) -> None:
         """Raise ValueError if ``max_tokens`` cannot hold what must never be evicted."""
-        if self.max_tokens is None:
+        budget = self.effective_max_tokens
+        if budget is None:
             return
         need = self.min_budget(pinned_tokens)
-        if self.max_tokens < need:
+        if budget < need:
             raise ValueError(
-                f"max_tokens: {self.max_tokens} is smaller than what is never evicted "
-                f"({pinned_tokens} pinned prefix + {self.effective_sink_tokens} sink tokens + recent chunks and the "
-                f"open chunk); allowed values: None or an int >= {need}"
+                f"max_tokens: {budget} is smaller than what is never evicted "
+                f"({pinned_tokens} pinned prompt + {self.effective_sink_tokens} sink tokens + "
+                f"{self.effective_recent_chunks} recent chunks and the open chunk of {self.chunk_size} "
+                f"tokens); allowed values: 0 (no budget) or an int >= {need}"
             )
 
 
-def _policy_class(policy: str) -> type:
-    from kv_vla.cache.policies import POLICIES
+def _check_storage(config: EpisodeCacheConfig) -> None:
+    from kv_vla.cache.storage import STORAGES, static_refusal
 
-    return POLICIES[policy]
+    if config.storage not in STORAGES:
+        raise ValueError(f"storage: unknown storage {config.storage!r}; allowed values: {list(STORAGES)}")
+    if config.storage == "static":
+        reason = static_refusal(config)
+        if reason is not None:
+            raise ValueError(reason)
 
 
 def _check_int(name: str, value: Any, minimum: int | None, none_ok: bool = False) -> None:
+    """Refuse a non-integer or one under ``minimum`` (ValueError naming ``name``); for other modules'
+    own dataclasses (e.g. ``kv_vla.train.gate``) whose knobs are not cache settings."""
     allowed = (
         "any integer" if minimum is None else f"an integer >= {minimum}" + (" or None" if none_ok else "")
     )

@@ -34,8 +34,10 @@ metadata (:class:`Chunk`) carries ``precision`` so that a low-precision store ca
 chunk's columns are held by subclassing :class:`EpisodeLayer` (``layer_cls``) and reporting its
 packed bytes through :meth:`EpisodeLayer.nbytes`.
 
-Limits: batches must not be padded (a 2-D attention mask must be all ones), and sliding-window
-attention layers are refused (their mask is built from logical indices, wrong once chunks are gone).
+Masks: after an eviction every mask (causal, sliding window, padding flags) is evaluated at the kept
+tokens' positions (:mod:`kv_vla.cache.masks`), so padded batches and sliding-window layers stay
+exact; model features that cannot be kept exact are refused when the cache is built
+(:mod:`kv_vla.cache.compat`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kv_vla.cache import probe
+from kv_vla.cache import compat, masks, probe
 from kv_vla.cache.chunks import CacheStats, Chunk
 from kv_vla.cache.config import EpisodeCacheConfig
 from kv_vla.cache.policies import POLICIES, ChunkPolicy, GatedPolicy, PolicyContext
@@ -69,6 +71,8 @@ class EpisodeLayer(CacheLayerMixin):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
+        self.sliding_window = owner.layer_windows[layer_idx]  # masked by kv_vla.cache.masks
+        self.is_sliding = self.sliding_window is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -116,6 +120,23 @@ class EpisodeLayer(CacheLayerMixin):
             self.keys = self.keys[:, :, :n]
             self.values = self.values[:, :, :n]
 
+    def batch_index(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (in that order): beam reordering, repeat and select share it."""
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index.to(self.keys.device))
+            self.values = self.values.index_select(0, index.to(self.values.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_index(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is not None:
+            self.batch_index(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        index = torch.as_tensor(indices)
+        self.batch_index(index.nonzero().squeeze(1) if index.dtype == torch.bool else index.long())
+
     def nbytes(self) -> int:
         """Bytes of the tensors actually held (a quantised store reports packed bytes + scales)."""
         if self.keys is None:
@@ -139,24 +160,6 @@ class EpisodeLayer(CacheLayerMixin):
         raise NotImplementedError("EpisodeCache does not support crop (assisted decoding / rollback)")
 
 
-def _text_config(model_config: Any) -> Any:
-    getter = getattr(model_config, "get_text_config", None)
-    return getter(decoder=True) if callable(getter) else model_config
-
-
-def _check_no_sliding_window(cfg: Any) -> None:
-    layer_types = getattr(cfg, "layer_types", None) or []
-    sliding = any("sliding" in str(t) or "chunked" in str(t) for t in layer_types)
-    if not layer_types and getattr(cfg, "sliding_window", None) is not None:
-        sliding = True
-    if sliding:
-        raise ValueError(
-            "model_config: sliding-window attention is not supported by EpisodeCache (its mask is built "
-            "from logical indices, wrong once chunks are evicted); allowed values: sliding_window=None "
-            "and only full-attention layer_types"
-        )
-
-
 class EpisodeCache(Cache):
     """Chunked KV cache for a whole episode, with pluggable chunk eviction (see module docstring).
 
@@ -164,7 +167,8 @@ class EpisodeCache(Cache):
         config: validated cache configuration.
         model_config: the HF decoder's config (text config of a multimodal model is found).
         policy: optional policy instance overriding ``config.policy`` (e.g. with non-default fields).
-        layer_cls: storage class per layer (extension point for low-precision chunk storage).
+        layer_cls: storage class per layer (default: the one ``config.storage`` names, see
+            :mod:`kv_vla.cache.storage`; an extension point for low-precision chunk storage).
         record_summaries: compute every completed chunk's summary (always on for ``gated``), so a
             trainer can read :meth:`chunk_summaries` after recording an episode.
     """
@@ -174,15 +178,27 @@ class EpisodeCache(Cache):
         config: EpisodeCacheConfig,
         model_config: Any,
         policy: ChunkPolicy | None = None,
-        layer_cls: type[EpisodeLayer] = EpisodeLayer,
+        layer_cls: type[EpisodeLayer] | None = None,
         record_summaries: bool = False,
     ):
-        cfg = _text_config(model_config)
-        _check_no_sliding_window(cfg)
+        if layer_cls is None:
+            from kv_vla.cache.storage import layer_class
+
+            layer_cls = layer_class(config.storage)
+        cfg = compat.text_config(model_config)
+        windows = compat.check_model(cfg)
+        compat.check_storage(windows, layer_cls)
+        masks.install()
         self.model_config = cfg
         self.num_layers = int(cfg.num_hidden_layers)
+        self.layer_windows = windows  # per layer: sliding window in tokens, or None (full attention)
         super().__init__(layers=[layer_cls(self, i) for i in range(self.num_layers)])
         self.config = config.validate()
+        if self.config.chunk_size < 1:
+            raise ValueError(
+                "chunk_size: 0 means one control step, which EpisodeRuntime resolves at reset; "
+                "a cache built directly needs the chunk size in tokens (an integer >= 1)"
+            )
         self.record_summaries = record_summaries
         self._gate = None
         self.policy = self._attach(policy if policy is not None else self._make_policy(config))
@@ -237,14 +253,32 @@ class EpisodeCache(Cache):
 
     def _make_policy(self, config: EpisodeCacheConfig) -> ChunkPolicy:
         cls = POLICIES[config.policy]
-        policy = cls(seed=config.seed) if "seed" in getattr(cls, "__dataclass_fields__", {}) else cls()
+        policy = cls.from_config(config)
         if isinstance(policy, GatedPolicy):
-            if self._gate is None:
-                from kv_vla.cache.gate import ChunkGate
-
-                self._gate = ChunkGate.for_model(self.model_config, seed=config.seed)
-            policy.gate = self._gate
+            policy.gate = self._gate  # None: a default gate is sized from the first cached tensors
         return policy
+
+    def _ensure_gate(self) -> None:
+        """Give a gated policy without a gate the seeded default one, sized from the key and value
+        widths actually cached (multi-head latent attention caches neither ``head_dim``)."""
+        if not isinstance(self.policy, GatedPolicy) or self.policy.gate is not None:
+            return
+        if self._gate is None:
+            from kv_vla.cache.gate import ChunkGate
+
+            widths = {
+                (int(ly.keys.shape[-1]), int(ly.values.shape[-1]))
+                for ly in self.layers
+                if ly.keys is not None
+            }
+            if len(widths) != 1:
+                raise ValueError(
+                    f"model_config: cached key/value widths differ between layers {sorted(widths)}; "
+                    "the default gate needs one width per layer (pass a gate with set_gate)"
+                )
+            ((key_dim, value_dim),) = widths
+            self._gate = ChunkGate.for_widths(self.num_layers, key_dim, value_dim, seed=self.config.seed)
+        self.policy.gate = self._gate
 
     def _attach(self, policy: ChunkPolicy) -> ChunkPolicy:
         """Let a policy bind to this cache (``policy.attach(cache)``, e.g. to swap layer storage)."""
@@ -276,6 +310,8 @@ class EpisodeCache(Cache):
         re-scored).
         """
         new = self.config.replace(**changes)
+        if new.chunk_size < 1:
+            raise ValueError("chunk_size: a cache needs the chunk size in tokens (an integer >= 1)")
         new.check_budget(self._pinned)
         old = self.config
         if new.chunk_size != old.chunk_size:
@@ -284,11 +320,15 @@ class EpisodeCache(Cache):
         try:
             if new.policy != old.policy:
                 self.policy = self._attach(self._make_policy(new))
+            else:
+                self.policy.set_options(new)
             rotator = self._check_positions(new.positions)
         except ValueError:
             self.config = old
             if new.policy != old.policy:
                 self.policy = self._attach(self._make_policy(old))
+            else:
+                self.policy.set_options(old)
             raise
         if self._seen == 0:
             self._rotator, self._mode = rotator, new.positions
@@ -339,10 +379,55 @@ class EpisodeCache(Cache):
         return self._mask_sizes(int(query_length))
 
     def _mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if getattr(self.layers[0], "needs_block_mask", False):
+            raise ValueError(
+                f"storage {self.config.storage!r}: pass attention_mask=cache.attention_mask(query_length) "
+                "to the model (a 4-D mask over the storage's slots); transformers' mask cannot see them"
+            )
         self._start_forward()
         kept = int(self._positions.numel())
         nxt = self._seen if self._mode == "episode" else kept
-        return kept + query_length, nxt - kept
+        sizes = kept + query_length, nxt - kept
+        masks.announce(self._mask_plan(query_length, *sizes))
+        return sizes
+
+    def _mask_plan(self, query_length: int, kv_length: int, kv_offset: int) -> masks.MaskPlan:
+        """The positions the next forward's mask is evaluated at: kept columns + new block, queries.
+
+        ``episode`` positions: the original positions (gaps where chunks were evicted); ``cache``
+        positions: column indices (the stock mask is already right).
+        """
+        nxt = kv_offset + kv_length - query_length
+        new = torch.arange(nxt, nxt + query_length, dtype=torch.long)
+        kept = self._positions if self._mode == "episode" else torch.arange(kv_length - query_length)
+        return masks.MaskPlan(query_length, kv_length, kv_offset, torch.cat([kept, new]), new)
+
+    def attention_mask(
+        self, query_length: int, dtype: torch.dtype = torch.float32, device: Any = "cpu"
+    ) -> torch.Tensor | None:
+        """The 4-D mask the next forward of ``query_length`` tokens must be given, or None.
+
+        None for the dynamic storage (transformers builds the mask from :meth:`get_mask_sizes`);
+        a storage with slots (``static``) reserves the block's slots here and returns the additive
+        ``[1, 1, query_length, capacity]`` mask over them.
+        """
+        if not getattr(self.layers[0], "needs_block_mask", False):
+            return None
+        from kv_vla.cache.storage import capacity
+
+        self._start_forward()
+        pinned = self._pinned if self._pinned else self._seen + query_length
+        hint = capacity(self.config, pinned)
+        for layer in self.layers:
+            layer.reserve(query_length, hint)
+        return self.layers[0].block_mask(query_length, dtype, torch.device(device))
+
+    def commit_block(self, n_new: int) -> None:
+        """Record an ``n_new``-token block that a compiled step wrote into every layer's reserved slots."""
+        self._start_forward()
+        for layer in self.layers:
+            layer.commit_block()
+        self._commit(n_new)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -350,9 +435,11 @@ class EpisodeCache(Cache):
         """Append a block to layer ``layer_idx``; the last layer's update commits it to the timeline."""
         if layer_idx == 0:
             self._start_forward()
+            evicted = self._mode == "episode" and int(self._positions.numel()) < self._seen
+            compat.check_stock_mask(masks.took_plan(), evicted, self.layer_windows)
             self._in_forward = True
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-        probe.announce(self, layer_idx)
+        probe.announce(self, layer_idx, int(keys.shape[-2]))
         if layer_idx == self.num_layers - 1:
             self._commit(int(key_states.shape[-2]))
         return keys, values
@@ -407,6 +494,9 @@ class EpisodeCache(Cache):
         Called by the attention probe (``probe.py``); averaged over layers for the shared score, and
         handed unchanged to the layer when its storage keeps per-layer scores (``record_attention``).
         """
+        to_columns = getattr(self.layers[layer_idx], "slot_mass_to_columns", None)
+        if callable(to_columns):  # a storage with slots reports mass per slot
+            mass = to_columns(mass)
         layer_hook = getattr(self.layers[layer_idx], "record_attention", None)
         if callable(layer_hook):
             layer_hook(mass.detach().float())
@@ -451,6 +541,7 @@ class EpisodeCache(Cache):
     def _apply_pending(self) -> list[Chunk]:
         if not self._new_chunks or self._in_forward:
             return []  # nothing completed, or called from inside a forward: decide later
+        self._ensure_gate()
         ctx = self._context()
         if self.record_summaries or isinstance(self.policy, GatedPolicy):
             for chunk in self._new_chunks:
@@ -471,7 +562,7 @@ class EpisodeCache(Cache):
         utilities = [float(u) for u in self.policy.score(candidates, ctx)]
         keep = self.policy.keep(candidates, utilities, ctx)
         evict = [c for c, k in zip(candidates, keep) if not k]
-        budget = self.config.max_tokens
+        budget = self.config.effective_max_tokens
         if budget is not None:
             # leave room for the open chunk to fill up, so the budget holds until the next decision
             headroom = max(0, self._open_end() - max(self._seen, self._open_start))
@@ -568,7 +659,15 @@ class EpisodeCache(Cache):
             kv_bytes=sum(per_layer),
             kv_bytes_per_layer=per_layer,
             max_position=self._max_position,
+            kv_bytes_reserved=sum(int(getattr(ly, "reserved_nbytes", ly.nbytes)()) for ly in self.layers),
         )
+
+    def __iter__(self):
+        """Per layer ``(keys, values, sliding_window tensor or None)`` at full precision, as DynamicCache."""
+        for layer in self.layers:
+            keys, values = layer.columns(0, layer.held_tokens()) if layer.keys is not None else (None, None)
+            window = layer.sliding_window
+            yield keys, values, (torch.tensor(window, dtype=torch.long) if window is not None else None)
 
     def __repr__(self) -> str:
         return (

@@ -8,8 +8,9 @@ Interface for online use (the cache's ``gated`` policy) and for training (issue 
 
 Each utility is written once, when its chunk completes, from the state after reading that chunk
 (a causal write gate; older chunks are not re-scored). Summaries are those of
-:mod:`kv_vla.cache.summary`: per layer, mean and std of the chunk's keys and values (``4 * head_dim``
-numbers), plus the attention mass the chunk received (when probed) and its index in the episode.
+:mod:`kv_vla.cache.summary`: per layer, mean and std of the chunk's keys and values
+(``2 * (head_dim + value_dim)`` numbers, the widths actually cached), plus the attention mass the
+chunk received (when probed) and its index in the episode.
 A shared per-layer projection keeps the gate small for deep models (a 7B model's 32 layers give
 16 386 input numbers, projected to ``32 * proj_dim``).
 """
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from kv_vla.atomic import atomic_write, atomic_write_text
-from kv_vla.cache.summary import N_EXTRA, head_dim_of, summary_dim
+from kv_vla.cache.summary import N_EXTRA, kv_widths, summary_dim
 
 
 @dataclass
@@ -34,15 +35,18 @@ class GateConfig:
     """Shape of a :class:`ChunkGate` (saved as JSON beside the weights)."""
 
     num_layers: int
-    head_dim: int
+    head_dim: int  # width of a cached key head
     hidden_size: int = 64
     proj_dim: int = 16
     cell: str = "gru"
+    value_dim: int | None = None  # width of a cached value head (None: head_dim; MLA differs)
 
     def __post_init__(self) -> None:
         if self.cell not in ("gru", "lstm"):
             raise ValueError(f"cell: unknown recurrent cell {self.cell!r}; allowed values: ['gru', 'lstm']")
-        for name in ("num_layers", "head_dim", "hidden_size", "proj_dim"):
+        if self.value_dim is None:
+            self.value_dim = self.head_dim
+        for name in ("num_layers", "head_dim", "hidden_size", "proj_dim", "value_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {value!r} is not allowed; allowed values: an integer >= 1")
@@ -50,7 +54,30 @@ class GateConfig:
     @property
     def feature_dim(self) -> int:
         """Length of one chunk summary."""
-        return summary_dim(self.num_layers, self.head_dim)
+        return summary_dim(self.num_layers, self.head_dim, self.value_dim)
+
+    @property
+    def layer_feature_dim(self) -> int:
+        """Summary numbers per layer: mean and std of keys and values."""
+        return 2 * (self.head_dim + self.value_dim)
+
+
+def check_gate_settings(values: Any, where: Any) -> dict[str, Any]:
+    """The ``settings`` of a gate file, refused (ValueError naming the file) unless every entry is a
+    valid cache setting of :mod:`kv_vla.settings`."""
+    from kv_vla import settings
+
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: settings must be a JSON object of cache settings")
+    for name, value in values.items():
+        if name not in settings.CACHE_SETTINGS:
+            raise ValueError(
+                f"{where}: settings.{name} is not a cache setting; allowed: {list(settings.CACHE_SETTINGS)}"
+            )
+        reason = settings.check(name, value)
+        if reason:
+            raise ValueError(f"{where}: settings.{reason}")
+    return dict(values)
 
 
 class ChunkGate(nn.Module):
@@ -59,7 +86,10 @@ class ChunkGate(nn.Module):
     def __init__(self, config: GateConfig):
         super().__init__()
         self.config = config
-        per_layer = 4 * config.head_dim
+        #: cache settings this gate was evaluated with (``kv_vla.settings`` names); they apply when
+        #: the gate is used and no setting is given (``kv_vla.runtime.default_cache_config``)
+        self.settings: dict[str, Any] = {}
+        per_layer = config.layer_feature_dim
         self.norm = nn.LayerNorm(per_layer)
         self.layer_proj = nn.Linear(per_layer, config.proj_dim)
         rnn_cls = nn.GRU if config.cell == "gru" else nn.LSTM
@@ -73,7 +103,15 @@ class ChunkGate(nn.Module):
         """A freshly (seeded) initialised gate whose ``feature_dim`` matches ``model_config``."""
         getter = getattr(model_config, "get_text_config", None)
         cfg = getter(decoder=True) if callable(getter) else model_config
-        gate_cfg = GateConfig(num_layers=int(cfg.num_hidden_layers), head_dim=head_dim_of(cfg), **kwargs)
+        key_dim, value_dim = kv_widths(cfg)
+        return cls.for_widths(int(cfg.num_hidden_layers), key_dim, value_dim, seed=seed, **kwargs)
+
+    @classmethod
+    def for_widths(
+        cls, num_layers: int, key_dim: int, value_dim: int, seed: int = 0, **kwargs: Any
+    ) -> ChunkGate:
+        """A freshly (seeded) initialised gate for ``num_layers`` layers caching heads of these widths."""
+        gate_cfg = GateConfig(num_layers=num_layers, head_dim=key_dim, value_dim=value_dim, **kwargs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return cls(gate_cfg)
@@ -92,8 +130,9 @@ class ChunkGate(nn.Module):
             )
         param = self.layer_proj.weight
         x = summaries.to(device=param.device, dtype=param.dtype)
-        n_layer_feats = self.config.num_layers * 4 * self.config.head_dim
-        per_layer = x[..., :n_layer_feats].unflatten(-1, (self.config.num_layers, 4 * self.config.head_dim))
+        per = self.config.layer_feature_dim
+        n_layer_feats = self.config.num_layers * per
+        per_layer = x[..., :n_layer_feats].unflatten(-1, (self.config.num_layers, per))
         projected = self.layer_proj(self.norm(per_layer)).flatten(-2)
         return torch.cat([projected, x[..., n_layer_feats:]], dim=-1)
 
@@ -120,8 +159,10 @@ class ChunkGate(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(asdict(self.config), indent=2)
-        atomic_write_text(path.with_suffix(".json"), text)
+        meta: dict[str, Any] = asdict(self.config)
+        if self.settings:
+            meta["settings"] = dict(self.settings)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ChunkGate:
@@ -129,7 +170,9 @@ class ChunkGate(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        config = GateConfig(**json.loads(path.with_suffix(".json").read_text()))
-        gate = cls(config)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        evaluated = meta.pop("settings", {})
+        gate = cls(GateConfig(**meta))
+        gate.settings = check_gate_settings(evaluated, path.with_suffix(".json"))
         gate.load_state_dict(load_file(str(path), device=str(device)))
         return gate.to(device).eval()

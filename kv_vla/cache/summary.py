@@ -8,23 +8,38 @@ import torch
 
 
 def head_dim_of(model_config: object) -> int:
-    """Key/value head dimension of a HF decoder config."""
+    """Key head dimension of a HF decoder config (the width of a cached key)."""
+    return kv_widths(model_config)[0]
+
+
+def kv_widths(model_config: object) -> tuple[int, int]:
+    """``(key width, value width)`` of one cached head. Multi-head latent attention (DeepSeek-V2/V3)
+    caches keys of ``qk_nope_head_dim + qk_rope_head_dim`` and values of ``v_head_dim``."""
+    rope = getattr(model_config, "qk_rope_head_dim", None)
+    value = getattr(model_config, "v_head_dim", None)
+    if rope and value:
+        key = getattr(model_config, "qk_head_dim", None) or rope + int(
+            getattr(model_config, "qk_nope_head_dim", 0)
+        )
+        return int(key), int(value)
     head_dim = getattr(model_config, "head_dim", None)
-    if head_dim:
-        return int(head_dim)
-    return int(model_config.hidden_size // model_config.num_attention_heads)
+    if not head_dim:
+        head_dim = model_config.hidden_size // model_config.num_attention_heads
+    return int(head_dim), int(head_dim)
 
 
-def summary_dim(num_layers: int, head_dim: int) -> int:
-    """Length of :func:`chunk_summary`'s output: 4 statistics of ``head_dim`` per layer + 2 extras."""
-    return num_layers * 4 * head_dim + N_EXTRA
+def summary_dim(num_layers: int, head_dim: int, value_dim: int | None = None) -> int:
+    """Length of :func:`chunk_summary`'s output: per layer mean and std of the keys (``head_dim``
+    each) and of the values (``value_dim``, default ``head_dim``), plus 2 extras."""
+    value_dim = head_dim if value_dim is None else value_dim
+    return num_layers * 2 * (head_dim + value_dim) + N_EXTRA
 
 
 N_EXTRA = 2  # attention mass received (0 when not probed), log1p(chunk index) / 8
 
 
 def layer_summary(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Mean and std over batch, heads and tokens of a chunk's keys and values: ``[4 * head_dim]``.
+    """Mean and std over batch, heads and tokens of a chunk's keys and values: ``[2 * (Dk + Dv)]``.
 
     ``keys``/``values``: ``[B, H, T, D]`` (the chunk's columns of one layer), any float dtype.
     """

@@ -15,8 +15,16 @@ import torch
 FAMILIES = ("llama", "qwen2", "mistral", "gemma")
 
 
-def tiny_config(family: str, hidden: int = 32, layers: int = 2, vocab: int = 96, attn: str = "sdpa"):
-    """A tiny float32 decoder config of ``family`` (GQA: 4 query heads, 2 kv heads)."""
+def tiny_config(
+    family: str,
+    hidden: int = 32,
+    layers: int = 2,
+    vocab: int = 96,
+    attn: str = "sdpa",
+    window: int | None = None,
+):
+    """A tiny float32 decoder config of ``family`` (GQA: 4 query heads, 2 kv heads); ``window``
+    makes every Mistral layer a sliding-window layer."""
     from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -34,7 +42,7 @@ def tiny_config(family: str, hidden: int = 32, layers: int = 2, vocab: int = 96,
     if family == "qwen2":
         return Qwen2Config(**common, use_sliding_window=False)
     if family == "mistral":
-        return MistralConfig(**common, sliding_window=None)
+        return MistralConfig(**common, sliding_window=window)
     if family == "gemma":
         return GemmaConfig(**common, head_dim=hidden // 4)
     raise ValueError(f"family: unknown {family!r}; allowed values: {list(FAMILIES)}")
@@ -61,8 +69,15 @@ class EpisodeRecord:
     ids: list[int] = field(default_factory=list)  # every token of the episode
 
 
-def reference_mask(record: EpisodeRecord, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive 4-D mask ``[1, 1, N, N]``: row p sees the kept positions of its forward + its block prefix."""
+def reference_mask(
+    record: EpisodeRecord,
+    dtype: torch.dtype = torch.float32,
+    window: int | None = None,
+    padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Additive 4-D mask ``[B, 1, N, N]``: row p sees the kept positions of its forward + its block
+    prefix; with ``window`` only those within ``window`` of p (a sliding layer); with ``padding``
+    (``[B, N]``, 0 = pad) never a pad token."""
     n = record.blocks[-1][1]
     allowed = torch.zeros(n, n, dtype=torch.bool)
     for (start, end), kept in zip(record.blocks, record.kept_before):
@@ -70,17 +85,41 @@ def reference_mask(record: EpisodeRecord, dtype: torch.dtype = torch.float32) ->
             allowed[start:end, kept] = True
         block = torch.ones(end - start, end - start, dtype=torch.bool).tril()
         allowed[start:end, start:end] = block
-    mask = torch.zeros(n, n, dtype=dtype)
+    if window is not None:
+        pos = torch.arange(n)
+        allowed &= pos[None, :] > pos[:, None] - window
+    allowed = allowed[None, None]
+    if padding is not None:
+        allowed = allowed & padding.bool()[:, None, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return mask
+
+
+def reference_masks(model: torch.nn.Module, record: EpisodeRecord, padding: torch.Tensor | None = None):
+    """What to pass as ``attention_mask``: one 4-D mask, or one per layer type for hybrid models."""
+    from kv_vla.cache.compat import layer_windows, text_config
+
+    cfg = text_config(model.config)
+    dtype = next(model.parameters()).dtype
+    windows = {w for w in layer_windows(cfg) if w is not None}
+    if len(windows) > 1:
+        raise ValueError(f"model_config: several sliding windows {sorted(windows)}; the reference takes one")
+    full = reference_mask(record, dtype, padding=padding)
+    if not windows:
+        return full
+    sliding = reference_mask(record, dtype, window=windows.pop(), padding=padding)
+    if not getattr(cfg, "layer_types", None):
+        return sliding  # every layer slides (Mistral-style config)
+    return {"full_attention": full, "sliding_attention": sliding}
 
 
 @torch.no_grad()
 def reference_logits(model: torch.nn.Module, record: EpisodeRecord) -> torch.Tensor:
-    """Logits ``[1, N, vocab]`` of one uncached forward under :func:`reference_mask`."""
+    """Logits ``[1, N, vocab]`` of one uncached forward under :func:`reference_masks`."""
     ids = torch.tensor([record.ids])
-    mask = reference_mask(record, dtype=next(model.parameters()).dtype)
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    mask = reference_masks(model, record)
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
 
@@ -110,7 +149,14 @@ def run_episode(
         record.ids.extend(ids)
         first = cache.get_seq_length()  # the model's next position id (either position mode)
         pos = torch.arange(first, first + len(ids)).unsqueeze(0)
-        out = model(input_ids=torch.tensor([ids]), position_ids=pos, past_key_values=cache, use_cache=True)
+        mask = cache.attention_mask(len(ids)) if hasattr(cache, "attention_mask") else None  # static storage
+        out = model(
+            input_ids=torch.tensor([ids]),
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
         record.logits.append(out.logits)
         return out.logits
 

@@ -12,7 +12,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kv_vla import settings
+
 DEFAULT_MODEL = "models/compact-vla"
+#: cache knobs with a flag (``kv_vla.settings`` names; the flag is the name with ``-``). Left out, a
+#: knob keeps the model's evaluated setting (the table's default, or its gate file's).
+CACHE_FLAGS = tuple(n for n in settings.CACHE_SETTINGS if n != "policy")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,12 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--chunk-size", type=int, default=None, help="tokens per chunk (default: one control step)"
+        "--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors when present)"
     )
-    parser.add_argument("--recent-chunks", type=int, default=None)
-    parser.add_argument("--sink-tokens", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--gate-threshold", type=float, default=None)
+    settings.add_flags(parser.add_argument_group("cache settings (kv_vla/settings.py)"), CACHE_FLAGS)
+    settings.add_flags(parser, ("trust_remote_code",))
     parser.add_argument(
         "--positions",
         choices=["episode", "cache"],
@@ -43,48 +46,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="position ids: 'episode' (grow with the episode) or 'cache' (StreamingLLM, bounded)",
     )
     parser.add_argument(
-        "--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors when present)"
-    )
-    zip_group = parser.add_argument_group("ZipVL options (policies zipvl and gated_tiered)")
-    zip_group.add_argument("--tau", type=float, default=None, help="attention share kept at full precision")
-    zip_group.add_argument("--low-bits", type=int, default=None, choices=[2, 4, 8])
-    zip_group.add_argument("--quant-group-size", type=int, default=None)
-    zip_group.add_argument(
-        "--full-threshold", type=float, default=None, help="gated_tiered: utility for 16 bits"
+        "--compile",
+        action="store_true",
+        help="also evaluate each bounded model policy as a compiled step over static storage (rows "
+        "POLICY+compiled), so the timing columns show eager vs compiled from one run",
     )
     parser.add_argument("--no-progress", action="store_true")
 
 
 def cache_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The cache options given on the command line (others keep the config defaults)."""
-    names = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold", "positions")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The cache settings given on the command line (the others keep the evaluated setting)."""
+    given = settings.given(args, CACHE_FLAGS)
+    if getattr(args, "positions", None) is not None:
+        given["positions"] = args.positions
+    return given
 
 
-ZIPVL_POLICIES = ("zipvl", "gated_tiered")
+def model_factory(policy: str, args: argparse.Namespace, compiled: bool = False) -> Any:
+    """Load the runtime once with this cache policy; the factory hands it to every task.
 
-
-def zipvl_options(args: argparse.Namespace) -> dict[str, Any]:
-    """ZipVL's options, which live in ``EpisodeCacheConfig.extra`` (only for the ZipVL policies)."""
-    names = ("tau", "low_bits", "quant_group_size", "full_threshold")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
-def model_factory(policy: str, args: argparse.Namespace) -> Any:
-    """Load the runtime once with this cache policy; the factory hands it to every task."""
+    ``compiled``: the same policy over static storage with a compiled step (``EpisodeRuntime.set_compile``).
+    """
     from kv_vla.cache import EpisodeCacheConfig
     from kv_vla.runtime import EpisodeRuntime, shipped_gate
 
     options = cache_options(args)
-    if policy in ZIPVL_POLICIES and zipvl_options(args):
-        options["extra"] = zipvl_options(args)
     EpisodeCacheConfig(policy=policy, **options)  # refuse bad options before loading anything
     gate = args.gate if args.gate is not None else shipped_gate(args.model)
-    # no cache config at load: the runtime sizes chunks to one control step of *this* model (the
-    # unit its gate was trained on); then the policy and the given options are applied on top
-    runtime = EpisodeRuntime.from_pretrained(args.model, device=args.device, gate_path=gate)
+    # no cache config at load: the evaluated setting (the gate file's settings, one control step per
+    # chunk); then the policy and the given options are applied on top
+    runtime = EpisodeRuntime.from_pretrained(
+        args.model,
+        device=args.device,
+        gate_path=gate,
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+    )
     runtime.update_cache_config(policy=policy, **options)
+    if compiled:
+        runtime.update_cache_config(storage="static")
+        runtime.set_compile(True)
     return lambda env: runtime
+
+
+def compiled_refusal(policy: str, args: argparse.Namespace) -> str | None:
+    """Why ``policy`` (with the command line's options) gets no compiled row, or None."""
+    from kv_vla.cache import POLICIES, EpisodeCacheConfig
+
+    try:
+        EpisodeCacheConfig(policy=policy, storage="static", **cache_options(args))
+    except ValueError as exc:
+        return str(exc)
+    if POLICIES[policy].needs_attention:
+        return f"compile: policy {policy!r} reads attention through the probe"
+    return None
 
 
 def stateless_factory(args: argparse.Namespace) -> Any:
@@ -92,7 +106,10 @@ def stateless_factory(args: argparse.Namespace) -> Any:
     from kv_vla.eval.stateless import StatelessAgent
     from kv_vla.runtime import EpisodeRuntime
 
-    agent = StatelessAgent(EpisodeRuntime.from_pretrained(args.model, device=args.device))
+    runtime = EpisodeRuntime.from_pretrained(
+        args.model, device=args.device, trust_remote_code=bool(getattr(args, "trust_remote_code", False))
+    )
+    agent = StatelessAgent(runtime)
     return lambda env: agent
 
 
@@ -121,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
                 f"unknown policy {policy!r}: use one of {sorted(POLICIES)}, 'stateless' or {list(MODEL_FREE)}"
             )
         factories[policy] = model_factory(policy, args)
+        if getattr(args, "compile", False):
+            reason = compiled_refusal(policy, args)
+            if reason is None:
+                factories[f"{policy}+compiled"] = model_factory(policy, args, compiled=True)
+            else:
+                print(f"--compile: no compiled row for {policy!r}: {reason}")
     result = evaluate(
         factories,
         tasks,

@@ -8,7 +8,7 @@ from kv_vla.model.action_tokenizer import (
     unnormalize_actions,
 )
 from kv_vla.model.base import VLABackbone
-from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig, EpisodeOutput
+from kv_vla.model.compact import CompactVLA, CompactVLAConfig, EpisodeOutput
 from kv_vla.model.prompt import build_prompt
 
 __all__ = [

@@ -10,8 +10,9 @@ image slots (the tests check that); a pretrained VLM still has to be fine-tuned 
 on OpenVLA-style action tokens (the last ``n_bins`` ids of its vocabulary) to act well.
 
 Supported here: ``LlavaForConditionalGeneration`` and ``PaliGemmaForConditionalGeneration`` (Gemma
-1 decoder; PaliGemma 2's sliding-window layers are refused by the episode cache). Both were tested
-on tiny random configurations built locally, not on released checkpoints.
+1 decoder, or PaliGemma 2's Gemma 2 decoder, whose sliding-window layers the episode cache masks by
+the kept tokens' positions). All were tested on tiny random configurations built locally, not on
+released checkpoints.
 """
 
 from __future__ import annotations

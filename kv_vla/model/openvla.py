@@ -23,7 +23,7 @@ backbone takes the two normalisations concatenated on the channel axis (6 channe
 ``predict_action`` appends token 29871 (an empty "▁" piece) to the prompt when it is missing.
 
 Honesty note: this code path is tested on a tiny random model with the same module structure
-(see ``tests/test_model_openvla.py``); it was NOT run on the real 7B checkpoint (not available
+(see ``tests/model/test_model_openvla.py``); it was NOT run on the real 7B checkpoint (not available
 offline here), and OpenVLA's remote code targets transformers 4.40, so loading it under 5.x may
 need the remote code patched. OpenVLA was trained on single frames
 (``[BOS][image][prompt][actions]``), never on episodes: with history in its context its actions
@@ -189,9 +189,13 @@ def load_openvla(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> OpenVLABackbone:
-    """Load an OpenVLA checkpoint directory (local files only, ``trust_remote_code``) as a backbone.
+    """Load an OpenVLA checkpoint directory (local files only) as a backbone.
+
+    OpenVLA's classes are Python files inside the folder (``auto_map``), so loading it runs that
+    code: refused unless ``trust_remote_code`` (the ``kv_vla.settings`` knob of that name) is set.
 
     The model's own ``forward``/``predict_action`` are never called: the runtime drives
     ``vision_backbone``, ``projector`` and ``language_model`` itself. Not verified on the real 7B
@@ -210,6 +214,12 @@ def load_openvla(
     if key is None:
         raise ValueError(
             f"{path}/config.json has no auto_map entry for any of {_AUTO_KEYS} (remote code missing?)"
+        )
+    if not trust_remote_code:
+        raise ValueError(
+            f"trust_remote_code: {path} is a remote-code checkpoint (auto_map {auto_map[key]!r}); loading it "
+            "runs Python files from that folder. Set trust_remote_code=True (node parameter / "
+            "--trust-remote-code) only for a folder you trust"
         )
     cls = get_class_from_dynamic_module(auto_map[key], str(path), local_files_only=True)
     load_kw: dict[str, Any] = {"trust_remote_code": True, "local_files_only": True}

@@ -34,6 +34,13 @@ from kv_vla.train.data import (
     sample_step_visibility,
     tokenize_episodes,
 )
+from kv_vla.train.model_parts import (
+    TargetHead,
+    build_model,
+    cache_vision_patches,
+    param_groups,
+    with_overrides,
+)
 
 CHECKPOINT = "checkpoint.pt"
 TARGET_AUX_FRAMES = 3  # frames per episode that the auxiliary target loss reads (cue steps)
@@ -67,7 +74,7 @@ class TrainConfig:
     # keep the vision backbone's weights as they are (from --init) and compute its features once
     # per frame: ~4x fewer FLOPs per CPU update; random-shift augmentation is then off
     freeze_vision: bool = False
-    # learning-rate multiplier of the instruction-conditioning layers (FiLM, its word table, highlight)
+    # learning-rate multiplier of the instruction-conditioning layers (word table, highlight)
     film_lr_mult: float = 1.0
     # weight of the auxiliary loss that reads the first target cube's position from the first frames'
     # tokens (0 = off); see TargetHead
@@ -96,112 +103,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def build_model(episodes: Sequence[Any], overrides: dict[str, Any], seed: int) -> Any:
-    """A fresh compact VLA whose vocabulary covers every instruction word and whose action
-    normalisation statistics (q01/q99; the binary gripper left un-normalised) come from the data."""
-    from kv_vla.model.action_tokenizer import compute_norm_stats
-    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
-    from kv_vla.model.text_tokenizer import DEFAULT_WORDS
-
-    words = set(DEFAULT_WORDS)
-    for ep in episodes:
-        words.update(ep.instruction.lower().replace(",", " ").replace(".", " ").split())
-    actions = np.concatenate([np.asarray(ep.actions, dtype=np.float32) for ep in episodes])
-    mask = [True] * (actions.shape[1] - 1) + [False]
-    torch.manual_seed(seed)
-    config = CompactVLAConfig(words=sorted(words), action_dim=actions.shape[1], **overrides)
-    return CompactVLA(config, norm_stats={"kv_vla_sim": compute_norm_stats(actions, mask=mask)})
-
-
-def with_overrides(model: Any, overrides: dict[str, Any]) -> Any:
-    """``model`` rebuilt with some configuration fields changed, keeping every weight that still fits.
-
-    For fine-tuning into a larger architecture (e.g. ``{"film": true}`` on a model trained without
-    FiLM): parameters the change adds keep their own initialisation (FiLM's is the identity), every
-    other weight is copied; a change that alters the shape of an existing weight is refused.
-    """
-    import copy
-
-    from kv_vla.model.compact_vla import CompactVLA
-
-    config = copy.deepcopy(model.config)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ValueError(f"model_overrides: {key!r} is not a CompactVLAConfig field")
-        setattr(config, key, value)
-    config._check()
-    new = CompactVLA(config, norm_stats=model.norm_stats)
-    try:
-        result = new.load_state_dict(model.state_dict(), strict=False)
-    except RuntimeError as exc:  # size mismatch
-        raise ValueError(f"model_overrides {overrides} change the shape of trained weights: {exc}") from None
-    if result.unexpected_keys:
-        raise ValueError(f"model_overrides {overrides} drop trained weights: {result.unexpected_keys}")
-    return new
-
-
-class TargetHead(torch.nn.Module):
-    """Reads the first target cube's position (``[-1, 1]^2``) from an early frame's image tokens.
-
-    Why: behaviour cloning alone rewards reading the colour word only through the first few actions
-    of an episode (later ones can follow the arm's own heading), and a policy trained that way
-    barely reads it (``kv-vla probe``). Asking the image tokens of the first frames -- conditioned
-    on the instruction -- to say where the named (or lit) cube is gives that path a direct, dense
-    signal. Used in training only; it is not part of the saved model.
-    """
-
-    def __init__(self, n_tokens: int, hidden: int, width: int = 128, n_targets: int = 1) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(n_tokens * hidden, width), torch.nn.GELU(), torch.nn.Linear(width, 2 * n_targets)
-        )
-
-    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, N, H]`` -> ``[B, 2 * n_targets]`` (x, y of each target in turn)."""
-        return self.net(image_tokens.flatten(1).float())
-
-
-def _param_groups(model: Any, film_lr_mult: float) -> list[dict[str, Any]]:
-    """The trainable parameters, the instruction-conditioning layers' (FiLM, its word table, the
-    colour highlight) in a group of their own with their learning-rate multiplier.
-
-    Why a multiplier: they start as the identity inside a model that already acts well without
-    them, so at the fine-tuning learning rate the rest adapts long before they say anything.
-    """
-    film_ids = {
-        id(p) for name in ("film", "film_words", "highlight") for p in _params_of(getattr(model, name, None))
-    }
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if id(p) not in film_ids], "lr_mult": 1.0},
-        {"params": [p for p in trainable if id(p) in film_ids], "lr_mult": film_lr_mult},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def _params_of(module: Any) -> list[torch.nn.Parameter]:
-    return [] if module is None else list(module.parameters())
-
-
-@torch.no_grad()
-def cache_vision_patches(model: Any, data: Sequence[EpisodeTensors], frames_per_batch: int = 512) -> None:
-    """Fill each episode's ``patches`` with the (frozen) backbone's features of its frames, in fp16
-    on the CPU (12 KiB per frame for the shipped layout), so training never runs the backbone."""
-    from tqdm import tqdm
-
-    was_training = model.vision.training
-    model.vision.eval()
-    for ep in tqdm(data, desc="vision features (frozen backbone)", unit="ep"):
-        chunks = []
-        for k in range(0, ep.n_steps, frames_per_batch):
-            pix = model.pixel_values(
-                torch.as_tensor(ep.frames[k : k + frames_per_batch], device=model.device)
-            )
-            chunks.append(model.vision_patches(pix).to("cpu", torch.float16))
-        ep.patches = torch.cat(chunks)
-    model.vision.train(was_training)
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -249,7 +150,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     """Train (or resume) and save the final model folder to ``cfg.out``; returns that path."""
     from tqdm import tqdm
 
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
     from kv_vla.train.data import load_demonstrations
 
     cfg.validate()
@@ -259,7 +160,9 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     if episodes is None:
         episodes = load_demonstrations(cfg.data, cfg.max_per_task)
     ckpt_path = out / CHECKPOINT
-    resume = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    # weights_only: a checkpoint is data (tensors, numbers, RNG state tuples); unpickling arbitrary
+    # objects would run code from whoever wrote the file
+    resume = torch.load(ckpt_path, weights_only=True) if ckpt_path.exists() else None
     if resume is not None:
         model = CompactVLA.from_pretrained(out / "checkpoint_model")
     elif cfg.init_from is not None:
@@ -279,7 +182,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
             )
         model.vision.requires_grad_(False)
         cache_vision_patches(model, data)
-    groups = _param_groups(model, cfg.film_lr_mult)
+    groups = param_groups(model, cfg.film_lr_mult)
     target_head = None
     if cfg.target_aux > 0:
         torch.manual_seed(cfg.seed)

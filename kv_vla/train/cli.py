@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--film-lr-mult",
         type=float,
         default=1.0,
-        help="learning-rate multiplier of the instruction-conditioning layers (FiLM, word table, highlight)",
+        help="learning-rate multiplier of the instruction-conditioning layers (word table, highlight)",
     )
     parser.add_argument(
         "--target-aux",

@@ -20,10 +20,9 @@ nothing and a leave-one-out target would call all of them useless.
 under a token budget: step ``i`` weighs old chunk ``j`` by ``min(1, K * u_j / sum of u over the old
 chunks step i sees)`` instead of ``u_j`` (all kept while ``K`` or fewer are old). Why: with
 independent soft masks a gate can keep every early chunk at a moderate utility and lose nothing,
-and it learns position instead of content -- the gate trained that way ranked frames 0-2 above a
-cue shown at frame 3-12 (``late_cued_reach``) in 40 of 40 episodes, because the cue sits at frames
-0-2 in the other cued tasks. Under the budget, a useless early chunk takes weight from the cue, so
-the ranking itself is trained.
+so it learns position instead of content (the cue sits at frames 0-2 in most cued tasks; measured
+in docs/RESULTS.md). Under the budget, a useless early chunk takes weight from the cue, so the
+ranking itself is trained.
 
 The gate's input is exactly what :class:`kv_vla.cache.EpisodeCache` computes online (per-layer
 key/value statistics of each completed chunk and its index), taken from a cache that has seen the
@@ -108,7 +107,7 @@ def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
         use_cache=True,
     )
     cache.pin_prefix()
-    condition = model.instruction_condition(prompt)  # None without FiLM or highlight
+    condition = model.instruction_condition(prompt)  # None without a highlight
     img = model.encode_pixels(
         model.pixel_values(torch.as_tensor(ep.frames, device=device)), condition
     )  # [T, N, H]
@@ -182,7 +181,7 @@ def train_gate(cfg: GateTrainConfig, episodes: Sequence[Any] | None = None) -> P
     from tqdm import tqdm
 
     from kv_vla.cache import ChunkGate
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
     from kv_vla.train.data import load_demonstrations
 
     cfg.validate()

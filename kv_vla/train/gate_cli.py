@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kv_vla import settings
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained compact VLA folder")
@@ -19,9 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="weight of the mean-utility (memory) penalty (0 under a budget; ~0.05 with --budget-chunks 0)",
     )
-    parser.add_argument(
-        "--recent-chunks", type=int, default=2, help="chunks always kept (as in the cache config)"
-    )
+    # the recent window the gate learns around: the cache knob of that name (kv_vla/settings.py)
+    settings.add_flags(parser, ("recent_chunks",), default_none=False)
     parser.add_argument("--cell", choices=["gru", "lstm"], default="gru")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")

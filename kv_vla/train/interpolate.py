@@ -2,8 +2,8 @@
 
 ``(1 - alpha) * A + alpha * B`` for every parameter and buffer (WiSE-FT, Wortsman et al. 2022,
 "Robust fine-tuning of zero-shot models"). Why it is here: a fine-tune that teaches a new task
-can cost precision on an old one (stage 7 learned ``late_cued_reach`` and lost some ``push``);
-the interpolation between the model before and after often keeps most of both, with no training.
+can cost precision on an old one; the interpolation between the model before and after often
+keeps most of both, with no training (the shipped model is one: models/README.md).
 Both folders must hold the same architecture, tokenizer and action normalisation, or the mix
 means nothing; that is checked and refused with the difference.
 """
@@ -34,7 +34,7 @@ def interpolate_models(a: str | Path, b: str | Path, alpha: float, out: str | Pa
     """
     import torch
 
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")

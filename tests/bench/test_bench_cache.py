@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kv_vla.bench import cli as bench_cli
 
 
@@ -21,6 +23,7 @@ def test_bench_cache_json_schema_and_ratios(tmp_path, capsys):
     assert {"preset", "device", "dtype", "results"} <= set(report)
     assert report["preset"] == "small" and report["device"] == "cpu" and report["dtype"] == "float32"
     keys = {"policy", "history_steps", "step_ms_p50", "kv_bytes", "latency_ratio_vs_full", "kv_ratio_vs_full"}
+    keys |= {"storage", "compiled", "latency_ratio_vs_dynamic", "floor_ms", "floor_ratio", "warmup_s"}
     rows = report["results"]
     assert {r["policy"] for r in rows} == {
         "full",
@@ -36,6 +39,9 @@ def test_bench_cache_json_schema_and_ratios(tmp_path, capsys):
     for r in rows:
         assert set(r) == keys
         assert r["step_ms_p50"] > 0 and r["kv_bytes"] > 0
+        assert (r["storage"], r["compiled"]) == ("dynamic", False)
+        assert r["floor_ms"] > 0 and r["floor_ratio"] == round(r["step_ms_p50"] / r["floor_ms"], 2)
+    assert report["copy_bandwidth_gb_s"] > 0 and report["passes_per_step"] == 3
     by = {(r["policy"], r["history_steps"]): r for r in rows}
     for h in (2, 5):
         assert by[("full", h)]["latency_ratio_vs_full"] == 1.0
@@ -78,6 +84,7 @@ def test_dynamic_cache_reference_holds_what_full_holds():
         assert by[("hf_dynamic", h)]["kv_ratio_vs_full"] == 1.0
 
 
+@pytest.mark.slow  # one process per policy
 def test_isolated_run_measures_each_policy_in_its_own_process_with_the_same_bytes():
     """``--isolate`` (one spawned process per policy, for fair GPU latency) sees the same model and
     tokens as lockstep: every row's KV bytes equal the lockstep run's exactly, and the partial
@@ -98,3 +105,34 @@ def test_isolated_run_measures_each_policy_in_its_own_process_with_the_same_byte
     assert [[r["policy"] for r in p["results"]] for p in partial] == [["full"] * 2]
     assert not any(p["complete"] for p in partial)
     assert all(r["step_ms_p50"] > 0 for r in isolated["results"])
+
+
+def test_static_storage_rows_hold_the_same_bytes_as_dynamic():
+    """``--storage dynamic,static``: every bounded policy gets a static row with the dynamic row's KV
+    bytes at each history point; unbounded ones (full, zipvl) and the reference stay dynamic only."""
+    from kv_vla.bench.cache_bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        obs_tokens=6,
+        action_tokens=1,
+        history=[2, 4],
+        policies=["full", "window", "gated", "zipvl", "hf_dynamic"],
+        repeats=1,
+        keep_steps=1,
+        storages=["dynamic", "static"],
+    )
+    rows = run_bench(cfg, progress=False)["results"]
+    by = {(r["policy"], r["storage"], r["history_steps"]): r for r in rows}
+    assert {(p, s) for p, s, _ in by} == {
+        ("full", "dynamic"),
+        ("window", "dynamic"),
+        ("window", "static"),
+        ("gated", "dynamic"),
+        ("gated", "static"),
+        ("zipvl", "dynamic"),
+        ("hf_dynamic", "dynamic"),
+    }
+    for p in ("window", "gated"):
+        for h in (2, 4):
+            assert by[(p, "static", h)]["kv_bytes"] == by[(p, "dynamic", h)]["kv_bytes"] > 0
+            assert by[(p, "static", h)]["latency_ratio_vs_dynamic"] > 0

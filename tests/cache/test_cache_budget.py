@@ -36,6 +36,7 @@ BUDGETS = {
 }
 
 
+@pytest.mark.slow  # 5000 steps per policy
 @pytest.mark.parametrize("policy", sorted(BUDGETS))
 def test_kept_tokens_never_exceed_budget_over_5000_steps(policy):
     gen = torch.Generator().manual_seed(0)
@@ -142,7 +143,7 @@ def test_chunks_stay_aligned_with_steps_when_sinks_shorten_the_first():
 @pytest.mark.parametrize("recent", [0, 1, 3, 8])
 def test_window_holds_exactly_the_recent_chunks_at_every_step(recent):
     gen = torch.Generator().manual_seed(5)
-    cfg = EpisodeCacheConfig(policy="window", chunk_size=OBS + DECODE, recent_chunks=recent)
+    cfg = EpisodeCacheConfig(policy="window", chunk_size=OBS + DECODE, recent_chunks=recent, max_tokens=None)
     cache = EpisodeCache(cfg, _config())
     _forward(cache, PROMPT, gen, False)
     cache.pin_prefix()

@@ -63,7 +63,9 @@ def test_cache_utilities_are_the_gates_forward_over_chunk_summaries(tiny_models)
 
 def test_threshold_change_takes_effect_at_next_decision(tiny_models):
     model = tiny_models("mistral")
-    cfg = EpisodeCacheConfig(policy="gated", chunk_size=CHUNK, recent_chunks=1, gate_threshold=0.0)
+    cfg = EpisodeCacheConfig(
+        policy="gated", chunk_size=CHUNK, recent_chunks=1, gate_threshold=0.0, max_tokens=None
+    )
     cache = EpisodeCache(cfg, model.config)
     gate = ChunkGate.for_model(model.config, seed=7)
     cache.set_gate(gate)

@@ -63,7 +63,7 @@ def test_expert_far_above_random_and_all_three_files(tmp_path):
 
 def test_eval_cli_with_a_model_policy_and_agents(tmp_path):
     """End to end through `kv-vla eval`: a tiny untrained compact VLA under two cache policies."""
-    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
 
     CompactVLA(CompactVLAConfig.tiny()).eval().save_pretrained(tmp_path / "model")
     out = tmp_path / "eval"
@@ -87,7 +87,7 @@ def test_eval_cli_chunks_are_one_control_step_of_the_model(tmp_path, pool, step_
     import argparse
 
     from kv_vla.eval.cli import model_factory
-    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
 
     CompactVLA(CompactVLAConfig.tiny(pool=pool)).eval().save_pretrained(tmp_path / "model")
     names = ("chunk_size", "sink_tokens", "max_tokens", "gate_threshold", "gate")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("pybullet")
-
 from kv_vla_sim.probe import expert_first_action, instruction_binding
 
 SCENES = [0, 1, 2, 3, 4]

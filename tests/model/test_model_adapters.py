@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma2Config,
     GemmaConfig,
     LlamaConfig,
     LlavaConfig,
@@ -87,7 +88,43 @@ def tiny_paligemma(seed: int = 0) -> PaliGemmaForConditionalGeneration:
     return PaliGemmaForConditionalGeneration(cfg).eval()
 
 
-BUILDERS = {"llava": (tiny_llava, LlavaAdapter), "paligemma": (tiny_paligemma, PaliGemmaAdapter)}
+def tiny_paligemma2(seed: int = 0) -> PaliGemmaForConditionalGeneration:
+    """PaliGemma 2: a Gemma 2 decoder (sliding-window and full layers); the window is shorter than
+    the episode, so it masks."""
+    torch.manual_seed(seed)
+    cfg = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        text_config=Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=24,
+        ),
+        image_token_index=IMAGE_TOKEN,
+        projection_dim=32,
+        hidden_size=32,
+        vocab_size=VOCAB,
+    )
+    return PaliGemmaForConditionalGeneration(cfg).eval()
+
+
+BUILDERS = {
+    "llava": (tiny_llava, LlavaAdapter),
+    "paligemma": (tiny_paligemma, PaliGemmaAdapter),
+    "paligemma2": (tiny_paligemma2, PaliGemmaAdapter),
+}
 
 
 def frames(n: int, seed: int) -> np.ndarray:

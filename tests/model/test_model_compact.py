@@ -160,7 +160,7 @@ def test_binned_cross_entropy_soft_targets_respect_bin_order():
     off (one-hot cross-entropy scores them the same), and the exact bin still costs least."""
     import torch.nn.functional as F
 
-    from kv_vla.model.compact_vla import _binned_cross_entropy
+    from kv_vla.model.compact.episode import binned_cross_entropy as _binned_cross_entropy
 
     labels = torch.tensor([100])
 
@@ -176,60 +176,16 @@ def test_binned_cross_entropy_soft_targets_respect_bin_order():
     assert soft[0] < soft[1] < soft[2]
 
 
-def test_spatial_softmax_projector_reads_where_a_feature_is():
-    """The keypoint projector's expected coordinates point at the grid cell holding a feature, so
-    moving a blob moves the coordinates (and the tokens), and a full model trains through it."""
-    from kv_vla.model.compact_vla import SpatialSoftmaxProjector
-
-    proj = SpatialSoftmaxProjector(in_dim=3, out_dim=8, grid=8, n_tokens=2, n_keypoints=1)
-    with torch.no_grad():
-        proj.keypoints.weight.copy_(torch.tensor([[10.0, 0.0, 0.0]]))
-        proj.keypoints.bias.zero_()
-    patches = torch.zeros(1, 64, 3)
-    patches[0, 2 * 8 + 5, 0] = 5.0  # row 2, column 5
-    attn = torch.softmax(proj.keypoints(patches), dim=1)
-    xy = (attn.transpose(1, 2) @ proj.coords)[0, 0].detach()
-    axis = torch.linspace(-1, 1, 8)
-    assert abs(float(xy[0]) - float(axis[5])) < 0.05 and abs(float(xy[1]) - float(axis[2])) < 0.05
-    assert proj(patches).shape == (1, 2, 8)
-
-    model = CompactVLA(CompactVLAConfig.tiny(projector="spatial_softmax", pool=4, action_decoding="parallel"))
-    assert model.num_image_tokens == 4
-    frames = np.random.default_rng(0).integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8)
-    ids = torch.full((1, 2, 4), model.action_tokenizer.action_token_begin_idx + 7)
-    out = model.forward_episode([model.prompt_ids(build_prompt("reach the red cube"))[0]], frames, ids)
-    out.loss.backward()
-    assert model.projector.keypoints.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="projector"):
-        CompactVLAConfig.tiny(projector="pooling")
-
-
-def test_film_starts_as_identity_and_then_conditions_the_image_tokens_on_the_instruction(tmp_path):
-    """FiLM is zero-initialised: a new FiLM model gives exactly the image tokens of the same weights
-    without FiLM, whatever the instruction. Once its weights move, the tokens of one frame differ
-    between "red" and "green" instructions; it saves and loads, and refuses to run unconditioned."""
-    plain = make_model(5, action_decoding="parallel")
-    film = make_model(5, action_decoding="parallel", film=True)
-    missing = film.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["film.bias", "film.weight", "film_words.weight"]
-    f = frames(1, 2)[0]
-    red, green = (film.prompt_ids(build_prompt(f"reach the {c} cube")) for c in ("red", "green"))
-    with torch.no_grad():
-        for ids in (red, green):
-            # exact: same kernels on equal in-memory weights, and a zero FiLM adds exactly nothing
-            assert torch.equal(film.embed_image(f, film.instruction_condition(ids)), plain.embed_image(f))
-        film.film.weight.normal_(0, 0.5)
-        tok_red = film.embed_image(f, film.instruction_condition(red))
-        tok_green = film.embed_image(f, film.instruction_condition(green))
-        assert (tok_red - tok_green).abs().max() > 1e-3
-        assert plain.instruction_condition(red) is None
-    with pytest.raises(ValueError, match="FiLM"):
-        film.embed_image(f)
-    film.save_pretrained(tmp_path / "film")
-    again = CompactVLA.from_pretrained(tmp_path / "film").eval()
-    assert again.config.film
-    with torch.no_grad():
-        assert_logits_close(again.embed_image(f, again.instruction_condition(red)), tok_red)  # reloaded
+def test_legacy_config_keys_load_and_removed_features_are_refused():
+    """Older config.json files carry ``film: false``, ``projector: "space_to_depth"`` and
+    ``num_keypoints``: they load as before. FiLM or another projector is refused by name, since
+    this code no longer computes them (a silently different model would be worse)."""
+    cfg = CompactVLAConfig.tiny(film=False, projector="space_to_depth", num_keypoints=32)
+    assert not hasattr(cfg, "film") and not hasattr(cfg, "num_keypoints")
+    with pytest.raises(ValueError, match="film=True"):
+        CompactVLAConfig.tiny(film=True)
+    with pytest.raises(ValueError, match="projector='spatial_softmax'"):
+        CompactVLAConfig.tiny(projector="spatial_softmax")
 
 
 def test_colour_highlight_starts_as_identity_then_lights_the_named_colour(tmp_path):
@@ -273,7 +229,7 @@ def test_ordered_highlight_slots_tell_word_order_apart(tmp_path):
     """With ``highlight_slots=2`` the two reads of the prompt depend on word order ("red, then
     blue" vs "blue, then red" give different conditions, where a bag of words gives the same one),
     each slot has a highlight of its own whose gain starts at zero (same tokens as a model without
-    it, into which a trained one loads), and it saves and loads. FiLM with several slots is refused."""
+    it, into which a trained one loads), and it saves and loads. Several slots need the highlight."""
     rb = build_prompt("touch the red cube, then the blue cube")
     br = build_prompt("touch the blue cube, then the red cube")
     bag = make_model(6, action_decoding="parallel", highlight=True)
@@ -306,13 +262,13 @@ def test_ordered_highlight_slots_tell_word_order_apart(tmp_path):
         assert_logits_close(again.instruction_condition(again.prompt_ids(rb)), c_rb)  # reloaded
         assert_logits_close(again.embed_image(f, c_rb), two.embed_image(f, c_rb))
     with pytest.raises(ValueError, match="highlight_slots"):
-        CompactVLAConfig.tiny(highlight=True, film=True, highlight_slots=2)
+        CompactVLAConfig.tiny(highlight=False, highlight_slots=2)
 
 
 def test_ordered_reads_see_the_instruction_words_not_the_template():
     """The ordered reads run over the instruction inside OpenVLA's fixed template (whose ten prefix
     words would otherwise take the early read); a prompt not in the template's form is read whole."""
-    from kv_vla.model.compact_vla import word_order_weights
+    from kv_vla.model.compact.conditioning import word_order_weights
 
     two = make_model(6, action_decoding="parallel", highlight=True, highlight_slots=2)
     ids = two.prompt_ids(build_prompt("touch the red cube, then the blue cube"))
@@ -330,7 +286,7 @@ def test_ordered_reads_see_the_instruction_words_not_the_template():
 def test_ordered_reads_weigh_the_first_and_the_last_colour_of_each_template():
     """In every touch_sequence template the first read weighs the first colour at least 10x the
     second and the last read the reverse; a one-word instruction is read alike by both."""
-    from kv_vla.model.compact_vla import word_order_weights
+    from kv_vla.model.compact.conditioning import word_order_weights
     from kv_vla_sim.tasks import TASKS
 
     model = make_model(6, action_decoding="parallel", highlight=True, highlight_slots=2)

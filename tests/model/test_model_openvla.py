@@ -194,7 +194,7 @@ def test_runtime_step_matches_manual_composition(mirror, fused, prompt_in_step):
     """Step 1 with ``prompt_in_step`` is OpenVLA's predict_action input: [BOS][image][prompt][actions]."""
     p = make_prismatic(mirror, fused=fused)
     vla = backbone(p, fused=fused, prompt_in_step=prompt_in_step)
-    rt = EpisodeRuntime(vla, unnorm_key="bridge_orig")
+    rt = EpisodeRuntime(vla, EpisodeCacheConfig(policy="full"), unnorm_key="bridge_orig")
     rt.reset("touch the red cube")
     f = frames(1, 1)[0]
     res = rt.step(f)
@@ -219,6 +219,26 @@ def test_runtime_step_matches_manual_composition(mirror, fused, prompt_in_step):
     )
     np.testing.assert_allclose(res.action, expected, atol=1e-6)
     assert np.all(res.action[:3] <= np.array([0.1, 0.2, 0.3]) + 1e-6)
+
+
+def test_reset_keeps_a_chunk_size_set_explicitly_on_the_openvla_layout(mirror):
+    """On a ``prompt_in_step`` backbone a step holds the prompt too, so "one control step" (chunk_size
+    0) is resolved at every reset from that instruction; a chunk size set explicitly stays as set."""
+    vla = backbone(make_prismatic(mirror))
+    rt = EpisodeRuntime(vla, unnorm_key="bridge_orig")  # the default config: chunk = one step
+    rt.update_cache_config(policy="window", max_tokens=0, chunk_size=7)
+    for instruction in ("touch the red cube", "push the blue cube to the green zone"):
+        rt.reset(instruction)
+        assert rt.cache.config.chunk_size == 7 and rt.cache_config.chunk_size == 7
+        rt.step(frames(1, 0)[0])
+    rt.update_cache_config(chunk_size=0)
+    sizes = []
+    for instruction in ("touch the red cube", "push the blue cube to the green zone"):
+        rt.reset(instruction)
+        prompt_len = vla.prompt_ids(build_prompt(instruction)).shape[1]
+        assert rt.cache.config.chunk_size == rt.step_tokens == 16 + (prompt_len - 1) + 4
+        sizes.append(rt.cache.config.chunk_size)
+    assert sizes[0] != sizes[1] and rt.requested_config.chunk_size == 0
 
 
 def test_norm_stats_need_unnorm_key_when_several(mirror):
@@ -259,11 +279,16 @@ def test_load_openvla_from_a_remote_code_directory(mirror, tmp_path, monkeypatch
             }
         )
     )
-    loaded = load_openvla(ckpt, prompt_suffix_id=SUFFIX)
+    with pytest.raises(ValueError, match=r"^trust_remote_code: .* runs Python files from that folder"):
+        load_openvla(ckpt, prompt_suffix_id=SUFFIX)  # off by default: nothing from the folder runs
+    with pytest.raises(ValueError, match=r"^trust_remote_code:"):
+        EpisodeRuntime.from_pretrained(ckpt)
+    assert not (tmp_path / "hf_modules").exists()  # refused before any of its code was imported
+    loaded = load_openvla(ckpt, prompt_suffix_id=SUFFIX, trust_remote_code=True)
     assert loaded.image_size == 32 and len(loaded.means) == 2
     assert loaded.norm_stats == NORM_STATS
     ref = backbone(p)
-    cc = EpisodeCacheConfig(policy="window", chunk_size=16 + 4 + 5, recent_chunks=1)
+    cc = EpisodeCacheConfig(policy="window", chunk_size=16 + 4 + 5, recent_chunks=1, max_tokens=None)
     out = []
     for vla in (ref, loaded):
         rt = EpisodeRuntime(vla, cc, unnorm_key="kv_vla_sim")

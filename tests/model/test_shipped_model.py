@@ -45,6 +45,7 @@ def test_shipped_model_fits_the_size_limit():
     assert gate is not None and gate.with_suffix(".json").exists()
 
 
+@pytest.mark.slow  # closed-loop episodes of the shipped model
 def test_shipped_model_runs_a_memory_task_with_the_gated_cache_within_budget():
     from kv_vla.eval.harness import evaluate
     from kv_vla.runtime import EpisodeRuntime, shipped_gate
@@ -75,6 +76,7 @@ def test_shipped_model_runs_a_memory_task_with_the_gated_cache_within_budget():
         assert gated["peak_kv_bytes"] <= 0.3 * full["peak_kv_bytes"]  # the memory target
 
 
+@pytest.mark.slow  # closed-loop episodes of the shipped model
 @pytest.mark.parametrize("task", ["cued_reach", "late_cued_reach"])
 def test_shipped_model_remembers_the_cue_under_the_gated_cache(task):
     from kv_vla.eval.harness import evaluate
@@ -91,8 +93,8 @@ def test_shipped_model_remembers_the_cue_under_the_gated_cache(task):
 
 
 def test_shipped_model_heads_for_the_cube_the_instruction_names():
-    from kv_vla.model.compact_vla import CompactVLA
-    from kv_vla_sim.probe import instruction_binding, model_first_action
+    from kv_vla.eval.probe import instruction_binding, model_first_action
+    from kv_vla.model.compact import CompactVLA
 
     model = CompactVLA.from_pretrained(MODEL).eval()
     report = instruction_binding(model_first_action(model), seeds=list(range(20)), progress=False)
@@ -100,8 +102,8 @@ def test_shipped_model_heads_for_the_cube_the_instruction_names():
 
 
 def test_shipped_model_heads_for_the_first_of_two_named_cubes():
-    from kv_vla.model.compact_vla import CompactVLA
-    from kv_vla_sim.probe import instruction_binding, model_first_action
+    from kv_vla.eval.probe import instruction_binding, model_first_action
+    from kv_vla.model.compact import CompactVLA
 
     model = CompactVLA.from_pretrained(MODEL).eval()
     report = instruction_binding(model_first_action(model), seeds=list(range(20)), progress=False, order=True)

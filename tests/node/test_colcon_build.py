@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("rclpy")
-pytest.importorskip("kv_vla.runtime")
-
 from kv_vla_node import params
 from kv_vla_node.testing import NodeProcess, RosClient, free_domain_id, ros_env, save_random_model
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]  # builds the ROS package with colcon
 
 REPO = Path(__file__).resolve().parents[2]
 COLCON = Path(sys.executable).parent / "colcon"

@@ -120,7 +120,7 @@ def test_bringup_arguments_map_to_node_parameters(monkeypatch):
     declared = _declared(desc)
     overrides = set(declared) - {"params_file", "namespace"}
     assert overrides <= set(params.SPECS)
-    assert {"model_path", "cache_policy", "chunk_size", "gate_threshold", "device"} <= overrides
+    assert {"model_path", "policy", "chunk_size", "gate_threshold", "device"} <= overrides
     assert declared["params_file"] == "/opt/share/kv_vla/config/kv_vla.yaml"
 
     # Empty arguments keep the YAML; given ones become typed parameter overrides.
@@ -132,10 +132,10 @@ def test_bringup_arguments_map_to_node_parameters(monkeypatch):
         "vla_node",
         "kv_vla",
     )
-    configs |= {"chunk_size": "40", "gate_threshold": "0.3", "cache_policy": "window", "dry_run": "true"}
+    configs |= {"chunk_size": "40", "gate_threshold": "0.3", "policy": "window", "dry_run": "true"}
     [node] = _opaque(desc).kwargs["function"](_Context(configs))
     overrides = node.kwargs["parameters"][1]
-    assert overrides == {"chunk_size": 40, "gate_threshold": 0.3, "cache_policy": "window", "dry_run": True}
+    assert overrides == {"chunk_size": 40, "gate_threshold": 0.3, "policy": "window", "dry_run": True}
     for name, value in overrides.items():
         assert type(value) is type(params.SPECS[name].default)
         assert params.validate(name, value) is None

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy")
-
 from kv_vla_node import conversions
 from kv_vla_node.conversions import InputRefused
+
+pytestmark = pytest.mark.ros
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)

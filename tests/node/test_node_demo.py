@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("pybullet")
-pytest.importorskip("kv_vla.runtime")
+pytestmark = [pytest.mark.ros, pytest.mark.slow]  # node processes over DDS
 
 REPO = Path(__file__).resolve().parents[2]
 

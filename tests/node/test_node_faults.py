@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("kv_vla.runtime")
-
 from kv_vla_node.testing import free_domain_id, in_process_node, save_random_model
+
+pytestmark = pytest.mark.ros
 
 
 class FaultOnce:
@@ -67,8 +66,12 @@ def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        ({"dtype": "int8"}, ValueError, "dtype='int8' is not one of float32, float16, bfloat16"),
-        ({"cache_policy": "nope"}, ValueError, "cache_policy='nope' is not one of"),
+        (
+            {"dtype": "int8"},
+            ValueError,
+            "dtype: 'int8' is not allowed; allowed values: float32, float16, bfloat16",
+        ),
+        ({"policy": "nope"}, ValueError, "policy='nope' is not one of"),
         ({"model_path": "/nonexistent/vla"}, FileNotFoundError, "/nonexistent/vla"),
     ],
 )

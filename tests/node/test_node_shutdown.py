@@ -15,9 +15,6 @@ import textwrap
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("kv_vla.runtime")
-
 from kv_vla_node.testing import (
     CONFIG_FILE,
     NodeProcess,
@@ -27,6 +24,8 @@ from kv_vla_node.testing import (
     ros_env,
     save_random_model,
 )
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]  # node processes and stop signals
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

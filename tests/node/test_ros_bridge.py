@@ -10,10 +10,6 @@ import json
 
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("pybullet")
-pytest.importorskip("kv_vla.runtime")
-
 from kv_vla_node.testing import (
     CONFIG_FILE,
     NodeProcess,
@@ -23,6 +19,8 @@ from kv_vla_node.testing import (
     ros_env,
     save_random_model,
 )
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]  # node and bridge processes over DDS
 
 MAX_STEPS = 6
 
@@ -35,7 +33,7 @@ def test_full_episode_through_node_and_bridge(tmp_path):
     node = NodeProcess(
         node_command(
             "kv_vla_node.vla_node",
-            {"model_path": str(model), "control_rate_hz": 50.0, "cache_policy": "gated", "chunk_size": 0},
+            {"model_path": str(model), "control_rate_hz": 50.0, "policy": "gated", "chunk_size": 0},
             params_file=CONFIG_FILE,
         ),
         env,
@@ -87,7 +85,7 @@ def test_full_episode_through_node_and_bridge(tmp_path):
         assert r["instruction"] == sim.reset(seed=r["seed"])[1]["instruction"]
         assert isinstance(r["success"], bool)
         assert 1 <= r["steps"] <= MAX_STEPS and r["max_steps"] == MAX_STEPS
-        assert r["cache_policy"] == "gated"
+        assert r["policy"] == "gated"
         assert r["seen_tokens"] >= r["kept_tokens"] > 0
         assert r["peak_kv_bytes"] > 0 and r["step_latency_ms_p50"] > 0 and r["round_trip_ms_p50"] > 0
     # Every step of both episodes was answered by the node, each episode from a fresh cache.

@@ -12,9 +12,6 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy")
-pytest.importorskip("kv_vla.runtime")
-
 from kv_vla_node.testing import (
     CONFIG_FILE,
     NodeProcess,
@@ -24,6 +21,8 @@ from kv_vla_node.testing import (
     ros_env,
     save_random_model,
 )
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]  # a node process over DDS
 
 INSTRUCTION = "pick up the red cube"
 MAX_PIXELS = 128 * 128
@@ -47,7 +46,7 @@ def ros(tmp_path_factory):
             "control_rate_hz": 50.0,
             "max_image_pixels": MAX_PIXELS,
             "max_image_age_s": 5.0,
-            "cache_policy": "gated",
+            "policy": "gated",
         },
         params_file=CONFIG_FILE,
     )
@@ -158,7 +157,7 @@ def test_live_parameters_show_in_diagnostics_and_invalid_ones_are_refused(ros):
 
     refused = {
         "gate_threshold": 1.5,  # outside the descriptor's range
-        "cache_policy": "no_such_policy",  # not a registered policy
+        "policy": "no_such_policy",  # not a registered policy
         "device": "tpu",  # read-only
         "model_path": "/elsewhere",  # read-only
         "chunk_size": -3,  # outside the range
@@ -168,14 +167,14 @@ def test_live_parameters_show_in_diagnostics_and_invalid_ones_are_refused(ros):
         [res] = client.set_parameters({name: value})
         assert not res.successful, f"{name}={value!r} was accepted"
         assert res.reason, f"no reason given for refusing {name}"
-    [res] = client.set_parameters({"cache_policy": "no_such_policy"})
+    [res] = client.set_parameters({"policy": "no_such_policy"})
     assert "no_such_policy" in res.reason
     [ok] = client.set_parameters({"control_rate_hz": 25.0})
     assert ok.successful, ok.reason
     assert client.wait_diag(lambda d: d["control_rate_hz"] == "25.0")
     assert client.exchange(frame()) is not None  # the re-timed control loop still steps
-    values = client.get_parameters(["gate_threshold", "cache_policy", "chunk_size"])
-    assert values == {"gate_threshold": 0.25, "cache_policy": "gated", "chunk_size": 0}
+    values = client.get_parameters(["gate_threshold", "policy", "chunk_size"])
+    assert values == {"gate_threshold": 0.25, "policy": "gated", "chunk_size": 0}
 
     # A next-episode parameter is pending until the reset, then active.
     # (16 tokens = two control steps; the YAML's 80-token budget must still hold prefix + 3 chunks)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from kv_vla.train.bc import TrainConfig, build_model, cache_vision_patches, train_bc
+from kv_vla.train.bc import TrainConfig, train_bc
 from kv_vla.train.data import collate, sample_step_visibility, tokenize_episodes
 from kv_vla.train.gate import GateTrainConfig, gate_loss, train_gate
+from kv_vla.train.model_parts import build_model, cache_vision_patches
 
 TINY = {
     "vision_hidden_size": 32,
@@ -92,6 +93,30 @@ def test_short_bc_run_lowers_the_loss_and_resumes(tmp_path):
     assert (model_dir / "model.safetensors").exists()
 
 
+class _RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it calls ``os.system``, so loading it must be refused."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_resume_refuses_a_checkpoint_that_needs_unpickling_code(tmp_path, monkeypatch):
+    """Resume reads a checkpoint with ``weights_only=True``: tensors, numbers and RNG tuples only, so
+    a crafted checkpoint.pt cannot run code; it is refused and nothing ran."""
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"step": 1, "history": [], "payload": _RunsCodeWhenUnpickled()}, run / "checkpoint.pt")
+    cfg = TrainConfig(data=[], out=str(run), max_steps=2, model_overrides=TINY, device="cpu")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train_bc(cfg, episodes=_episodes(2))
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
 def test_budget_bias_keeps_all_within_budget_and_makes_old_chunks_compete_over_it():
     from kv_vla.train.gate import budget_step_bias
 
@@ -141,7 +166,7 @@ def test_gate_training_lowers_its_objective(tmp_path, budget_chunks):
     )
 
     from kv_vla.cache import ChunkGate
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
     from kv_vla.train.gate import episode_summaries
 
     model = CompactVLA.from_pretrained(model_dir).eval()
@@ -171,28 +196,31 @@ def test_invalid_train_config_is_refused():
         TrainConfig(data=[], out="x", drop_rates=[1.5]).validate()
 
 
-@pytest.mark.parametrize("decoding", ["autoregressive", "parallel", "parallel_film"])
+@pytest.mark.parametrize("decoding", ["autoregressive", "parallel", "parallel_highlight"])
 def test_gate_features_offline_equal_the_runtime_cache(decoding):
     """Gate training reads the chunk summaries a live episode cache computes: the offline pass over
     a recorded episode (``episode_summaries``) equals the runtime's own, for both action decodings."""
     from kv_vla.cache import EpisodeCacheConfig
-    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
     from kv_vla.model.prompt import build_prompt
     from kv_vla.runtime import EpisodeRuntime
     from kv_vla.train.data import EpisodeTensors
     from kv_vla.train.gate import episode_summaries
 
     torch.manual_seed(1)
-    film = decoding.endswith("_film")
+    lit = decoding.endswith("_highlight")
     model = CompactVLA(
-        CompactVLAConfig(**TINY, action_decoding=decoding.removesuffix("_film"), film=film)
+        CompactVLAConfig(**TINY, action_decoding=decoding.removesuffix("_highlight"), highlight=lit)
     ).eval()
-    if film:
+    if lit:
         with torch.no_grad():
-            model.film.weight.normal_(0, 0.5)
+            model.highlight.weight.normal_(0, 0.5)
+            model.highlight.bias.normal_(0, 0.5)
     frames = np.random.default_rng(3).integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
     step = model.num_image_tokens + model.action_dim
-    rt = EpisodeRuntime(model, EpisodeCacheConfig(policy="gated", chunk_size=step, gate_threshold=0.0))
+    rt = EpisodeRuntime(
+        model, EpisodeCacheConfig(policy="gated", chunk_size=step, gate_threshold=0.0, max_tokens=None)
+    )  # no eviction: the offline pass sees every chunk
     instruction = "touch the cube that was lit"
     rt.reset(instruction)
     ids = [torch.as_tensor(rt.step(f).action_token_ids) for f in frames]
@@ -203,23 +231,24 @@ def test_gate_features_offline_equal_the_runtime_cache(decoding):
     torch.testing.assert_close(episode_summaries(model, ep), online, atol=1e-5, rtol=1e-4)
 
 
-def test_fine_tuning_into_film_keeps_every_trained_weight_and_refuses_shape_changes():
-    """``--init`` with ``--model-config '{"film": true}'``: the rebuilt model has the trained weights
-    and a zero FiLM, so it computes exactly what the trained model did; a change that would resize
+def test_fine_tuning_into_highlight_keeps_every_trained_weight_and_refuses_shape_changes():
+    """``--init`` with ``--model-config '{"highlight": true}'``: the rebuilt model has the trained
+    weights and a zero-gain highlight, so it computes exactly what the trained model did; a change
+    that would resize
     trained weights, or an unknown field, is refused with the reason."""
-    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
     from kv_vla.model.prompt import build_prompt
-    from kv_vla.train.bc import with_overrides
+    from kv_vla.train.model_parts import with_overrides
 
     torch.manual_seed(2)
     trained = CompactVLA(CompactVLAConfig(**TINY, action_decoding="parallel")).eval()
-    film = with_overrides(trained, {"film": True}).eval()
-    assert film.config.film and not trained.config.film
+    lit = with_overrides(trained, {"highlight": True}).eval()
+    assert lit.config.highlight and not trained.config.highlight
     frame = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
-    ids = film.prompt_ids(build_prompt("reach the red cube"))
+    ids = lit.prompt_ids(build_prompt("reach the red cube"))
     with torch.no_grad():
         assert torch.equal(
-            film.embed_image(frame, film.instruction_condition(ids)), trained.embed_image(frame)
+            lit.embed_image(frame, lit.instruction_condition(ids)), trained.embed_image(frame)
         )
     with pytest.raises(ValueError, match="shape"):
         with_overrides(trained, {"hidden_size": 2 * trained.config.hidden_size})
@@ -240,10 +269,10 @@ def _named_target_episodes(n: int, steps: int = 5) -> list[_Episode]:
     return eps
 
 
-def test_frozen_vision_film_fine_tune_keeps_the_backbone_and_lowers_the_loss(tmp_path):
-    """``--init M --model-config '{"film": true}' --freeze-vision``: the backbone's features are
-    computed once, its weights stay bit-identical, FiLM (zero at the start) moves, the loss falls."""
-    from kv_vla.model.compact_vla import CompactVLA
+def test_frozen_vision_fine_tune_keeps_the_backbone_and_lowers_the_loss(tmp_path):
+    """``--init M --freeze-vision``: the backbone's features are computed once, its weights stay
+    bit-identical, the projector moves, the loss falls."""
+    from kv_vla.model.compact import CompactVLA
 
     eps = _named_target_episodes(8)
     base = TrainConfig(
@@ -258,26 +287,24 @@ def test_frozen_vision_film_fine_tune_keeps_the_backbone_and_lowers_the_loss(tmp
     base_dir = train_bc(base, episodes=eps)
     cfg = TrainConfig(
         data=[],
-        out=str(tmp_path / "film"),
+        out=str(tmp_path / "frozen"),
         epochs=40,
         batch_size=4,
         lr=3e-3,
         warmup_steps=2,
         max_steps=40,
         init_from=str(base_dir),
-        model_overrides={"film": True},
         freeze_vision=True,
         film_lr_mult=3.0,
         device="cpu",
         drop_rates=[0.0],
     )
-    film_dir = train_bc(cfg, episodes=eps)
-    before, after = CompactVLA.from_pretrained(base_dir), CompactVLA.from_pretrained(film_dir)
-    assert after.config.film
+    frozen_dir = train_bc(cfg, episodes=eps)
+    before, after = CompactVLA.from_pretrained(base_dir), CompactVLA.from_pretrained(frozen_dir)
     for name, weight in before.vision.state_dict().items():
         assert torch.equal(weight, after.vision.state_dict()[name]), name
-    assert after.film.weight.abs().max() > 0
-    hist = json.loads((tmp_path / "film" / "loss.json").read_text())["history"]
+    assert not torch.equal(before.projector.fc1.weight, after.projector.fc1.weight)
+    hist = json.loads((tmp_path / "frozen" / "loss.json").read_text())["history"]
     early = np.mean([h["loss"] for h in hist[:4]])
     late = np.mean([h["loss"] for h in hist[-4:]])
     assert late < 0.7 * early, (early, late)
@@ -287,16 +314,12 @@ def test_frozen_vision_film_fine_tune_keeps_the_backbone_and_lowers_the_loss(tmp
         TrainConfig(data=[], out="x", film_lr_mult=0.0).validate()
 
 
-@pytest.mark.parametrize("film", [False, True])
-def test_forward_on_cached_vision_patches_equals_the_forward_on_frames(film):
+def test_forward_on_cached_vision_patches_equals_the_forward_on_frames():
     """The frozen-backbone path feeds precomputed patch features; its logits equal the usual pass."""
-    from kv_vla.model.compact_vla import CompactVLA, CompactVLAConfig
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
 
     torch.manual_seed(4)
-    model = CompactVLA(CompactVLAConfig(**TINY, action_decoding="parallel", film=film)).eval()
-    if film:
-        with torch.no_grad():
-            model.film.weight.normal_(0, 0.5)
+    model = CompactVLA(CompactVLAConfig(**TINY, action_decoding="parallel")).eval()
     data = tokenize_episodes(model, _named_target_episodes(2))
     cache_vision_patches(model, data)
     b = collate(data)
@@ -336,7 +359,7 @@ def test_target_aux_loss_is_logged_lowered_and_checkpointed(tmp_path):
         lr=3e-3,
         warmup_steps=2,
         max_steps=80,
-        model_overrides=TINY | {"action_decoding": "parallel", "film": True},
+        model_overrides=TINY | {"action_decoding": "parallel"},
         target_aux=1.0,
         device="cpu",
         drop_rates=[0.0],
@@ -347,7 +370,7 @@ def test_target_aux_loss_is_logged_lowered_and_checkpointed(tmp_path):
     hist = json.loads((tmp_path / "run" / "loss.json").read_text())["history"]
     mse = [h["target_mse"] for h in hist]
     assert np.mean(mse[-10:]) < 0.5 * np.mean(mse[:5]), mse
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["target_head"] is not None and "net.0.weight" in state["target_head"]
     with pytest.raises(ValueError, match="target_aux"):
         TrainConfig(data=[], out="x", target_aux=-1.0).validate()
@@ -379,11 +402,11 @@ def test_target_aux_of_an_ordered_highlight_model_names_both_targets(tmp_path):
         shift_pad=0,
     )
     train_bc(cfg, episodes=eps)
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["target_head"]["net.2.weight"].shape[0] == 4
     hist = json.loads((tmp_path / "run" / "loss.json").read_text())["history"]
     assert len(hist) == 3 and all(np.isfinite(h["target_mse"]) for h in hist)
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
 
     assert CompactVLA.from_pretrained(tmp_path / "run" / "model").config.highlight_slots == 2
     frozen = replace(cfg, out=str(tmp_path / "frozen"), init_from=str(tmp_path / "run" / "model"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kv_vla.cli import main as cli_main
-from kv_vla.model.compact_vla import CompactVLA
+from kv_vla.model.compact import CompactVLA
 from kv_vla.train.interpolate import interpolate_models
 from kv_vla_node.testing import save_random_model
 

@@ -1,8 +1,8 @@
-"""Chunk eviction policies, one per file (kvpress style), and their registry.
+"""Chunk eviction policies, one per file (kvpress style), registered by name.
 
-``POLICIES`` maps a policy name to its class; extensions register theirs with
-:func:`register_policy` (e.g. a low-precision ``zipvl`` policy) so configuration validation and the
-cache pick them up.
+``POLICIES`` (:mod:`kv_vla.cache.registry`) maps a policy name to its class; extensions register
+theirs with :func:`register_policy` (e.g. the low-precision ``zipvl`` policies) so configuration
+validation and the cache pick them up.
 """
 
 from __future__ import annotations
@@ -15,25 +15,18 @@ from kv_vla.cache.policies.none import NoHistoryPolicy
 from kv_vla.cache.policies.random_eviction import RandomPolicy
 from kv_vla.cache.policies.sinks import SinksPolicy
 from kv_vla.cache.policies.window import WindowPolicy
+from kv_vla.cache.registry import POLICIES, register_policy
 
-POLICIES: dict[str, type[ChunkPolicy]] = {
-    cls.name: cls
-    for cls in (
-        FullPolicy,
-        NoHistoryPolicy,
-        WindowPolicy,
-        SinksPolicy,
-        AttentionPolicy,
-        RandomPolicy,
-        GatedPolicy,
-    )
-}
-
-
-def register_policy(cls: type[ChunkPolicy]) -> type[ChunkPolicy]:
-    """Add ``cls`` to ``POLICIES`` under ``cls.name`` (usable as a class decorator)."""
-    POLICIES[cls.name] = cls
-    return cls
+for _cls in (
+    FullPolicy,
+    NoHistoryPolicy,
+    WindowPolicy,
+    SinksPolicy,
+    AttentionPolicy,
+    RandomPolicy,
+    GatedPolicy,
+):
+    register_policy(_cls)
 
 
 # Extensions that live in this package register themselves on import (optional files).

@@ -12,7 +12,8 @@ from kv_vla.cache.policies.base import ChunkPolicy
 class FullPolicy(ChunkPolicy):
     """Keep every token: the reference "full history" behaviour (equals ``DynamicCache``).
 
-    It never evicts, so a ``max_tokens`` budget is refused rather than silently ignored.
+    It never evicts, so ``max_tokens`` does not apply to it (``EpisodeCacheConfig.effective_max_tokens``
+    is None): the default budget, tuned for the evicting policies, must not stop a full-history run.
     """
 
     name: ClassVar[str] = "full"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from kv_vla.cache.chunks import Chunk
-from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext
+from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext, option
 
 if TYPE_CHECKING:
     from kv_vla.cache.gate import ChunkGate
@@ -27,11 +27,13 @@ class GatedPolicy(ChunkPolicy):
     This is kv_vla's own method (see DESIGN.md); the recurrent cell is a GRU (Cho et al., 2014,
     "Learning Phrase Representations using RNN Encoder-Decoder for Statistical Machine
     Translation") or an LSTM (Hochreiter & Schmidhuber, 1997, "Long Short-Term Memory").
-    Without a gate set, a randomly initialised gate seeded by ``seed`` is used (an untrained gate is
+    Without a gate set, a randomly initialised gate seeded by the cache's ``seed`` is used (an untrained gate is
     a random gate).
     """
 
     name: ClassVar[str] = "gated"
+    gate_threshold: float = option("gate_threshold")
+    """Evict a chunk whose utility is below this once it leaves the recent window (0: budget only)."""
     gate: ChunkGate | None = None
     _state: object = field(default=None, init=False, repr=False)
 
@@ -47,5 +49,4 @@ class GatedPolicy(ChunkPolicy):
         chunk.utility = float(utility)
 
     def keep(self, candidates: list[Chunk], utilities: list[float], ctx: PolicyContext) -> list[bool]:
-        threshold = float(ctx.config.gate_threshold)
-        return [u >= threshold for u in utilities]
+        return [u >= self.gate_threshold for u in utilities]

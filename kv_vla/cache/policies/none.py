@@ -24,6 +24,7 @@ class NoHistoryPolicy(ChunkPolicy):
     """
 
     name: ClassVar[str] = "none"
+    bounded_by_window: ClassVar[bool] = True
     keeps_recent: ClassVar[bool] = False
     uses_sinks: ClassVar[bool] = False
 

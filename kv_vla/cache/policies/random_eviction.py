@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kv_vla.cache.chunks import Chunk
-from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext
+from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext, option
 
 
 @dataclass
@@ -21,7 +21,8 @@ class RandomPolicy(ChunkPolicy):
     """
 
     name: ClassVar[str] = "random"
-    seed: int = 0
+    seed: int = option("seed")
+    """Seeds the generator of the utilities (the same seed, the same evictions)."""
     _gen: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def reset(self) -> None:
@@ -29,5 +30,5 @@ class RandomPolicy(ChunkPolicy):
 
     def observe(self, chunk: Chunk, ctx: PolicyContext) -> None:
         if self._gen is None:
-            self._gen = torch.Generator().manual_seed(int(ctx.config.seed))
+            self._gen = torch.Generator().manual_seed(int(self.seed))
         chunk.utility = float(torch.rand((), generator=self._gen))

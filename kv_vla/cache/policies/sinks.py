@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from kv_vla.cache.chunks import Chunk
-from kv_vla.cache.config import EpisodeCacheConfig
 from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext
+
+if TYPE_CHECKING:
+    from kv_vla.cache.config import EpisodeCacheConfig
 
 
 @dataclass
@@ -19,10 +21,10 @@ class SinksPolicy(ChunkPolicy):
     """
 
     name: ClassVar[str] = "sinks"
+    bounded_by_window: ClassVar[bool] = True
 
     @classmethod
-    def validate_config(cls, config: EpisodeCacheConfig) -> None:
-        super().validate_config(config)
+    def check_config(cls, config: EpisodeCacheConfig) -> None:
         if config.sink_tokens <= 0:
             raise ValueError(
                 f"sink_tokens: policy 'sinks' needs sink tokens; got {config.sink_tokens}, allowed values: an integer >= 1"

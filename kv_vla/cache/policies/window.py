@@ -18,6 +18,7 @@ class WindowPolicy(ChunkPolicy):
     """
 
     name: ClassVar[str] = "window"
+    bounded_by_window: ClassVar[bool] = True
     uses_sinks: ClassVar[bool] = False
 
     def score(self, candidates: list[Chunk], ctx: PolicyContext) -> list[float]:

@@ -11,10 +11,9 @@ evicts nothing itself; a ``max_tokens`` budget still evicts the least-attended c
 full precision (``u >= full_threshold``), ``low_bits`` precision (``gate_threshold <= u <
 full_threshold``) or eviction (``u < gate_threshold``), the same in every layer.
 
-Options live in ``EpisodeCacheConfig.extra`` and are read at every decision (live updates apply at
-the next one): ``tau`` (zipvl, in (0, 1], default 0.9), ``low_bits`` (2, 4 or 8, default 4),
-``quant_group_size`` (default 32) and ``full_threshold`` (gated_tiered, in [gate_threshold, 1],
-default 0.75). Both policies swap the cache's layers for
+Options are fields of the policy dataclasses, named and defaulted as in :mod:`kv_vla.settings`
+(``tau``, ``low_bits``, ``quant_group_size``, ``full_threshold``) and read at every decision (live
+updates apply at the next one). Both policies swap the cache's layers for
 :class:`kv_vla.cache.quant.store.MixedPrecisionLayer` when attached, so memory is counted as packed
 codes plus scales. A low-precision chunk is never restored to full precision.
 
@@ -27,48 +26,28 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from kv_vla.cache.chunks import Chunk
-from kv_vla.cache.policies import register_policy
-from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext
+from kv_vla.cache.policies.base import ChunkPolicy, PolicyContext, option
 from kv_vla.cache.policies.gated import GatedPolicy
-
-if TYPE_CHECKING:
-    from kv_vla.cache.config import EpisodeCacheConfig
+from kv_vla.cache.registry import register_policy
 
 RATIO_HISTORY = 1000  # decisions whose per-layer ratios are kept for inspection
 
-DEFAULTS: dict[str, Any] = {"tau": 0.9, "low_bits": 4, "quant_group_size": 32, "full_threshold": 0.75}
 
-
-def option(config: EpisodeCacheConfig, name: str) -> Any:
-    """``config.extra[name]`` or its default."""
-    return config.extra.get(name, DEFAULTS[name])
-
-
-def _check_quant_options(config: EpisodeCacheConfig) -> None:
-    bits = option(config, "low_bits")
-    if isinstance(bits, bool) or bits not in (2, 4, 8):
-        raise ValueError(f"extra.low_bits: {bits!r} is not allowed; allowed values: 2, 4, 8")
-    group = option(config, "quant_group_size")
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
-        raise ValueError(f"extra.quant_group_size: {group!r} is not allowed; allowed values: an integer >= 1")
-
-
-def _number(config: EpisodeCacheConfig, name: str) -> float:
-    value = option(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"extra.{name}: must be a number; got {value!r}")
-    return float(value)
-
-
+@dataclass
 class _MixedPrecisionMixin:
-    """Shared plumbing: attach to the cache, locate chunk columns, quantise a chunk in a layer."""
+    """Shared options and plumbing: attach to the cache, locate chunk columns, quantise a chunk."""
 
-    _cache: Any = None
+    low_bits: int = option("low_bits")
+    """Bits of a low-precision chunk: 2, 4 or 8."""
+    quant_group_size: int = option("quant_group_size")
+    """Quantisation group size (tokens for values, channels for keys)."""
+    _cache: Any = field(default=None, init=False, repr=False)
+    low_precision: ClassVar[bool] = True  # packed low-bit chunks: refused by storage='static'
 
     def attach(self, cache: Any) -> None:
         """Bind to ``cache`` and make every layer a :class:`MixedPrecisionLayer` (keeps its data)."""
@@ -92,12 +71,12 @@ class _MixedPrecisionMixin:
             for c in chunks
         ]
 
-    def _store_low(self, layer: Any, chunk: Chunk, cols: tuple[int, int], config: EpisodeCacheConfig) -> bool:
+    def _store_low(self, layer: Any, chunk: Chunk, cols: tuple[int, int]) -> bool:
         """Quantise ``chunk`` in ``layer`` unless it already is; returns whether it changed."""
         a, b = cols
         if b <= a or layer.keys is None or layer.is_low_precision(a, b):
             return False
-        layer.quantize_columns(a, b, int(option(config, "low_bits")), int(option(config, "quant_group_size")))
+        layer.quantize_columns(a, b, int(self.low_bits), int(self.quant_group_size))
         return True
 
     def _mark(self, chunk: Chunk, layer_bits: list[int]) -> None:
@@ -122,17 +101,11 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
 
     name: ClassVar[str] = "zipvl"
     needs_attention: ClassVar[bool] = True
-    last_ratios: list[float] = field(default_factory=list)
-    ratio_history: deque[list[float]] = field(default_factory=lambda: deque(maxlen=RATIO_HISTORY))
-    last_full_fractions: list[float] = field(default_factory=list)
-
-    @classmethod
-    def validate_config(cls, config: EpisodeCacheConfig) -> None:
-        super().validate_config(config)
-        _check_quant_options(config)
-        tau = _number(config, "tau")
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"extra.tau: {tau} is not allowed; allowed values: (0, 1]")
+    tau: float = option("tau")
+    """Share of the newest attention mass whose chunks stay at full precision, in (0, 1]."""
+    last_ratios: list[float] = field(default_factory=list, init=False)
+    ratio_history: deque[list[float]] = field(default_factory=lambda: deque(maxlen=RATIO_HISTORY), init=False)
+    last_full_fractions: list[float] = field(default_factory=list, init=False)
 
     def reset(self) -> None:
         self.last_ratios = []
@@ -173,7 +146,7 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
         from kv_vla.cache.quant.ratio import demote_within_allowance, select_important
 
         cache = self._cache_or_raise()
-        tau = _number(ctx.config, "tau")
+        tau = float(self.tau)
         cols = self._columns(candidates)
         lengths = torch.tensor([b - a for a, b in cols], dtype=torch.float32)
         n_tokens = max(1.0, float(lengths.sum()))
@@ -187,7 +160,7 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
             else:
                 ratios.append(float(lengths[select_important(mass, tau).indices].sum()) / n_tokens)
                 for i in demote_within_allowance(mass, is_low, tau).tolist():
-                    self._store_low(layer, candidates[i], cols[i], ctx.config)
+                    self._store_low(layer, candidates[i], cols[i])
             for i, c in enumerate(cols):
                 bits_per_chunk[i][li] = layer.stored_bits(*c)
             full = torch.tensor([bits_per_chunk[i][li] == 16 for i in range(len(cols))])
@@ -207,28 +180,27 @@ class TieredGatedPolicy(_MixedPrecisionMixin, GatedPolicy):
     """The gate's utility picks full precision, low precision or eviction; see the module docstring."""
 
     name: ClassVar[str] = "gated_tiered"
+    full_threshold: float = option("full_threshold")
+    """Chunks with utility >= this stay at full precision; in [gate_threshold, 1]."""
 
-    @classmethod
-    def validate_config(cls, config: EpisodeCacheConfig) -> None:
-        super().validate_config(config)
-        _check_quant_options(config)
-        full = _number(config, "full_threshold")
-        if not float(config.gate_threshold) <= full <= 1.0:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not float(self.gate_threshold) <= float(self.full_threshold) <= 1.0:
             raise ValueError(
-                f"extra.full_threshold: {full} is not allowed; allowed values: "
-                f"[gate_threshold={config.gate_threshold}, 1]"
+                f"full_threshold: {self.full_threshold} is not allowed; allowed values: "
+                f"[gate_threshold={self.gate_threshold}, 1]"
             )
 
     def keep(self, candidates: list[Chunk], utilities: list[float], ctx: PolicyContext) -> list[bool]:
         cache = self._cache_or_raise()
-        evict_below = float(ctx.config.gate_threshold)
-        full_from = _number(ctx.config, "full_threshold")
+        evict_below = float(self.gate_threshold)
+        full_from = float(self.full_threshold)
         cols = self._columns(candidates)
         keep = []
         for chunk, u, c in zip(candidates, utilities, cols):
             keep.append(u >= evict_below)
             if evict_below <= u < full_from:
                 for layer in cache.layers:
-                    self._store_low(layer, chunk, c, ctx.config)
+                    self._store_low(layer, chunk, c)
             self._mark(chunk, [ly.stored_bits(*c) for ly in cache.layers])
         return keep

@@ -108,7 +108,7 @@ def ratio_episode(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    cfg = EpisodeCacheConfig(policy="zipvl", chunk_size=20, recent_chunks=2, extra={"tau": tau})
+    cfg = EpisodeCacheConfig(policy="zipvl", chunk_size=20, recent_chunks=2, max_tokens=None, tau=tau)
     cache = EpisodeCache(cfg, model.config)
     enable_attention_probe(model)
     try:

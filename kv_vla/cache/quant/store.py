@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from kv_vla.cache.episode_cache import EpisodeLayer
+from kv_vla.cache.quant.packing import pack_codes, unpack_codes
 from kv_vla.cache.quant.quantize import (
     QuantizedTensor,
+    _padded_numel,
     dequantize_many,
     quantize_keys,
     quantize_values,
@@ -42,6 +44,24 @@ class QuantSegment:
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+
+def batch_rows(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
+    """``q`` with only batch rows ``index`` (in that order), codes untouched: groups never span the
+    batch axis, so each row's codes, scales and zero points are its own."""
+    codes = unpack_codes(q.data, q.bits, _padded_numel(q.shape, q.group_size, q.axis))
+    idx = index.to(q.data.device)
+    rows = codes.view(q.shape[0], -1).index_select(0, idx)
+    return QuantizedTensor(
+        data=pack_codes(rows.reshape(-1), q.bits, check=False),
+        scale=q.scale.index_select(0, idx.to(q.scale.device)),
+        zero=q.zero.index_select(0, idx.to(q.zero.device)),
+        shape=(int(idx.numel()), *q.shape[1:]),
+        dtype=q.dtype,
+        bits=q.bits,
+        group_size=q.group_size,
+        axis=q.axis,
+    )
 
 
 def balanced_group(n: int, group_size: int) -> int:
@@ -183,6 +203,12 @@ class MixedPrecisionLayer(EpisodeLayer):
             dev_idx = dev_idx[dev_idx < n]
             self._recv = self._recv.index_select(0, dev_idx)
             self._vis = self._vis.index_select(0, dev_idx)
+
+    def batch_index(self, index: torch.Tensor) -> None:
+        """Beam reordering / batch repeat / select: dense columns and every low-precision chunk."""
+        super().batch_index(index)
+        for seg in self.segments:
+            seg.keys, seg.values = batch_rows(seg.keys, index), batch_rows(seg.values, index)
 
     def truncate(self, n: int) -> None:
         if self.keys is not None and self.held_tokens() > n:

@@ -9,7 +9,7 @@ policies pays for all of them. This script shows it: it steps the policies in th
 reports the CPU time per operator of one step of each (torch.profiler) and the synchronising calls
 (``torch.cuda.set_sync_debug_mode``).
 
-Usage (CUDA only): ``python scripts/profile_cache_order.py full,hf_dynamic,gated [STEPS]``; with one
+Usage (CUDA only): ``python experiments/profile_cache_order.py full,hf_dynamic,gated [STEPS]``; with one
 policy it only prints that policy's step times, which is the isolated measurement.
 """
 

@@ -8,8 +8,8 @@ chunk before the go step. A gate that learned position from the other cued tasks
 the model (teacher-forced, the runtime's chunk summaries) and reports, per gate, how often a cue
 chunk is ranked first, its mean rank, and the mean utility of cue and grey chunks.
 
-Usage: ``.venv/bin/python scripts/gate_cue_rank.py --model M --gates G1 [G2 ...] --data data/demos6
-[--episodes 40] [--out models/eval/gate_cue_rank.json]``
+Usage: ``.venv/bin/python experiments/gate_cue_rank.py --model M --gates G1 [G2 ...] --data data/demos6
+[--episodes 40] [--out docs/results/eval/gate_cue_rank.json]``
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from kv_vla.atomic import atomic_write_text
 def cue_ranks(model_dir: str, gate_paths: list[str], data: list[str], episodes: int) -> dict[str, dict]:
     """Per gate: first-place rate, mean rank and utilities of the cue chunks over ``episodes``."""
     from kv_vla.cache import ChunkGate
-    from kv_vla.model.compact_vla import CompactVLA
+    from kv_vla.model.compact import CompactVLA
     from kv_vla.train.data import load_demonstrations, tokenize_episodes
     from kv_vla.train.gate import episode_summaries
     from kv_vla_sim.tasks import TASKS

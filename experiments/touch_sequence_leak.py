@@ -14,7 +14,7 @@ demonstrations unchanged):
   positions (a ``none`` cache too), so the distance from the pinned prompt to the current frame
   tells the policy how many steps have passed.
 
-Usage: ``python scripts/touch_sequence_leak.py --policies full,none,window,gated --episodes 50
+Usage: ``python experiments/touch_sequence_leak.py --policies full,none,window,gated --episodes 50
 --json outputs/touch_snap.json``; ``... --clock --episodes 20 --json outputs/touch_clock.json``
 """
 

@@ -8,14 +8,12 @@ frames of the instruction-named tasks -- the auxiliary label of ``kv-vla train -
 and reports the error on held-out scenes per task. An error at the label's variance (~0.3) means
 the design does not bind; ``reach`` has one colour word, so it is the clean case.
 
-Designs:
-  film-frozen  FiLM on the backbone's output, backbone frozen (features computed once)
-  film         FiLM on the backbone's output, backbone trained, random-shift augmentation
+Designs (the two FiLM designs it also scored ran at commit f7ca52c, before FiLM left the model):
   highlight    colour highlight on the input pixels, backbone trained, random-shift augmentation
   highlight2   two ordered highlights (``highlight_slots=2``): the label is the first *and* second
                target, so touch_sequence's error shows whether word order reaches the image tokens
 
-Usage: .venv/bin/python scripts/binding_feasibility.py DESIGN [--steps 1400] [--model DIR]
+Usage: .venv/bin/python experiments/binding_feasibility.py DESIGN [--steps 1400] [--model DIR]
 (--model: a trained model without the highlight, e.g. the H100 stages of models/README.md)
 (reads data/demos2 and data/demos3, recorded with the `kv-vla collect` commands in models/README.md)
 """
@@ -28,10 +26,10 @@ import time
 import numpy as np
 import torch
 
-from kv_vla.model.compact_vla import CompactVLA
+from kv_vla.model.compact import CompactVLA
 from kv_vla.model.prompt import build_prompt
-from kv_vla.train.bc import TargetHead, with_overrides
 from kv_vla.train.data import aux_targets, random_shift, target_label
+from kv_vla.train.model_parts import TargetHead, with_overrides
 from kv_vla_sim.demos import load_episodes
 
 TASKS = ("reach", "pick_place", "touch_sequence")
@@ -39,7 +37,7 @@ TASKS = ("reach", "pick_place", "touch_sequence")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("design", choices=["film-frozen", "film", "highlight", "highlight2"])
+    parser.add_argument("design", choices=["highlight", "highlight2"])
     parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument(
@@ -56,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    overrides: dict = {"film": True} if args.design.startswith("film") else {"highlight": True}
+    overrides: dict = {"highlight": True}
     if args.design == "highlight2":
         overrides["highlight_slots"] = 2
     model = with_overrides(CompactVLA.from_pretrained(args.model), overrides)
@@ -69,24 +67,13 @@ def main() -> None:
     perm = torch.randperm(len(eps))
     train, test = perm[: int(0.85 * len(eps))], perm[int(0.85 * len(eps)) :]
     test_pix = model.pixel_values(torch.as_tensor(np.stack([frames[i][0] for i in test.tolist()])))
-    frozen = args.design == "film-frozen"
-    if frozen:
-        model.eval()
-        with torch.no_grad():
-            first = model.pixel_values(torch.as_tensor(np.stack([f[0] for f in frames])))
-            cached = torch.cat([model.vision_patches(first[k : k + 256]) for k in range(0, len(first), 256)])
     head = TargetHead(model.config.num_image_tokens, model.config.hidden_size, n_targets=n_targets)
-    trained = [model.film_words, model.projector, head]
-    trained += [model.film] if model.film is not None else [model.highlight]
-    if not frozen:
-        trained.append(model.vision)
+    trained = [model.film_words, model.projector, head, model.highlight, model.vision]
     params = [p for module in trained for p in module.parameters()]
-    opt = torch.optim.AdamW(params, lr=2e-3 if frozen else 1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3)
 
-    def predict(idx: torch.Tensor, pix: torch.Tensor | None) -> torch.Tensor:
+    def predict(idx: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
         cond = torch.cat([model.instruction_condition(ids[i]) for i in idx.tolist()])
-        if frozen:
-            return head(model.project_patches(cached[idx], cond))
         return head(model.encode_pixels(pix, cond))
 
     def train_pixels(idx: torch.Tensor) -> torch.Tensor:
@@ -97,17 +84,16 @@ def main() -> None:
 
     start = time.perf_counter()
     for step in range(args.steps):
-        if not frozen:
-            model.train()
+        model.train()
         batch = train[torch.randint(len(train), (args.batch,))]
-        loss = ((predict(batch, None if frozen else train_pixels(batch)) - labels[batch]) ** 2).mean()
+        loss = ((predict(batch, train_pixels(batch)) - labels[batch]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 200 == 0 or step == args.steps - 1:
             model.eval()
             with torch.no_grad():
-                sq = ((predict(test, None if frozen else test_pix) - labels[test]) ** 2).numpy()
+                sq = ((predict(test, test_pix) - labels[test]) ** 2).numpy()
             # one mse per target: [first] or [first, second]
             err = sq.reshape(len(sq), n_targets, 2).mean(2)
             in_task = {t: task[test.numpy()] == t for t in TASKS}

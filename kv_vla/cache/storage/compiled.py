@@ -1,0 +1,122 @@
+"""A causal LM's decoder step over static storage, run under ``torch.compile``.
+
+The episode cache's bookkeeping (decisions, slot choice, the occupancy mask, the timeline) is
+Python and stays eager; only the decoder forward is compiled. It runs on a slot writer, a minimal
+cache whose ``update`` is an ``index_copy_`` into the static buffers at the reserved slots, so the
+traced graph holds tensor ops only and its inputs keep their shapes from step to step: one graph
+per block length (e.g. a step's frame block and a one-token decode), compiled once. A buffer that
+grows (a live budget increase) changes one shape and recompiles once. On CUDA ``mode=
+"reduce-overhead"`` captures the step as a CUDA graph (the buffers are static addresses).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+
+class _SlotWriter:
+    """What the compiled forward sees as ``past_key_values``: write the block, attend everything."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], index: torch.Tensor):
+        self.keys, self.values, self.index = keys, values, index
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kw: Any
+    ):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.index_copy_(2, self.index, key_states.to(k.dtype))
+        v.index_copy_(2, self.index, value_states.to(v.dtype))
+        return k, v
+
+
+def _forward(
+    lm: torch.nn.Module,
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    mask: torch.Tensor,
+    index: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    n_logits: int,
+) -> torch.Tensor:
+    out = lm(
+        inputs_embeds=embeds,
+        position_ids=position_ids,
+        attention_mask=mask,
+        past_key_values=_SlotWriter(keys, values, index),
+        use_cache=True,
+        logits_to_keep=n_logits,
+    )
+    return out.logits
+
+
+def compile_options(mode: str | None) -> dict[str, Any]:
+    """``torch.compile`` keywords: ``mode`` when given (e.g. CUDA graphs), else CPU weight freezing.
+
+    Freezing folds the (inference-only) weights into the graph, which lets inductor use prepacked
+    oneDNN/MKL kernels for linear and convolution layers; without it, a compiled ResNet convolution
+    fell back to the slow reference kernel on this CPU. Weights changed after compilation are not seen.
+    """
+    return {"mode": mode} if mode is not None else {"options": {"freezing": True}}
+
+
+def check_compilable(cache: Any) -> None:
+    """Raise ValueError when ``cache`` cannot run a compiled step (naming what to change)."""
+    if cache.config.storage != "static":
+        raise ValueError(
+            "compile: the compiled step needs storage='static' (the dynamic storage changes shapes every "
+            f"step); got storage={cache.config.storage!r}"
+        )
+    if getattr(cache.policy, "needs_attention", False):
+        raise ValueError(
+            f"compile: policy {cache.config.policy!r} reads attention through the probe, which reports from "
+            "inside attention and cannot run in a compiled graph; allowed values: compile=False for it"
+        )
+
+
+class CompiledDecoder:
+    """Runs ``lm`` (a HF causal LM) over a static-storage :class:`kv_vla.cache.EpisodeCache`.
+
+    ``warmup_s`` maps each compiled shape ``(block length, slots)`` to the seconds its first call
+    took (compilation included): the bounded warm-up the runtime reports.
+    """
+
+    def __init__(self, lm: torch.nn.Module, mode: str | None = None, backend: str = "inductor"):
+        self.lm = lm
+        self.mode = mode
+        self._fn = torch.compile(_forward, dynamic=False, backend=backend, **compile_options(mode))
+        self.warmup_s: dict[tuple[int, int], float] = {}
+
+    def __call__(
+        self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, n_logits: int = 1
+    ) -> torch.Tensor:
+        """Logits ``[B, n_logits, vocab]`` of the block ``embeds``; the cache records the block."""
+        check_compilable(cache)
+        n = int(embeds.shape[1])
+        mask = cache.attention_mask(n, embeds.dtype, embeds.device)
+        layers = cache.layers
+        if any(layer.keys is None for layer in layers):  # first block (the prompt): sizes the buffers
+            out = self.lm(
+                inputs_embeds=embeds,
+                position_ids=position_ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=n_logits,
+            )
+            return out.logits
+        for layer in layers:
+            layer.ensure_capacity(layer.keys, layer.values)  # a grown bound: one new shape
+        index = layers[0].reserved_slots(embeds.device)
+        keys = [layer.keys for layer in layers]
+        values = [layer.values for layer in layers]
+        shape = (n, layers[0].capacity)
+        t0 = time.perf_counter()
+        logits = self._fn(self.lm, embeds, position_ids, mask, index, keys, values, n_logits)
+        if shape not in self.warmup_s:
+            self.warmup_s[shape] = time.perf_counter() - t0
+        cache.commit_block(n)
+        return logits

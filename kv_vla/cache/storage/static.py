@@ -1,0 +1,185 @@
+"""Static KV storage: preallocated per-layer slot buffers for a bounded episode cache.
+
+A bounded policy knows its largest size in advance (``kv_vla.cache.storage.bound``), so each layer
+holds keys and values in fixed ``[B, H, capacity, D]`` buffers. A forward's new block is written
+into free slots (``index_copy_``) and eviction only frees slots, so a steady-state step allocates
+no KV tensor and attention always sees the same shapes: what ``torch.compile`` and CUDA graphs
+need. Attention covers every slot and is masked by occupancy: the caller passes the 4-D additive
+mask of :meth:`StaticLayer.block_mask` (``EpisodeCache.attention_mask``); transformers' own mask
+is sized by ``get_mask_sizes`` and cannot see which slots are free, so it is refused.
+
+The layer keeps the base layer's contract (columns are kept tokens in position order): a column's
+slot is ``slots[column]``. Slots are taken lowest-free-first, the same in every layer, so one mask
+serves all layers. Buffers grow (once, copying) only when a block does not fit, e.g. after a live
+``max_tokens`` increase; :attr:`StaticLayer.grows` counts it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kv_vla.cache.episode_cache import EpisodeLayer
+
+
+class StaticLayer(EpisodeLayer):
+    """One layer's keys and values in preallocated slots (see module docstring)."""
+
+    is_compileable = True
+    needs_block_mask = True  # the cache must build the attention mask (EpisodeCache.attention_mask)
+
+    def __init__(self, owner: Any, layer_idx: int):
+        super().__init__(owner, layer_idx)
+        self._init_slots()
+        self.grows = 0
+
+    def _init_slots(self) -> None:
+        self.slots = torch.empty(0, dtype=torch.long)  # slot of each held column, position order (CPU)
+        self._reserved: torch.Tensor | None = None  # slots of the next block (CPU)
+        self._reserved_dev: torch.Tensor | None = None
+        self._pending_capacity: int | None = None  # buffer size the next block needs (None: as is)
+
+    # ------------------------------------------------------------------ allocation
+    @property
+    def capacity(self) -> int:
+        """Slots per buffer (0 before the first block)."""
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def _allocate(self, like: torch.Tensor, like_v: torch.Tensor, capacity: int) -> None:
+        b, h, _, d = like.shape
+        keys = like.new_zeros((b, h, capacity, d))
+        values = like_v.new_zeros((b, h, capacity, like_v.shape[-1]))
+        if self.keys is not None:  # growth: keep what is held, slot for slot
+            n = self.capacity
+            keys[:, :, :n] = self.keys
+            values[:, :, :n] = self.values
+            self.grows += 1
+        self.keys, self.values = keys, values
+        self.dtype, self.device = like.dtype, like.device
+        self.is_initialized = True
+        if self.device.type == "cuda":  # CUDA graphs replay on fixed addresses
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+
+    def reserve(self, n: int, capacity_hint: int) -> torch.Tensor:
+        """Pick the slots of the next ``n``-token block (lowest free first); returns them (CPU).
+
+        ``capacity_hint`` is the bound the owner computed; buffers are (re)sized to it when they are
+        first allocated or when ``held + n`` would not fit.
+        """
+        held = int(self.slots.numel())
+        fits = self.keys is not None and held + n <= self.capacity
+        self._pending_capacity = None if fits else max(held + n, capacity_hint)
+        cap = self._pending_capacity or self.capacity
+        free = torch.ones(cap, dtype=torch.bool)
+        free[self.slots] = False
+        self._reserved = free.nonzero().squeeze(1)[:n]
+        self._reserved_dev = None
+        return self._reserved
+
+    def block_mask(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive ``[1, 1, n, capacity]`` mask of the reserved block: every held slot is visible
+        (all kept tokens precede the block) and the block is causal within itself."""
+        if self._reserved is None or int(self._reserved.numel()) != n:
+            raise RuntimeError("block_mask: call reserve(n) first")
+        cap = self._pending_capacity or self.capacity
+        allowed = torch.zeros(n, cap, dtype=torch.bool)
+        allowed[:, self.slots] = True
+        allowed[:, self._reserved] = torch.ones(n, n, dtype=torch.bool).tril()
+        mask = torch.zeros(n, cap, dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask.to(device)[None, None]
+
+    def reserved_slots(self, device: torch.device) -> torch.Tensor:
+        """The reserved block's slots on ``device`` (the compiled step's ``index_copy_`` index)."""
+        if self._reserved_dev is None or self._reserved_dev.device != device:
+            self._reserved_dev = self._reserved.to(device)
+        return self._reserved_dev
+
+    def ensure_capacity(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate (or grow) the buffers the last :meth:`reserve` sized."""
+        if self._pending_capacity is not None:
+            self._allocate(key_states, value_states, self._pending_capacity)
+            self._pending_capacity = None
+
+    # ------------------------------------------------------------------ EpisodeLayer contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.ensure_capacity(key_states, value_states)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new block into its reserved slots; return the whole buffers (masked by the caller)."""
+        n = int(key_states.shape[-2])
+        if self._reserved is None or int(self._reserved.numel()) != n:
+            raise ValueError(
+                "storage 'static': pass attention_mask=cache.attention_mask(query_length) to the model "
+                "for every forward (a 4-D mask over the slots); transformers' own mask cannot see which "
+                "slots are held"
+            )
+        self.ensure_capacity(key_states, value_states)
+        index = self.reserved_slots(key_states.device)
+        self.keys.index_copy_(2, index, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, index, value_states.to(self.values.dtype))
+        self.commit_block()
+        return self.keys, self.values
+
+    def commit_block(self) -> None:
+        """Record the reserved block as held (its slots were written by :meth:`update` or a compiled step)."""
+        self.slots = torch.cat([self.slots, self._reserved])
+        self._reserved = self._reserved_dev = None
+
+    def held_tokens(self) -> int:
+        return int(self.slots.numel())
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the columns in ``index``: their slots stay, every other slot is free."""
+        self.slots = self.slots[index.to("cpu")]
+
+    def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns ``[start, end)``: a view when their slots are consecutive (the usual chunk), else a gather."""
+        slots = self.slots[start:end]
+        if (
+            slots.numel()
+            and int(slots[-1] - slots[0]) == slots.numel() - 1
+            and bool((slots.diff() == 1).all())
+        ):
+            a, b = int(slots[0]), int(slots[-1]) + 1
+            return self.keys[:, :, a:b], self.values[:, :, a:b]
+        index = slots.to(self.keys.device)
+        return self.keys.index_select(2, index), self.values.index_select(2, index)
+
+    def rotate_keys(self, start: int, rotate: Any) -> None:
+        """Re-rotate the keys of columns ``[start, held)`` in their slots (``cache`` positions)."""
+        if self.keys is None or self.held_tokens() <= start:
+            return
+        index = self.slots[start:].to(self.keys.device)
+        with torch.inference_mode(self.keys.is_inference()):  # in place, whichever mode made the buffer
+            self.keys.index_copy_(2, index, rotate(self.keys.index_select(2, index)))
+
+    def truncate(self, n: int) -> None:
+        self.slots = self.slots[:n]
+        self._reserved = self._reserved_dev = None
+
+    def nbytes(self) -> int:
+        """Bytes of the held slots (the same accounting as the dynamic storage's kept columns)."""
+        if self.keys is None:
+            return 0
+        per_slot = self.keys[:, :, :1].numel() * self.keys.element_size()
+        per_slot += self.values[:, :, :1].numel() * self.values.element_size()
+        return self.held_tokens() * per_slot
+
+    def reserved_nbytes(self) -> int:
+        """Bytes preallocated for the whole bound (what the process really holds for this layer)."""
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def slot_mass_to_columns(self, mass: torch.Tensor) -> torch.Tensor:
+        """Attention mass per slot (the probe's ``[capacity]``) -> per held column, position order."""
+        return mass.index_select(0, self.slots.to(mass.device))
+
+    def reset(self) -> None:
+        """New episode: every slot is free; the buffers stay (same addresses, nothing recompiles)."""
+        self._init_slots()

@@ -1,0 +1,56 @@
+"""`kv-vla bench soak` on a tiny random model: report keys, bounded positions, merge and PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from kv_vla.bench import cli as bench_cli
+from kv_vla.model import CompactVLA, CompactVLAConfig
+
+KEYS = {
+    "step_ms_p50_first",
+    "step_ms_p50_last",
+    "rss_mib_per_1000_steps",
+    "max_position_id",
+    "max_position_embeddings",
+    "kv_bytes_max",
+    "steps",
+}
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    return bench_cli.run(parser.parse_args(argv))
+
+
+@pytest.mark.slow
+def test_bench_soak_reports_growth_and_bounded_positions(tmp_path):
+    torch.manual_seed(0)
+    model = tmp_path / "tiny-vla"
+    CompactVLA(CompactVLAConfig.tiny(pool=4, action_decoding="parallel")).save_pretrained(model)
+    out = tmp_path / "soak.json"
+    common = ["--model", str(model), "--no-progress", "--plot-steps", "30"]
+    argv = ["soak", "--json", str(out), "--steps", "30", "--policies", "window,full", "--max-steps-full", "12"]
+    assert _run([*argv, "--positions", "episode,cache", "--recent-chunks", "2", *common]) == 0
+    runs = {(r["policy"], r["positions"]): r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {(p, m) for p in ("window", "full") for m in ("episode", "cache")}
+    for run in runs.values():
+        assert set(run) >= KEYS
+        assert len(run["series"]["kv_bytes"]) == run["steps"]
+    assert runs[("full", "episode")]["steps"] == 12 and runs[("window", "cache")]["steps"] == 30
+    # window keeps 2 steps + the open one: cache positions stay there, episode positions grow
+    step = 8  # 4 image tokens + 4 parallel action slots
+    bounded = runs[("window", "cache")]["max_position_id"]
+    assert bounded < runs[("window", "episode")]["max_position_id"]
+    assert bounded <= 3 * step + 64  # prompt (< 64 tokens) + kept steps + one step
+    assert runs[("window", "cache")]["kv_bytes_max"] == runs[("window", "episode")]["kv_bytes_max"]
+    assert runs[("full", "episode")]["kv_bytes_max"] > runs[("window", "episode")]["kv_bytes_max"]
+    # merging reports made in separate processes, and the PNG
+    merged, png = tmp_path / "merged.json", tmp_path / "soak.png"
+    assert _run(["soak", "--json", str(merged), "--from-json", str(out), str(out), "--plot", str(png)]) == 0
+    assert len(json.loads(merged.read_text())["runs"]) == 8 and png.stat().st_size > 0

@@ -1,0 +1,87 @@
+"""The compiled decoder step over static storage equals the eager step, and recompiles only on a
+shape change (a grown budget), not per step. The CUDA-graph path runs only where a GPU is present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numerics import assert_logits_close, assert_same_argmax
+
+from kv_vla.cache import EpisodeCacheConfig
+from kv_vla.model import CompactVLA, CompactVLAConfig
+from kv_vla.runtime import EpisodeRuntime
+
+INSTR = "touch the red cube"
+
+
+def _model() -> CompactVLA:
+    torch.manual_seed(3)
+    model = CompactVLA(CompactVLAConfig.tiny(action_decoding="parallel")).eval()
+    with torch.no_grad():
+        model.action_queries.normal_(0, 1.0)
+    return model
+
+
+def _config(model: CompactVLA) -> EpisodeCacheConfig:
+    step = model.num_image_tokens + model.action_dim
+    return EpisodeCacheConfig(policy="window", chunk_size=step, recent_chunks=3, storage="static")
+
+
+def _episode(
+    rt: EpisodeRuntime, frames: np.ndarray, change_at: int, change: dict, on_step=None
+) -> torch.Tensor:
+    rt.reset(INSTR)
+    logits = []
+    for i, frame in enumerate(frames):
+        if i == change_at:
+            rt.update_cache_config(**change)  # a larger bound: the static buffers grow once
+        rt.step(frame)
+        logits.append(rt.last_action_logits.clone())
+        if on_step is not None:
+            on_step()
+    return torch.stack(logits)
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_and_recompiles_once_per_shape():
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    frames = np.random.default_rng(0).integers(0, 256, size=(24, 64, 64, 3), dtype=np.uint8)
+    change = dict(policy="random", max_tokens=_config(model).min_budget(40) + 40, recent_chunks=1)
+    eager = _episode(EpisodeRuntime(model, cache_config=_config(model)), frames, 12, change)
+    rt = EpisodeRuntime(model, cache_config=_config(model), compile=True)
+    graphs: list[int] = []
+    got = _episode(
+        rt, frames, 12, change, on_step=lambda: graphs.append(int(counters["stats"]["unique_graphs"]))
+    )
+    # inductor fuses and reorders float32 reductions: a stated bound, bins equal but for near ties
+    assert_logits_close(got, eager)
+    assert_same_argmax(got, eager)
+    # one decoder graph per (block, slots) shape: the frame block before and after the growth
+    assert len(rt.warmup_s) == 2 and all(t > 0 for t in rt.warmup_s.values())
+    assert all(layer.grows == 1 for layer in rt.cache.layers)
+    assert graphs[1] == graphs[11] and graphs[-1] == graphs[11] + 1  # compiled once per shape, not per step
+
+
+def test_compile_refuses_dynamic_storage_and_probe_policies():
+    model = _model()
+    step = model.num_image_tokens + model.action_dim
+    with pytest.raises(ValueError, match="storage='static'"):
+        EpisodeRuntime(model, cache_config=EpisodeCacheConfig(policy="window", chunk_size=step), compile=True)
+    rt = EpisodeRuntime(model, cache_config=_config(model), compile=True)
+    with pytest.raises(ValueError, match="probe"):
+        rt.update_cache_config(policy="attention", max_tokens=400, sink_tokens=0)
+    assert rt.cache_config.policy == "window"  # refused: nothing changed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph capture)")
+def test_cuda_graph_step_equals_eager_on_gpu():
+    model = _model()
+    frames = np.random.default_rng(1).integers(0, 256, size=(12, 64, 64, 3), dtype=np.uint8)
+    kw = dict(device="cuda", dtype=torch.float32)
+    eager = _episode(EpisodeRuntime(model, cache_config=_config(model), **kw), frames, -1, {})
+    graph = _episode(EpisodeRuntime(model, cache_config=_config(model), compile=True, **kw), frames, -1, {})
+    assert_logits_close(graph.cpu(), eager.cpu())
+    assert_same_argmax(graph.cpu(), eager.cpu())
