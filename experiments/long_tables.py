@@ -23,23 +23,25 @@ def _rows(dirs: list[Path]) -> list[dict]:
             label = a["policy"]
             if a["policy"] == "gated":
                 label += f" ({budget} tokens, {mode or 'episode'} positions)"
-            rows.append({**a, "label": label})
+            seeds = info["config"].get("seeds") or ["?", "?"]
+            rows.append({**a, "label": label, "seeds": f"{seeds[0]}-{seeds[-1]}"})
     return rows
 
 
 def table(dirs: list[Path]) -> str:
     rows = _rows(dirs)
-    full = {r["task"]: r["peak_kv_bytes_mean"] for r in rows if r["policy"] == "full"}
+    full = {(r["task"], r["seeds"]): r["peak_kv_bytes_mean"] for r in rows if r["policy"] == "full"}
     out = [
-        "| task | policy | episodes | success % [95% CI] | steps | step ms p50 / p95 | peak KV MiB | of full's |",
+        "| task | policy | seeds | success % [95% CI] | steps | step ms p50 / p95 | peak KV MiB | of full's |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted(rows, key=lambda r: (r["task"], r["label"] != "full", r["label"])):
+    for r in sorted(rows, key=lambda r: (r["task"], r["label"] != "full", r["label"], r["seeds"])):
         kv = r["peak_kv_bytes_mean"] or 0.0
-        share = f"{100 * kv / full[r['task']]:.0f}%" if full.get(r["task"]) else "-"
+        ref = full.get((r["task"], r["seeds"]))
+        share = f"{100 * kv / ref:.0f}%" if ref else "-"
         lo, hi = r["success_ci95_pct"]
         out.append(
-            f"| {r['task']} | {r['label']} | {r['episodes']} | {r['success_pct']:.0f} [{lo:.0f}, {hi:.0f}] | "
+            f"| {r['task']} | {r['label']} | {r['seeds']} | {r['success_pct']:.0f} [{lo:.0f}, {hi:.0f}] | "
             f"{r['steps_mean']:.0f} | {r['step_ms_p50']:.0f} / {r['step_ms_p95']:.0f} | {kv / 2**20:.2f} | {share} |"
         )
     return "\n".join(out)

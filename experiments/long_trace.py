@@ -40,7 +40,9 @@ def run(name: str, out: str, options: list[str], task: str = "long_cued_reach:wa
         obs, _, terminated, truncated, _ = env.step(np.asarray(res.action, dtype=np.float32)[:4])
         if terminated or truncated:
             break
-    atomic_write_text(Path(out), json.dumps({"name": name, "options": opts, "kv_bytes": kv, "max_position": pos}))
+    atomic_write_text(
+        Path(out), json.dumps({"name": name, "options": opts, "kv_bytes": kv, "max_position": pos})
+    )
 
 
 def plot(out: str, paths: list[str]) -> None:
