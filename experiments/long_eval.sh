@@ -21,8 +21,8 @@ G="--policies gated --recent-chunks 2 --gate-threshold 0.0"
   $E --tasks late_cued_reach:lead=100-400 $G --max-tokens 288 --positions cache --out "$OUT/lead_gated288_cache"
 ) > "$OUT.chain_b.log" 2>&1 &
 (
-  $E --tasks long_cued_reach --policies none,window --recent-chunks 6 --out "$OUT/reach_none_window"
-  $E --tasks long_cued_reach --policies sinks --sink-tokens 4 --recent-chunks 5 --out "$OUT/reach_sinks"
+  $E --tasks long_cued_reach --policies none,window --recent-chunks 6 --max-tokens 0 --out "$OUT/reach_none_window"
+  $E --tasks long_cued_reach --policies sinks --sink-tokens 4 --recent-chunks 5 --max-tokens 0 --out "$OUT/reach_sinks"
   $E --tasks long_cued_reach $G --max-tokens 80 --positions episode --out "$OUT/reach_gated80_episode"
   $E --tasks long_cued_reach $G --max-tokens 80 --positions cache --out "$OUT/reach_gated80_cache"
   $E --tasks late_cued_reach:lead=100-400 $G --max-tokens 80 --positions cache --out "$OUT/lead_gated80_cache"

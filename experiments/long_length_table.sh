@@ -14,6 +14,6 @@ for spec in "80:4" "280:2" "980:1"; do
   $E $T --policies full,none --out "$OUT/w$W/full_none"
   $E $T --policies gated --out "$OUT/w$W/gated_episode" $B --positions episode
   $E $T --policies gated --out "$OUT/w$W/gated_cache" $B --positions cache
-  $E $T --policies window --out "$OUT/w$W/window" --recent-chunks 6
-  $E $T --policies sinks --out "$OUT/w$W/sinks" --sink-tokens 4 --recent-chunks 5
+  $E $T --policies window --out "$OUT/w$W/window" --recent-chunks 6 --max-tokens 0
+  $E $T --policies sinks --out "$OUT/w$W/sinks" --sink-tokens 4 --recent-chunks 5 --max-tokens 0
 done
