@@ -2,9 +2,10 @@
 
 Answers: is the compiled bounded step faster than today's eager dynamic step at equal actions, and
 is its time flat over a long episode? The three runtimes step in lockstep on the same frames (so a
-shared, loaded machine slows them alike); the report gives p50 per variant, ratios against dynamic
-eager (the first variant), action-bin agreement (near ties excepted), p50 early vs late in the episode, and a
-torch.profiler table of a few steps of each variant.
+shared, loaded machine slows them alike); the report gives wall and thread-CPU p50 per variant
+(CPU time is robust to a loaded machine), ratios against the first variant (dynamic eager),
+action-bin agreement (near ties excepted), p50 early vs late in the episode, and a torch.profiler
+table of a few steps of each variant.
 
     PYTHONPATH=. python experiments/static_step.py --steps 5000 --json docs/bench/static_step.json
 """
@@ -50,6 +51,9 @@ def _profile(rt: EpisodeRuntime, frames: np.ndarray, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+PROFILE_ROWS = 18
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/compact-vla")
@@ -63,6 +67,8 @@ def main() -> None:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     runtimes = {k: _runtime(args.model, *VARIANTS[k], args.max_tokens) for k in names}
     times: dict[str, list[float]] = {k: [] for k in runtimes}
+    phases: dict[str, list[dict[str, float]]] = {k: [] for k in runtimes}
+    cpu: dict[str, list[float]] = {k: [] for k in runtimes}  # thread CPU time: robust to a loaded machine
     logits: dict[str, list[torch.Tensor]] = {k: [] for k in runtimes}
     first_step_s = {}
     for rt in runtimes.values():
@@ -70,11 +76,13 @@ def main() -> None:
     for i in tqdm(range(args.steps), desc="static_step", unit="step"):
         frame = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         for k, rt in runtimes.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             res = rt.step(frame)
+            cpu[k].append(1e3 * (time.thread_time() - c0))
             if i == 0:
                 first_step_s[k] = time.perf_counter() - t0
             times[k].append(res.timings_ms["total"])
+            phases[k].append(res.timings_ms)
             logits[k].append(rt.last_action_logits.clone())
     ref = torch.stack(logits[names[0]])  # the first variant is the reference
     w = args.window
@@ -102,13 +110,22 @@ def main() -> None:
             "p50_early_ms": round(early, 3),
             "p50_late_ms": round(late, 3),
             "late_over_early": round(late / early, 3),
+            "cpu_ms_p50": round(statistics.median(cpu[k][10:]), 3),
+            "cpu_p50_early_ms": round(statistics.median(cpu[k][10 : 10 + w]), 3),
+            "cpu_p50_late_ms": round(statistics.median(cpu[k][-w:]), 3),
+            "cpu_late_over_early": round(
+                statistics.median(cpu[k][-w:]) / statistics.median(cpu[k][10 : 10 + w]), 3
+            ),
             "max_abs_logit_diff_vs_first": float((got - ref).abs().max()),
             "bins_differ_outside_near_ties": int(differ.sum()),
             "first_step_s": round(first_step_s[k], 2),
+            "phase_ms_p50": {
+                n: round(statistics.median(t[n] for t in phases[k][10:]), 3) for n in phases[k][0]
+            },
             "warmup_s": runtimes[k].warmup_s,
         }
     prof_frames = rng.integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
-    report["profiles"] = {k: _profile(rt, prof_frames) for k, rt in runtimes.items()}
+    report["profiles"] = {k: _profile(rt, prof_frames, PROFILE_ROWS) for k, rt in runtimes.items()}
     atomic_write_json(args.json, report)
     print(json.dumps({k: v for k, v in report.items() if k != "profiles"}, indent=1))
     for k, table in report["profiles"].items():

@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("kv_vla.train.cli", "behaviour-clone the compact VLA on whole episodes"),
     "train-gate": ("kv_vla.train.gate_cli", "learn the chunk gate's utility"),
     "interpolate": ("kv_vla.train.interpolate", "mix two fine-tunes of one model in weight space (WiSE-FT)"),
+    "inspect": (
+        "kv_vla.eval.inspector",
+        "one episode's cache as a picture: chunks kept/evicted, utility, budget",
+    ),
     "demo": ("kv_vla_node.demo", "main job: VLA node + sim bridge over DDS, prints a result table"),
 }
 

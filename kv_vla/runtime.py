@@ -1,5 +1,8 @@
 """The episode runtime: one VLA, one KV cache that lives for the whole episode.
 
+Longer than ~400 lines on purpose: reset, step, the compiled step and resolving the cache settings
+at each episode start share the episode's state (prompt layout, pinned tokens, the cache).
+
 ``reset(instruction)`` prefills OpenVLA's prompt and pins it; every ``step(image)`` prefills the
 frame's visual tokens into the *same* cache at the episode's next absolute positions, greedily
 decodes ``action_dim`` action tokens (argmax restricted to the 256 action ids, each fed back so the
@@ -70,18 +73,6 @@ def shipped_gate(model_dir: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
-def gate_settings(gate: Any) -> dict[str, Any]:
-    """The cache settings a trained gate was evaluated with (``settings`` in its ``.json``), or ``{}``."""
-    return dict(getattr(gate, "settings", None) or {})
-
-
-def default_cache_config(gate: Any = None) -> Any:
-    """The evaluated setting: ``kv_vla.settings`` defaults, overlaid with the gate's own settings."""
-    from kv_vla.cache import EpisodeCacheConfig
-
-    return EpisodeCacheConfig(**gate_settings(gate))
-
-
 class EpisodeRuntime:
     """Runs a :class:`~kv_vla.model.base.VLABackbone` step by step over one episode cache."""
 
@@ -99,8 +90,9 @@ class EpisodeRuntime:
         Args:
             model: the VLA (compact model, HF adapter or OpenVLA wrapper); moved to ``device``/``dtype``.
             cache_config: an ``EpisodeCacheConfig`` (``chunk_size`` 0: one control step, resolved at
-                every ``reset``); None means the evaluated setting (:func:`default_cache_config`:
-                the ``kv_vla.settings`` defaults with the gate's own settings on top).
+                every ``reset``); None means the evaluated setting
+                (:meth:`~kv_vla.cache.EpisodeCacheConfig.evaluated`: the gate's own settings on top of
+                the ``kv_vla.settings`` defaults).
             device: torch device; ``dtype`` defaults to bf16 on CUDA and float32 elsewhere.
             unnorm_key: which dataset's statistics un-normalise actions (may be omitted when the
                 model carries a single dataset, as in OpenVLA).
@@ -121,9 +113,11 @@ class EpisodeRuntime:
         self._prompt_in_step = bool(getattr(model, "prompt_in_step", False))
         self._step_text: torch.Tensor | None = None
         #: the cache settings as asked for (``chunk_size`` 0 = one control step); see ``cache_config``
-        self.requested_config = (
-            cache_config if cache_config is not None else default_cache_config(gate)
-        ).validate()
+        if cache_config is None:
+            from kv_vla.cache import EpisodeCacheConfig
+
+            cache_config = EpisodeCacheConfig.evaluated(gate)
+        self.requested_config = cache_config.validate()
         self.unnorm_key = unnorm_key
         self._stats = action_stats(model.norm_stats, unnorm_key)
         if self._stats["q01"].shape[0] != model.action_dim:
@@ -155,7 +149,7 @@ class EpisodeRuntime:
 
         Raises ValueError (and changes nothing) when the cache config cannot be compiled.
         """
-        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options
+        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options, warm_call
 
         if not on:
             self.compile, self._decoder, self._embed_image = False, None, self.model.embed_image
@@ -169,8 +163,15 @@ class EpisodeRuntime:
             # uint8 -> pixels stays eager (numpy in); the encoder sees one fixed shape: compiled once
             compiled = torch.compile(encode, dynamic=False, **compile_options(mode))
 
+            warm: list[bool] = []
+
             def embed(frame: Any, condition: torch.Tensor | None = None) -> torch.Tensor:
-                return compiled(self.model.pixel_values(frame), condition)
+                pixels = self.model.pixel_values(frame)
+                if warm:  # one frame shape: compiled at the first call
+                    return warm_call(compiled, pixels, condition)
+                out = compiled(pixels, condition)
+                warm.append(True)
+                return out
 
             self._embed_image = embed
 
@@ -193,7 +194,7 @@ class EpisodeRuntime:
         """Seconds the first call of each compiled shape took (empty when not compiled)."""
         if self._decoder is None:
             return {}
-        return {f"decoder q={q} slots={s}": t for (q, s), t in self._decoder.warmup_s.items()}
+        return {f"decoder q={q} span={a} slots={s}": t for (q, a, s), t in self._decoder.warmup_s.items()}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -294,17 +295,8 @@ class EpisodeRuntime:
         The one rule for instruction length: ``max_instruction_chars`` only bounds the message; the
         budget (``max_tokens``) bounds its prompt in tokens, and this refusal gives the numbers.
         """
-        config = (config or self.requested_config).resolve(
-            self.step_tokens if step_tokens is None else step_tokens
-        )
-        room = config.prompt_room()
-        if room is not None and prompt_tokens > room:
-            raise ValueError(
-                f"instruction: its prompt is {prompt_tokens} tokens, but max_tokens={config.max_tokens} leaves "
-                f"room for {max(room, 0)} beside {config.effective_sink_tokens} sink tokens, "
-                f"{config.effective_recent_chunks} recent chunks and the open chunk of {config.chunk_size} "
-                "tokens; shorten the instruction or raise max_tokens"
-            )
+        config = config or self.requested_config
+        config.resolve(self.step_tokens if step_tokens is None else step_tokens).check_prompt(prompt_tokens)
 
     # ---- episode --------------------------------------------------------------------------------
     def _sync_attention_probe(self, policy: str | None = None) -> None:

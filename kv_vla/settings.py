@@ -9,7 +9,7 @@ name with ``-`` for ``_``).
 
 Defaults are the evaluated setting (models/README.md): the ``gated`` cache, ``gate_threshold`` 0, an
 80-token budget, 2 recent chunks, one control step per chunk. A trained gate's file carries the
-settings it was evaluated with (:func:`kv_vla.runtime.gate_settings`); they apply when that gate is
+settings it was evaluated with (``gate.json``'s ``settings``, :meth:`kv_vla.cache.EpisodeCacheConfig.evaluated`); they apply when that gate is
 used unless a setting is given explicitly.
 
 Torch-free and ROS-free, so the CLI's ``--help`` and the node's parameter table stay cheap.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,7 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("gate_path", str, "", STARTUP, "chunk-gate weights; empty = the gate saved beside the model (MODEL/gate.safetensors), if any", RUNTIME),
     Setting("device", str, "cpu", STARTUP, "torch device: cpu, cuda, cuda:N or mps", RUNTIME),
     Setting("dtype", str, "float32", STARTUP, "model dtype", RUNTIME, choices=DTYPES),
+    Setting("compile", bool, False, STARTUP, "compile the decoder step (torch.compile on CPU, a CUDA graph on GPU); needs storage static and a bounded policy that reads no attention", RUNTIME),
     Setting("trust_remote_code", bool, False, STARTUP, "run Python code shipped in a model folder (OpenVLA's auto_map); off: such a folder is refused", RUNTIME),
     # ---- the cache (EpisodeCacheConfig)
     Setting("policy", str, "gated", NEXT_EPISODE, "KV eviction policy, a key of kv_vla.cache.POLICIES", CACHE),
@@ -105,6 +106,8 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("max_tokens", int, 80, NEXT_EPISODE, "KV token budget, prompt included; 0 = no budget; ignored by full (never evicts). Also bounds the instruction: its prompt must fit beside the recent chunks and the open chunk", CACHE, 0, 10_000_000),
     Setting("seed", int, 0, NEXT_EPISODE, "seeds the random policy and an untrained gate", CACHE, 0, 2**31 - 1),
     Setting("probe_queries", int, 16, NEXT_EPISODE, "newest queries per forward whose attention the attention probe measures (attention, zipvl)", CACHE, 1, 65536),
+    Setting("positions", str, "episode", NEXT_EPISODE, "position ids: episode (kept tokens keep their episode positions; ids grow with the episode) or cache (StreamingLLM: positions within the cache, bounded however long the episode; RoPE models only)", CACHE, choices=("episode", "cache")),
+    Setting("storage", str, "dynamic", NEXT_EPISODE, "KV storage: dynamic (tensors grow and are re-selected) or static (preallocated slots for a bounded policy: steady-state steps allocate nothing and keep their shapes)", CACHE, choices=("dynamic", "static")),
     # ---- policy options (fields of the policy dataclasses in kv_vla/cache/policies/)
     Setting("gate_threshold", float, 0.0, NOW, "gated, gated_tiered: evict a chunk whose utility is below this (0: the budget alone decides, lowest utility first)", POLICY, 0.0, 1.0, policies=("gated", "gated_tiered")),
     Setting("tau", float, 0.9, NOW, "zipvl: share of the newest attention whose chunks stay at full precision", POLICY, 0.0, 1.0, low_open=True, policies=("zipvl",)),
@@ -112,8 +115,13 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("quant_group_size", int, 32, NEXT_EPISODE, "zipvl, gated_tiered: quantisation group size (tokens or channels)", POLICY, 1, 65536, policies=ZIPVL_POLICIES),
     Setting("full_threshold", float, 0.75, NOW, "gated_tiered: chunks with utility >= this stay at full precision (>= gate_threshold)", POLICY, 0.0, 1.0, policies=("gated_tiered",)),
     # ---- the ROS node
-    Setting("control_rate_hz", float, 10.0, NOW, "rate of the control-step timer", NODE, 0.1, 200.0),
-    Setting("max_image_age_s", float, 1.0, NOW, "frames older than this (header stamp vs node clock) are skipped", NODE, 0.001, 3600.0),
+    Setting("autostart", bool, True, STARTUP, "configure and activate at start-up; false: wait for a lifecycle manager", NODE),
+    Setting("step_mode", str, "event", STARTUP, "event: step when a new frame arrives; timer: step at control_rate_hz", NODE, choices=("event", "timer")),
+    Setting("control_rate_hz", float, 0.0, NOW, "event mode: at most this many steps/s (0 = as fast as frames come); timer mode: the timer's rate (> 0)", NODE, 0.0, 1000.0),
+    Setting("image_reliability", str, "reliable", STARTUP, "QoS reliability of the image subscriptions (a reliable one does not match a best-effort camera)", NODE, choices=("reliable", "best_effort")),
+    Setting("image_depth", int, 5, STARTUP, "QoS keep-last depth of the image subscriptions; the node still steps on the newest frame only", NODE, 1, 100),
+    Setting("max_future_stamp_s", float, 0.5, NOW, "frames stamped further ahead of the node clock are refused", NODE, 0.0, 1e9),
+    Setting("max_image_age_s", float, 1.0, NOW, "frames older than this are skipped; no valid frame for this long while active: one hold action", NODE, 0.001, 3600.0),
     Setting("action_clip", float, 1.0, NOW, "every action component is clipped to [-action_clip, action_clip]", NODE, 0.0, 1.0),
     Setting("dry_run", bool, False, NOW, "compute actions and diagnostics but publish no action", NODE),
     Setting("twist_scale", float, 0.05, NOW, "action_twist.linear = (dx, dy, dz) x twist_scale", NODE, 0.0, 10.0),
@@ -136,15 +144,6 @@ def check(name: str, value: Any) -> str | None:
     """Why ``value`` is not allowed for knob ``name``; None when it is (or the knob is not ours)."""
     setting = SETTINGS.get(name)
     return None if setting is None else setting.check(value)
-
-
-def check_all(values: Mapping[str, Any]) -> str | None:
-    """The first reason any of ``values`` is not allowed, or None."""
-    for name, value in values.items():
-        reason = check(name, value)
-        if reason:
-            return reason
-    return None
 
 
 def defaults(names: Iterable[str] | None = None) -> dict[str, Any]:

@@ -110,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
         node_params: dict[str, Any] = {
             "model_path": str(model.resolve()),
             "policy": policy,
-            "control_rate_hz": 50.0,  # polls for new frames; steps only run on a new frame
             "max_image_age_s": 30.0,  # a loaded 2-core machine must not turn frames stale
             **settings.given(args, DEMO_SETTINGS),  # left out: the node's defaults / the YAML
         }
@@ -167,14 +166,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 REFUSED_INSTRUCTION = "refused instruction: "  # what VLANode._refuse logs for an instruction
+CANNOT_START = "kv_vla: cannot start: "  # what vla_node.main prints when configure fails
 
 
 def instruction_refusal(node_log: str) -> str | None:
-    """The reason of the first instruction the node refused (from its log), or None."""
+    """Why the node will run no episode (from its log): the first instruction it refused, or the
+    configuration it refused to start with; None when neither happened."""
     for line in node_log.splitlines():
-        at = line.find(REFUSED_INSTRUCTION)
-        if at >= 0:
-            return line[at + len(REFUSED_INSTRUCTION) :].strip()
+        for marker in (REFUSED_INSTRUCTION, CANNOT_START):
+            at = line.find(marker)
+            if at >= 0:
+                return line[at + len(marker) :].strip()
     return None
 
 
@@ -189,19 +191,20 @@ def _follow(node: Any, bridge: Any, total: int, timeout_s: float, bar: Any) -> i
             if finished > done:
                 bar.update(finished - done)
                 done = finished
-            if code is not None:
-                return code
-            if node.poll() is not None:
-                print(
-                    f"[demo] the VLA node exited ({node.poll()}):\n{node.log_text()[-2000:]}", file=sys.stderr
-                )
-                return 1
+            # the node's refusal first: a bridge left without a node exits too, and its code says less
             refusal = instruction_refusal(node.log_text())
             if refusal is not None:
                 # the bridge only sends valid instructions, so a refusal is the node's configuration
                 # (e.g. a budget too small for the model's steps): no episode can run, say why now
                 # rather than after the bridge's startup timeout
                 print(f"[demo] the VLA node refused the episode: {refusal}", file=sys.stderr)
+                return 1
+            if code is not None:
+                return code
+            if node.poll() is not None:
+                print(
+                    f"[demo] the VLA node exited ({node.poll()}):\n{node.log_text()[-2000:]}", file=sys.stderr
+                )
                 return 1
             if time.monotonic() > deadline:
                 print(f"[demo] timed out after {timeout_s:.0f} s", file=sys.stderr)

@@ -33,6 +33,7 @@ NAMES: tuple[str, ...] = (
     "device",
     "dtype",
     "gate_path",
+    "compile",
     "trust_remote_code",
     *settings.CACHE_SETTINGS,
     *(s.name for s in settings.SETTINGS_LIST if s.group == settings.NODE),

@@ -36,8 +36,8 @@ from std_msgs.msg import Float32MultiArray, String
 
 from kv_vla.atomic import atomic_write_json
 from kv_vla_node import conversions
+from kv_vla_node.interface import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
 from kv_vla_node.spinning import BackgroundSpin, exit_after, register_stack_dump
-from kv_vla_node.vla_node import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
 
 NODE_NAME = "kv_vla_sim_bridge"
 RESULT_QOS = QoSProfile(
@@ -192,18 +192,20 @@ class SimBridgeNode(Node):
             episode = self._diag_int("episode")
 
         success, steps, error, round_trips = False, 0, "", []
+        loop_t0 = time.perf_counter()
         while steps < max_steps and rclpy.ok():
-            sent_ns = time.perf_counter_ns()
-            action = self._exchange(obs["image"])
-            if action is None:
+            answered = self._exchange(obs["image"])
+            if answered is None:
                 error = "no action answered the frame"
                 break
-            round_trips.append((time.perf_counter_ns() - sent_ns) / 1e6)
+            action, rtt_ms = answered
+            round_trips.append(rtt_ms)
             obs, _reward, terminated, truncated, info = env.step(action.astype(np.float32))
             steps += 1
             success = bool(info.get("success", False))
             if success or terminated or truncated:
                 break
+        wall_s = time.perf_counter() - loop_t0
 
         # The node publishes diagnostics right after each action; wait for the last step's.
         self._wait(
@@ -225,13 +227,23 @@ class SimBridgeNode(Node):
             policy=diag.get("policy"),
             step_latency_ms_p50=_percentile(latencies, 50),
             round_trip_ms_p50=_percentile(round_trips, 50),
+            wall_s=round(wall_s, 4),
+            round_trips_ms=[round(v, 3) for v in round_trips],
+            step_latencies_ms=[round(v, 3) for v in latencies],
         )
         if error:
             record["error"] = error
         return record
 
-    def _exchange(self, rgb: np.ndarray) -> np.ndarray | None:
-        """Publish one frame and wait for the action answering it (re-sending on a lost frame)."""
+    def wait_for_results_acked(self, timeout_s: float) -> bool:
+        """Block until every matched subscriber acknowledged the published results (or timeout)."""
+        from rclpy.duration import Duration
+
+        return bool(self._result_pub.wait_for_all_acked(Duration(seconds=timeout_s)))
+
+    def _exchange(self, rgb: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """Publish one frame and wait for the action answering it (re-sending on a lost frame);
+        (action, round trip in ms from the publish of the answered frame)."""
         timeout_s = float(self._p("action_timeout_s"))
         for _ in range(int(self._p("frame_retries")) + 1):
             stamp_ns = self.get_clock().now().nanoseconds
@@ -240,10 +252,12 @@ class SimBridgeNode(Node):
             )
             with self._cond:
                 self._actions.clear()
+            sent_ns = time.perf_counter_ns()
             self._image_pub.publish(msg)
             if self._wait(lambda s=stamp_ns: s in self._actions, timeout_s):
+                rtt_ms = (time.perf_counter_ns() - sent_ns) / 1e6
                 with self._cond:
-                    return self._actions.pop(stamp_ns)
+                    return self._actions.pop(stamp_ns), rtt_ms
             self.get_logger().warning(f"no action within {timeout_s} s; re-sending the frame")
         return None
 
@@ -257,6 +271,9 @@ def _int_desc(description: str, low: int, high: int) -> ParameterDescriptor:
 def main(args: list[str] | None = None) -> int:
     """Run all episodes, then exit (0 when every episode ran, 1 on a bridge failure)."""
     register_stack_dump()
+    # A thread woken by a message (the step worker, the waiting episode loop) gets the GIL within
+    # 1 ms instead of the default 5 ms while another thread runs Python code.
+    sys.setswitchinterval(0.001)
     rclpy.init(args=args)
     node = SimBridgeNode()
     spin = BackgroundSpin(node, num_threads=2)  # the episodes run here, on the main thread
@@ -270,6 +287,9 @@ def main(args: list[str] | None = None) -> int:
     except Exception as exc:
         node.get_logger().error(f"sim bridge failed: {exc!r}")
         code = 1
+    if rclpy.ok():
+        # reliable results must reach the subscribers that matched before the process goes away
+        node.wait_for_results_acked(2.0)
     return exit_after(spin, code)
 
 

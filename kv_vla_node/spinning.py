@@ -27,7 +27,7 @@ import threading
 import time
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 
 
@@ -37,11 +37,18 @@ def register_stack_dump() -> None:
 
 
 class BackgroundSpin:
-    """A ``MultiThreadedExecutor`` spinning ``node`` on a thread of its own, with a bounded ``stop()``."""
+    """An executor spinning ``node`` on a thread of its own, with a bounded ``stop()``.
+
+    ``num_threads`` 0 is a ``SingleThreadedExecutor`` (callbacks run on the spin thread itself, no
+    hand-off to a pool: the least latency when every callback is short), else a
+    ``MultiThreadedExecutor`` with that many threads.
+    """
 
     def __init__(self, node: Node, num_threads: int) -> None:
         self.node = node
-        self.executor = MultiThreadedExecutor(num_threads=num_threads)
+        self.executor = (
+            SingleThreadedExecutor() if num_threads == 0 else MultiThreadedExecutor(num_threads=num_threads)
+        )
         self.executor.add_node(node)
         self.error: BaseException | None = None
         # Not a daemon: the executor's pool threads inherit the flag from the thread that starts
@@ -66,8 +73,11 @@ class BackgroundSpin:
 
         A ``KeyboardInterrupt`` raised here (the SIGINT's Python half) is the caller's to catch.
         """
-        while self._thread.is_alive():
+        while self._thread.is_alive() and rclpy.ok(context=self.node.context):
             self._thread.join(timeout=0.2)
+        # A process that inherited SIGINT as ignored gets rclpy's half of it only: the context is
+        # shut down but no KeyboardInterrupt comes, and the spin thread may still sit in its wait
+        # (it is woken in ``stop``), so the context's state is what ends this wait.
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Shut down in an order that cannot hang; True when every step finished in time.
@@ -75,12 +85,16 @@ class BackgroundSpin:
         Each of the three waits (spin thread, executor, callback threads) is bounded by ``timeout_s``.
         """
         rclpy.try_shutdown(context=self.node.context)  # the spin loop leaves at its next wake-up
+        self.executor.wake()  # ... which this makes now, in case the shutdown's own wake-up was missed
         self._thread.join(timeout=timeout_s)
         spin_stopped = not self._thread.is_alive()
         # The pool is closed only after spin has left its loop (closing it earlier races spin's own
         # submit: ros2/rclpy#1724), and without joining its threads: that join has no time limit,
         # so a stuck callback would hang it. The threads are joined below, with one.
-        work_done = self.executor.shutdown(timeout_sec=timeout_s, wait_for_threads=False)
+        if isinstance(self.executor, MultiThreadedExecutor):
+            work_done = self.executor.shutdown(timeout_sec=timeout_s, wait_for_threads=False)
+        else:
+            work_done = self.executor.shutdown(timeout_sec=timeout_s)
         self.node.destroy_node()
         threads_done = _join_worker_threads(timeout_s)
         return spin_stopped and work_done and threads_done

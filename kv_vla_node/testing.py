@@ -55,6 +55,8 @@ def in_process_node(
         context=ctx,
         parameter_overrides=[Parameter(name, value=value) for name, value in parameters.items()],
     )
+    node.trigger_configure()
+    node.trigger_activate()
     executor = MultiThreadedExecutor(context=ctx)
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -86,7 +88,7 @@ class RosClient:
         from std_msgs.msg import Float32MultiArray, String
         from std_srvs.srv import Trigger
 
-        from kv_vla_node.vla_node import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
+        from kv_vla_node.interface import DIAG_NAME, IMAGE_QOS, INSTRUCTION_QOS
 
         os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
         self.context = Context()

@@ -1,12 +1,14 @@
 """PyBullet tabletop simulation for kv_vla: env, tasks, scripted experts, demonstrations.
 
-Imports pybullet, numpy, tqdm and matplotlib only (never torch, never rclpy). The environment is
-imported lazily, so reading demonstrations (``kv_vla_sim.demos``) works on a training machine
-that has no pybullet (e.g. a GPU box).
+Imports pybullet, numpy, gymnasium, tqdm and matplotlib only (never torch, never rclpy). The
+environment is imported lazily, so reading demonstrations (``kv_vla_sim.demos``) works on a training
+machine that has no pybullet (e.g. a GPU box). Importing the package registers every task with
+Gymnasium (``kv_vla_sim.gym_envs``) when gymnasium is installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from kv_vla_sim.tasks import MEMORY_TASKS, PLAIN_TASKS, TASKS, EpisodeSpec, SceneState, Task
@@ -21,6 +23,9 @@ __all__ = [
     "Task",
     "make_env",
 ]
+
+if importlib.util.find_spec("gymnasium") is not None:
+    from kv_vla_sim import gym_envs as _gym_envs  # noqa: F401  (registers kv_vla_sim/<Task>-v0)
 
 
 def __getattr__(name: str) -> Any:

@@ -8,6 +8,7 @@ harness drives these exactly like a VLA runtime, so it can be tested before a mo
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,3 +54,22 @@ class RandomAgent:
         t0 = time.perf_counter()
         action = self._rng.uniform(-1.0, 1.0, 4).astype(np.float32)
         return AgentStep(action, {"total": 1000.0 * (time.perf_counter() - t0)})
+
+
+class EpisodeSeededRandomAgent(RandomAgent):
+    """:class:`RandomAgent` whose generator restarts every episode from (``seed``, task, episode seed).
+
+    Why: an episode's actions must not depend on which episodes the same agent ran before, so that
+    evaluation gives the same episodes however they are spread over processes.
+    """
+
+    def __init__(self, env: TabletopEnv, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.env = env
+        self.seed = int(seed)
+
+    def reset(self, instruction: str) -> None:
+        spec = self.env.spec
+        if spec is None:
+            raise RuntimeError("reset the env before the agent")
+        self._rng = np.random.default_rng([self.seed, zlib.crc32(spec.task.encode()), spec.seed])

@@ -10,7 +10,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, required=True, help="successful demonstrations per task")
     parser.add_argument("--out", required=True, help="output directory (resumable)")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes (Ray actors with --backend ray)"
+    )
+    parser.add_argument(
+        "--backend", choices=["local", "ray"], default="local", help="local processes, or Ray actors"
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join (default: an embedded local Ray)"
+    )
     parser.add_argument("--seed-offset", type=int, default=1_000_000, help="first seed (>= 1_000_000)")
     parser.add_argument(
         "--noise",
@@ -33,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         noise=DEFAULT_NOISE if args.noise is None else args.noise,
         workers=args.workers,
         progress=not args.no_progress,
+        backend=args.backend,
+        ray_address=args.ray_address,
     )
     for task, n in counts.items():
         print(f"{task}: {n} demonstrations in {args.out}")

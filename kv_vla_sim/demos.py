@@ -1,5 +1,8 @@
 """Recording scripted-expert demonstrations, resumably, and reading them back.
 
+Longer than ~400 lines on purpose: recording, the resumable index and reading back all follow the
+one on-disk layout below, and the sim room has no shared I/O module to move them to.
+
 Layout of a demonstration directory::
 
     DIR/index.json                 {"episodes": [{file, task, seed, steps, instruction}, ...],
@@ -316,6 +319,13 @@ def _map(jobs: list[tuple[str, int, int, float, str]], workers: int) -> Iterator
         yield from pool.imap_unordered(_run_one, jobs)
 
 
+def _run_job_alone(job: tuple[str, int, int, float, str]) -> dict[str, object]:
+    """One job on a Ray worker: the envs of other tasks are closed first (one env per worker)."""
+    for key in [k for k in _ENVS if k != (job[0], job[2])]:
+        _ENVS.pop(key).close()
+    return _run_one(job)
+
+
 def collect(
     task: str,
     episodes: int,
@@ -325,13 +335,20 @@ def collect(
     noise: float = DEFAULT_NOISE,
     workers: int = 1,
     progress: bool = True,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, int]:
     """Make sure ``out_dir`` holds ``episodes`` successful demonstrations of each task.
 
     ``task`` is a task name (options allowed, e.g. ``long_cued_reach:wait=train``; episodes are
     recorded under the registered name), ``"all"`` (the standard suite) or ``"long"``. Returns
     {task: number of demonstrations on disk}.
+    ``backend="ray"``: on Ray actors (:mod:`kv_vla_sim.distributed`), same files and index.
     """
+    from kv_vla_sim.distributed import check_backend, job_runner
+
+    check_backend(backend, workers, ray_address)
+    out_dir = os.path.abspath(out_dir)  # Ray workers may run in another working directory
     if seed_offset < DEMO_SEED_OFFSET:
         raise ValueError(f"demonstration seeds must be >= {DEMO_SEED_OFFSET} (evaluation uses the rest)")
     tasks = select_tasks(task)
@@ -340,42 +357,47 @@ def collect(
         os.unlink(stale)
     index = _read_index(out_dir)
     write_json_atomic(os.path.join(out_dir, INDEX), index)
-    counts = {}
-    for t in tasks:
-        base = get_task(t).base
-        done = {int(e["seed"]) for e in index["episodes"] if e["task"] == base}  # type: ignore[call-overload]
-        rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == base}  # type: ignore[call-overload]
-        bar = tqdm(
-            total=episodes, initial=min(len(done), episodes), desc=f"collect {t}", disable=not progress
-        )
-        next_seed = seed_offset
-        while len(done) < episodes:
-            jobs = []
-            while len(jobs) < episodes - len(done):
-                if next_seed not in done and next_seed not in rejected:
-                    jobs.append((t, next_seed, image_size, noise, out_dir))
-                next_seed += 1
-            for k, meta in enumerate(_map(jobs, workers)):
-                if meta["success"]:
-                    done.add(int(meta["seed"]))  # type: ignore[call-overload]
-                    index["episodes"].append(
-                        {
-                            "file": meta["file"],
-                            "task": base,
-                            "seed": meta["seed"],
-                            "steps": meta["steps"],
-                            "instruction": meta["instruction"],
-                        }
-                    )
-                    bar.update(1)
-                else:
-                    rejected.add(int(meta["seed"]))  # type: ignore[call-overload]
-                    index["rejected"].append({"task": base, "seed": meta["seed"]})
-                if k % 10 == 9:
-                    write_json_atomic(os.path.join(out_dir, INDEX), index)
-            write_json_atomic(os.path.join(out_dir, INDEX), index)
-        bar.close()
-        counts[base] = len(done)
+    with job_runner(
+        workers, backend, ray_address, _map, _run_job_alone
+    ) as run_jobs:  # one Ray session for all tasks
+        counts = {}
+        for t in tasks:
+            base = get_task(t).base
+            done = {int(e["seed"]) for e in index["episodes"] if e["task"] == base}  # type: ignore[call-overload]
+            rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == base}  # type: ignore[call-overload]
+            bar = tqdm(
+                total=episodes, initial=min(len(done), episodes), desc=f"collect {t}", disable=not progress
+            )
+            next_seed = seed_offset
+            while len(done) < episodes:
+                jobs = []
+                while len(jobs) < episodes - len(done):
+                    if next_seed not in done and next_seed not in rejected:
+                        jobs.append((t, next_seed, image_size, noise, out_dir))
+                    next_seed += 1
+                for k, meta in enumerate(run_jobs(jobs)):
+                    if meta["success"]:
+                        done.add(int(meta["seed"]))  # type: ignore[call-overload]
+                        index["episodes"].append(
+                            {
+                                "file": meta["file"],
+                                "task": base,
+                                "seed": meta["seed"],
+                                "steps": meta["steps"],
+                                "instruction": meta["instruction"],
+                            }
+                        )
+                        bar.update(1)
+                    else:
+                        rejected.add(int(meta["seed"]))  # type: ignore[call-overload]
+                        index["rejected"].append({"task": base, "seed": meta["seed"]})
+                    if k % 10 == 9:
+                        write_json_atomic(os.path.join(out_dir, INDEX), index)
+                for entries in index.values():  # one order, whichever worker finished first
+                    entries.sort(key=lambda e: (str(e["task"]), int(e["seed"])))  # type: ignore[call-overload]
+                write_json_atomic(os.path.join(out_dir, INDEX), index)
+            bar.close()
+            counts[base] = len(done)
     return counts
 
 

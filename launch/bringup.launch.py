@@ -1,8 +1,11 @@
 """Bring up the kv_vla VLA node: `ros2 launch kv_vla bringup.launch.py [model_path:=...] [...]`.
 
-Parameters come from `config/kv_vla.yaml` (or `params_file:=`); each launch argument below, when
-given, overrides the node parameter of the same name. Nothing here is launch-only: every value is
-also a node parameter (`--ros-args -p name:=value`, `ros2 param set /kv_vla name value`).
+The node is a managed (lifecycle) node; `autostart:=true` (the default) has launch_ros configure
+and activate it, `autostart:=false` leaves it unconfigured for a lifecycle manager. Parameters
+come from `config/kv_vla.yaml` (or `params_file:=`); each launch argument below, when given,
+overrides the node parameter of the same name. Nothing here is launch-only: every value is also a
+node parameter (`--ros-args -p name:=value`, `ros2 param set /kv_vla name value`), and the Fast DDS
+profile is two environment variables (kv_vla_node/README.md).
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from __future__ import annotations
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode
 
 from launch import LaunchDescription
 
@@ -32,6 +35,9 @@ OVERRIDES = {
     "gate_threshold": (float, "gated policy: evict chunks whose utility is below this"),
     "max_tokens": (int, "KV token budget (0 = no budget)"),
     "dry_run": (_BOOL, "compute but publish no action"),
+    "step_mode": (str, "event (step on each new frame) or timer"),
+    "control_rate_hz": (float, "event: steps/s cap (0 = none); timer: the rate"),
+    "image_reliability": (str, "reliable or best_effort (match the camera)"),
 }
 
 
@@ -41,25 +47,49 @@ def _vla_node(context, *args, **kwargs):
         value = LaunchConfiguration(name).perform(context)
         if value != "":
             overrides[name] = cast(value)
-    return [
-        Node(
+    overrides["autostart"] = False  # launch_ros drives the transitions (below), not the node itself
+    actions = []
+    profile = LaunchConfiguration("fastdds_profile").perform(context)
+    if profile:
+        actions += [
+            SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", profile),
+            SetEnvironmentVariable("RMW_FASTRTPS_USE_QOS_FROM_XML", "1"),
+        ]
+    actions.append(
+        LifecycleNode(
             package="kv_vla",
             executable="vla_node",
             name="kv_vla",
             namespace=LaunchConfiguration("namespace").perform(context),
             parameters=[LaunchConfiguration("params_file").perform(context), overrides],
+            autostart=_BOOL(LaunchConfiguration("autostart").perform(context)),
             output="screen",
             emulate_tty=True,
         )
-    ]
+    )
+    return actions
 
 
 def generate_launch_description() -> LaunchDescription:
-    default_params = os.path.join(get_package_share_directory("kv_vla"), "config", "kv_vla.yaml")
+    share = get_package_share_directory("kv_vla")
     arguments = [
-        DeclareLaunchArgument("params_file", default_value=default_params, description="node parameter YAML"),
+        DeclareLaunchArgument(
+            "params_file",
+            default_value=os.path.join(share, "config", "kv_vla.yaml"),
+            description="node parameter YAML",
+        ),
         DeclareLaunchArgument(
             "namespace", default_value="", description="namespace of the node and its topics"
+        ),
+        DeclareLaunchArgument(
+            "autostart",
+            default_value="true",
+            description="configure and activate the lifecycle node at launch",
+        ),
+        DeclareLaunchArgument(
+            "fastdds_profile",
+            default_value=os.path.join(share, "config", "fastdds_kv_vla.xml"),
+            description="Fast DDS XML profile (bounds an oversized frame's memory); empty: rmw defaults",
         ),
     ]
     arguments += [

@@ -1,7 +1,8 @@
 """The VLA node and the PyBullet sim bridge: `ros2 launch kv_vla sim.launch.py [tasks:=cued_reach,reach]`.
 
 Includes `bringup.launch.py` (all its arguments pass through) and starts the sim bridge, which runs
-`episodes_per_task` episodes of each task and publishes each result on `episode_result`.
+`episodes_per_task` episodes of each task and publishes each result on `episode_result`. When the
+bridge exits the whole launch shuts down, the shutdown's reason naming the bridge's exit code.
 """
 
 from __future__ import annotations
@@ -9,7 +10,15 @@ from __future__ import annotations
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction
+from launch.actions import (
+    DeclareLaunchArgument,
+    EmitEvent,
+    IncludeLaunchDescription,
+    OpaqueFunction,
+    RegisterEventHandler,
+)
+from launch.event_handlers import OnProcessExit
+from launch.events import Shutdown
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -27,21 +36,25 @@ BRIDGE_ARGS = {
 }
 
 
+def _shutdown_with_code(event, context):
+    """The bridge has exited: shut the launch down, saying with which code."""
+    return [EmitEvent(event=Shutdown(reason=f"sim bridge exited with code {event.returncode}"))]
+
+
 def _bridge(context, *args, **kwargs):
     params = {
         name: cast(LaunchConfiguration(name).perform(context)) for name, (cast, _d) in BRIDGE_ARGS.items()
     }
-    return [
-        Node(
-            package="kv_vla",
-            executable="sim_bridge",
-            name="kv_vla_sim_bridge",
-            namespace=LaunchConfiguration("namespace").perform(context),
-            parameters=[params],
-            output="screen",
-            emulate_tty=True,
-        )
-    ]
+    bridge = Node(
+        package="kv_vla",
+        executable="sim_bridge",
+        name="kv_vla_sim_bridge",
+        namespace=LaunchConfiguration("namespace").perform(context),
+        parameters=[params],
+        output="screen",
+        emulate_tty=True,
+    )
+    return [bridge, RegisterEventHandler(OnProcessExit(target_action=bridge, on_exit=_shutdown_with_code))]
 
 
 def generate_launch_description() -> LaunchDescription:

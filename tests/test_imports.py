@@ -79,3 +79,43 @@ def test_sim_room_imports_nothing_from_the_core_or_torch():
         if name.split(".")[0] == "kv_vla_sim"
     }
     assert {k: v for k, v in bad.items() if v} == {}
+def test_no_module_imports_in_a_circle():
+    """Tarjan's strongly connected components over the package-internal import graph. Importing a
+    module's own parent package is not an edge (Python imports the parents first anyway)."""
+    modules = _modules()
+    graph = {
+        name: {
+            n
+            for n in _imported_names(path, name)
+            if n in modules and n != name and not name.startswith(n + ".")
+        }
+        for name, path in modules.items()
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            connect(v)
+    assert circles == []

@@ -11,7 +11,7 @@ import torch
 
 from kv_vla import settings
 from kv_vla.cache import ChunkGate, EpisodeCacheConfig
-from kv_vla.runtime import EpisodeRuntime, default_cache_config, shipped_gate
+from kv_vla.runtime import EpisodeRuntime, shipped_gate
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "compact-vla"
 INSTR = "touch the cube that was lit"
@@ -30,7 +30,7 @@ def test_defaults_are_the_evaluated_setting_and_the_shipped_gate_carries_it():
     assert {k: getattr(cfg, k) for k in EVALUATED} == EVALUATED
     gate = ChunkGate.load(shipped_gate(MODEL))
     assert gate.settings == EVALUATED
-    assert default_cache_config(gate) == EpisodeCacheConfig(**EVALUATED)
+    assert EpisodeCacheConfig.evaluated(gate) == EpisodeCacheConfig(**EVALUATED)
 
 
 def test_from_pretrained_then_gated_at_80_tokens_keeps_threshold_0():

@@ -57,6 +57,7 @@ def test_a_policy_checks_its_own_options_in_post_init(policy, changes, reason):
         POLICIES[policy](**changes)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_cache_config_imports_no_policy():
     """No import circle: the config reads the registry; policies never import the config."""
     for path in (REPO / "kv_vla" / "cache" / "config.py", REPO / "kv_vla" / "cache" / "registry.py"):
@@ -76,6 +77,7 @@ def test_the_cache_config_imports_no_policy():
     assert out.startswith("['attention']")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_settings_is_torch_free():
     code = "import kv_vla.settings, kv_vla_node.params, sys; print('torch' in sys.modules, 'rclpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

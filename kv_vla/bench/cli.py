@@ -1,11 +1,19 @@
-"""``kv-vla bench ...``: benchmarks. ``kv-vla bench cache`` measures the episode cache's policies."""
+"""``kv-vla bench ...``: benchmarks. ``cache``: the episode cache's policies; ``node``: the VLA node over DDS."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 
 from kv_vla import settings
+
+# The ROS layer's benchmark, named here only (the core never imports kv_vla_node; its module keeps
+# rclpy inside ``run``).
+NODE_BENCH = "kv_vla_node.bench"
+#: cache knobs ``kv-vla bench soak`` takes as flags (``kv_vla.settings`` names); ``--positions`` is a list
+SOAK_KNOBS = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
+FRAMES_BENCH = "kv_vla_node.bench_frames"
 
 
 def _int_list(text: str) -> list[int]:
@@ -20,9 +28,6 @@ def _int_list(text: str) -> list[int]:
 
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
-
-
-SOAK_KNOBS = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cache.add_argument(
         "--storage",
+        dest="storages",
         type=_str_list,
         default=["dynamic"],
         help="comma-separated KV storages to run each policy in: dynamic,static (static only for bounded "
@@ -65,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cache.add_argument(
         "--compile",
+        dest="compiled_rows",
         action="store_true",
         help="also run every static-storage policy as a compiled step (torch.compile; a CUDA graph on GPU); "
         "the first steps compile (warmup_s in each row)",
@@ -76,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "long run); the *_vs_full ratios are then null",
     )
     cache.add_argument("--no-progress", action="store_true")
+    node = sub.add_parser("node", help="VLA node round trip over DDS with the sim bridge: event vs timer")
+    importlib.import_module(NODE_BENCH).add_arguments(node)
+    frames = sub.add_parser(
+        "frames", help="camera frame sizes x image QoS: delivered and answered by the node"
+    )
+    importlib.import_module(FRAMES_BENCH).add_arguments(frames)
 
     soak = sub.add_parser("soak", help="one long episode per policy and position mode: what grows")
     soak.add_argument("--json", required=True, type=Path, help="where to write the JSON report")
@@ -85,12 +98,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policies", type=_str_list, default=["gated"], help="comma-separated, e.g. gated,full"
     )
     soak.add_argument(
-        "--positions", type=_str_list, default=["cache"], help="comma-separated modes: episode,cache"
+        "--positions",
+        dest="position_modes",
+        type=_str_list,
+        default=["cache"],
+        help="comma-separated position modes to run, each a value of the positions setting: episode,cache",
     )
     soak.add_argument("--model", default="models/compact-vla")
     soak.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")
     soak.add_argument("--device", default="cpu")
-    settings.add_flags(soak, SOAK_KNOBS)  # as in kv-vla eval
+    settings.add_flags(soak.add_argument_group("cache settings (kv_vla/settings.py)"), SOAK_KNOBS)
     soak.add_argument("--seed", type=int, default=0, help="seeds the synthetic frame stream")
     soak.add_argument(
         "--plot",
@@ -114,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch ``kv-vla bench <name>``."""
     if args.bench == "cache":
         return _run_cache(args)
+    if args.bench == "node":
+        return int(importlib.import_module(NODE_BENCH).run(args))
+    if args.bench == "frames":
+        return int(importlib.import_module(FRAMES_BENCH).run(args))
     if args.bench == "soak":
         return _run_soak(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")
@@ -146,8 +167,8 @@ def _run_cache(args: argparse.Namespace) -> int:
         keep_steps=args.keep_steps,
         seed=args.seed,
         isolate=args.isolate,
-        storages=args.storage,
-        compile=args.compile,
+        storages=args.storages,
+        compile=args.compiled_rows,
         full_reference=not args.no_full,
     )
 
@@ -190,14 +211,14 @@ def _run_soak(args: argparse.Namespace) -> int:
 
     options = settings.given(args, SOAK_KNOBS)
     for policy in args.policies:  # refuse bad options before loading anything
-        for mode in args.positions:
+        for mode in args.position_modes:
             EpisodeCacheConfig(policy=policy, positions=mode, **options_for(policy, options))
     if args.steps < 1 or args.max_steps_full < 1:
         raise SystemExit("--steps and --max-steps-full must be >= 1")
     cfg = SoakConfig(
         model=args.model,
         policies=args.policies,
-        positions=args.positions,
+        positions=args.position_modes,
         steps=args.steps,
         max_steps_full=args.max_steps_full,
         cache_options=options,

@@ -5,7 +5,7 @@ Imports torch and transformers only (never rclpy or pybullet).
 
 from kv_vla.cache.chunks import CacheStats, Chunk
 from kv_vla.cache.config import EpisodeCacheConfig
-from kv_vla.cache.episode_cache import EpisodeCache, EpisodeLayer
+from kv_vla.cache.episode_cache import EpisodeCache
 from kv_vla.cache.gate import ChunkGate, GateConfig
 from kv_vla.cache.policies import POLICIES, ChunkPolicy, PolicyContext, register_policy
 from kv_vla.cache.probe import (
@@ -14,6 +14,7 @@ from kv_vla.cache.probe import (
     enable_attention_probe,
     is_probing,
 )
+from kv_vla.cache.storage.dynamic import EpisodeLayer
 
 __all__ = [
     "POLICIES",

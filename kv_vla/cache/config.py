@@ -37,15 +37,13 @@ class EpisodeCacheConfig:
     max_tokens: int | None = _D("max_tokens")
     seed: int = _D("seed")
     probe_queries: int = _D("probe_queries")
+    positions: str = _D("positions")  # kv_vla.cache.positions
+    storage: str = _D("storage")  # kv_vla.cache.storage
     gate_threshold: float = _D("gate_threshold")
     tau: float = _D("tau")
     low_bits: int = _D("low_bits")
     quant_group_size: int = _D("quant_group_size")
     full_threshold: float = _D("full_threshold")
-    # position mode (kv_vla.cache.positions): "episode" or "cache" (StreamingLLM); next episode
-    positions: str = "episode"
-    # layer storage (kv_vla.cache.storage): "dynamic" or "static" (preallocated, bounded policies)
-    storage: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.max_tokens == 0:
@@ -82,12 +80,6 @@ class EpisodeCacheConfig:
             return self
         return self.replace(chunk_size=int(step_tokens))
 
-    def as_settings(self) -> dict[str, Any]:
-        """Every knob by its ``kv_vla.settings`` name (``max_tokens`` None is reported as 0)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["max_tokens"] = out["max_tokens"] or 0
-        return out
-
     @property
     def policy_class(self) -> Any:
         """The registered class of ``policy``."""
@@ -115,6 +107,24 @@ class EpisodeCacheConfig:
         return (
             pinned_tokens + self.effective_sink_tokens + (self.effective_recent_chunks + 1) * self.chunk_size
         )
+
+    @classmethod
+    def evaluated(cls, gate: Any = None) -> EpisodeCacheConfig:
+        """The evaluated setting: the ``kv_vla.settings`` defaults, with the settings a trained gate
+        was evaluated with (``gate.settings``, from its ``.json``) on top."""
+        return cls(**dict(getattr(gate, "settings", None) or {}))
+
+    def check_prompt(self, prompt_tokens: int) -> None:
+        """Refuse a prompt the budget cannot hold beside the sinks, recent chunks and open chunk:
+        the one limit on instruction length (``max_instruction_chars`` only caps the message)."""
+        room = self.prompt_room()
+        if room is not None and prompt_tokens > room:
+            raise ValueError(
+                f"instruction: its prompt is {prompt_tokens} tokens, but max_tokens={self.max_tokens} leaves "
+                f"room for {max(room, 0)} beside {self.effective_sink_tokens} sink tokens, "
+                f"{self.effective_recent_chunks} recent chunks and the open chunk of {self.chunk_size} "
+                "tokens; shorten the instruction or raise max_tokens"
+            )
 
     def prompt_room(self) -> int | None:
         """Most prompt tokens the budget can hold beside the sinks, recent chunks and open chunk."""

@@ -87,7 +87,7 @@ class ChunkGate(nn.Module):
         super().__init__()
         self.config = config
         #: cache settings this gate was evaluated with (``kv_vla.settings`` names); they apply when
-        #: the gate is used and no setting is given (``kv_vla.runtime.default_cache_config``)
+        #: the gate is used and no setting is given (``EpisodeCacheConfig.evaluated``)
         self.settings: dict[str, Any] = {}
         per_layer = config.layer_feature_dim
         self.norm = nn.LayerNorm(per_layer)

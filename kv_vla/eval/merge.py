@@ -12,11 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kv_vla.eval.report import write_report
+from kv_vla.eval.report import episode_order, write_report
 
 
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate episodes, aggregates and summaries; refuse runs on different seeds or frames."""
+    """Concatenate episodes, aggregates and summaries; refuse runs on different seeds or frames, or
+    runs that share an episode. Episodes come out sorted by (task, policy, seed), whatever the order
+    of the runs or of the episodes within them (the ``lerobot`` view is rebuilt by write_report)."""
     if not results:
         raise ValueError("nothing to merge")
     first = results[0]["config"]
@@ -39,6 +41,11 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
         "policies": policies,
         "runs": [r["config"] for r in results],
     }
+    keys = [(e["task"], e["policy"], e["seed"]) for e in merged["episodes"]]
+    if len(set(keys)) < len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[0]
+        raise ValueError(f"cannot merge runs that both hold episode (task, policy, seed) = {dup}")
+    merged["episodes"] = episode_order(merged["episodes"])
     merged["aggregates"].sort(key=lambda a: (not a["memory_task"], a["task"]))
     return merged
 

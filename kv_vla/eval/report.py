@@ -1,4 +1,10 @@
-"""Evaluation reports: eval_info.json, results.md and success_vs_kv.png, written atomically."""
+"""Evaluation reports: eval_info.json, results.md and success_vs_kv.png, written atomically.
+
+eval_info.json also carries LeRobot's field names (``lerobot-eval``'s ``per_episode`` and
+``aggregated``) so tools that read LeRobot reports read ours: on every episode record and
+aggregate, and as one LeRobot-shaped block per policy and task under ``"lerobot"``. The lerobot
+package itself is not a dependency (its pins conflict with this stack; docs/ECOSYSTEM.md).
+"""
 
 from __future__ import annotations
 
@@ -138,6 +144,27 @@ def _place_labels(ax: Any, labels: list[tuple[str, float, float]], fontsize: int
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, dy), fontsize=fontsize)
 
 
+def episode_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records sorted by (task, policy, seed): one order whatever ran them, or in what order."""
+    return sorted(records, key=lambda r: (r["task"], r["policy"], r["seed"]))
+
+
+LEROBOT_EPISODE_FIELDS = ("episode_ix", "success", "seed", "sum_reward", "max_reward")
+LEROBOT_AGGREGATE_FIELDS = ("pc_success", "avg_sum_reward", "avg_max_reward", "eval_s", "eval_ep_s")
+
+
+def lerobot_view(result: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{policy: {task: {"per_episode": [...], "aggregated": {...}}}}`` in LeRobot's field names."""
+    view: dict[str, dict[str, dict[str, Any]]] = {}
+    for a in result["aggregates"]:
+        episodes = [r for r in result["episodes"] if r["policy"] == a["policy"] and r["task"] == a["task"]]
+        view.setdefault(a["policy"], {})[a["task"]] = {
+            "per_episode": [{k: r[k] for k in LEROBOT_EPISODE_FIELDS} for r in episodes],
+            "aggregated": {k: a[k] for k in LEROBOT_AGGREGATE_FIELDS},
+        }
+    return view
+
+
 def write_report(result: dict[str, Any], out_dir: str) -> dict[str, str]:
     """Write the three report files into ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -146,7 +173,8 @@ def write_report(result: dict[str, Any], out_dir: str) -> dict[str, str]:
         "results": os.path.join(out_dir, "results.md"),
         "plot": os.path.join(out_dir, "success_vs_kv.png"),
     }
-    _atomic(paths["eval_info"], lambda f: f.write(json.dumps(result, indent=1).encode()))
+    info = {**result, "lerobot": lerobot_view(result)}
+    _atomic(paths["eval_info"], lambda f: f.write(json.dumps(info, indent=1).encode()))
     _atomic(paths["results"], lambda f: f.write(results_markdown(result).encode()))
     plot_success_vs_kv(result, paths["plot"])
     return paths

@@ -40,7 +40,9 @@ def test_bench_cache_json_schema_and_ratios(tmp_path, capsys):
         assert set(r) == keys
         assert r["step_ms_p50"] > 0 and r["kv_bytes"] > 0
         assert (r["storage"], r["compiled"]) == ("dynamic", False)
-        assert r["floor_ms"] > 0 and r["floor_ratio"] == round(r["step_ms_p50"] / r["floor_ms"], 2)
+        # the ratio is computed before rounding, the test from the rounded fields: 1% covers that
+        assert r["floor_ms"] > 0
+        assert r["floor_ratio"] == pytest.approx(r["step_ms_p50"] / r["floor_ms"], rel=0.01, abs=0.01)
     assert report["copy_bandwidth_gb_s"] > 0 and report["passes_per_step"] == 3
     by = {(r["policy"], r["history_steps"]): r for r in rows}
     for h in (2, 5):

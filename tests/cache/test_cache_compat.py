@@ -66,4 +66,38 @@ def test_flash_mask_builder_refuses_padding_after_eviction():
     with pytest.raises(ValueError, match=r"^attn_implementation: 'flash_attention_2' cannot mask"):
         builder(batch_size=1, q_length=2, kv_length=7, q_offset=11, kv_offset=6, attention_mask=padding)
     masks.announce(plan)  # without padding the flash kernel's bottom-right causal mask is right
-    assert builder(batch_size=1, q_length=2, kv_length=7, q_offset=11, kv_offset=6, attention_mask=None) is None
+    assert (
+        builder(batch_size=1, q_length=2, kv_length=7, q_offset=11, kv_offset=6, attention_mask=None) is None
+    )
+
+
+@pytest.mark.parametrize("use_vmap", [False, True])
+def test_remapped_mask_evaluates_the_models_mask_function_at_kept_positions(use_vmap):
+    """A custom overlay (as image blocks add) is evaluated at the real positions, vmapped or not."""
+    from transformers.masking_utils import and_masks, sdpa_mask, sliding_window_causal_mask_function
+
+    from kv_vla.cache import masks
+
+    kept = torch.tensor([0, 1, 2, 9, 10])  # positions 3..8 were evicted
+    new = torch.tensor([11, 12])
+    plan = masks.MaskPlan(2, 7, 6, torch.cat([kept, new]), new)
+    not_nine = lambda b, h, q, kv: kv != 9  # noqa: E731  (an index-based overlay)
+    function = and_masks(sliding_window_causal_mask_function(11), not_nine)
+    padding = torch.ones(1, 13, dtype=torch.bool)
+    padding[0, 2] = False
+    masks.announce(plan)
+    got = masks.wrap(sdpa_mask, "sdpa")(
+        batch_size=1,
+        q_length=2,
+        kv_length=7,
+        q_offset=11,
+        kv_offset=6,
+        mask_function=function,
+        attention_mask=padding,
+        local_size=11,
+        use_vmap=use_vmap,
+    )
+    kv = plan.kv_positions
+    expected = torch.stack([(kv <= q) & (kv > q - 11) & (kv != 9) & padding[0, kv] for q in new.tolist()])
+    assert expected.tolist() == [[False, True, False, False, True, True, False], [False] * 4 + [True] * 3]
+    assert torch.equal(got[0, 0], expected)

@@ -51,7 +51,10 @@ def test_feature_dim_follows_model_config():
 
 def test_cache_utilities_are_the_gates_forward_over_chunk_summaries(tiny_models):
     model = tiny_models("llama")
-    cfg = EpisodeCacheConfig(policy="gated", chunk_size=CHUNK, recent_chunks=2, gate_threshold=0.0)
+    # no budget: every chunk is kept, so the kept chunks' summaries are the whole episode's
+    cfg = EpisodeCacheConfig(
+        policy="gated", chunk_size=CHUNK, recent_chunks=2, gate_threshold=0.0, max_tokens=None
+    )
     cache = EpisodeCache(cfg, model.config)
     run_episode(model, cache, list(range(10)), 8, 12, 3)
     summaries = cache.chunk_summaries()

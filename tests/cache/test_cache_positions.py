@@ -124,7 +124,7 @@ def test_unsupported_rope_variants_are_refused():
     dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     _refused(llama(rope_parameters=dynamic), "rope_type 'dynamic'")
     _refused(llama(partial_rotary_factor=0.5), "partial rotary")
-    with pytest.raises(ValueError, match="positions: unknown position mode"):
+    with pytest.raises(ValueError, match="positions: 'absolute' is not allowed; allowed values: episode, cache"):
         EpisodeCacheConfig(positions="absolute")
 
 

@@ -138,10 +138,10 @@ def test_static_refusals_and_missing_mask(tiny_models):
     with pytest.raises(ValueError, match="storage: 'static' needs a bounded policy"):
         EpisodeCacheConfig(policy="full", storage="static")
     with pytest.raises(ValueError, match="needs a bounded policy"):
-        EpisodeCacheConfig(policy="gated", storage="static")
+        EpisodeCacheConfig(policy="gated", max_tokens=None, storage="static")
     with pytest.raises(ValueError, match="low-bit codes"):
         EpisodeCacheConfig(policy="gated_tiered", max_tokens=200, storage="static")
-    with pytest.raises(ValueError, match="storage: unknown"):
+    with pytest.raises(ValueError, match="storage: 'paged' is not allowed; allowed values: dynamic, static"):
         EpisodeCacheConfig(policy="window", storage="paged")
     cfg = EpisodeCacheConfig(policy="window", chunk_size=CHUNK, storage="static")
     with pytest.raises(ValueError, match="max_tokens=None keeps an unbounded"):

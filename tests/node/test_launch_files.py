@@ -77,6 +77,14 @@ class _Record:
         self.args, self.kwargs = args, kwargs
 
 
+class _Env(_Record):
+    pass
+
+
+class _Lifecycle(_Record):
+    pass
+
+
 def _load_launch_module(path: Path, monkeypatch) -> types.ModuleType:
     fake = {
         "launch": {"LaunchDescription": _Record},
@@ -84,11 +92,16 @@ def _load_launch_module(path: Path, monkeypatch) -> types.ModuleType:
             "DeclareLaunchArgument": _Record,
             "OpaqueFunction": _Record,
             "IncludeLaunchDescription": _Record,
+            "SetEnvironmentVariable": _Env,
+            "EmitEvent": _Record,
+            "RegisterEventHandler": _Record,
         },
+        "launch.event_handlers": {"OnProcessExit": _Record},
+        "launch.events": {"Shutdown": _Record},
         "launch.substitutions": {"LaunchConfiguration": _LaunchConfiguration},
         "launch.launch_description_sources": {"PythonLaunchDescriptionSource": _Record},
         "launch_ros": {},
-        "launch_ros.actions": {"Node": _Record},
+        "launch_ros.actions": {"Node": _Record, "LifecycleNode": _Lifecycle},
         "ament_index_python": {},
         "ament_index_python.packages": {"get_package_share_directory": lambda pkg: f"/opt/share/{pkg}"},
     }
@@ -118,24 +131,50 @@ def test_bringup_arguments_map_to_node_parameters(monkeypatch):
     mod = _load_launch_module(LAUNCH / "bringup.launch.py", monkeypatch)
     desc = mod.generate_launch_description()
     declared = _declared(desc)
-    overrides = set(declared) - {"params_file", "namespace"}
+    overrides = set(declared) - {"params_file", "namespace", "fastdds_profile"}  # the profile: env vars
     assert overrides <= set(params.SPECS)
     assert {"model_path", "policy", "chunk_size", "gate_threshold", "device"} <= overrides
     assert declared["params_file"] == "/opt/share/kv_vla/config/kv_vla.yaml"
 
-    # Empty arguments keep the YAML; given ones become typed parameter overrides.
-    configs = dict.fromkeys(declared, "") | {"params_file": declared["params_file"]}
-    [node] = _opaque(desc).kwargs["function"](_Context(configs))
-    assert node.kwargs["parameters"] == [declared["params_file"], {}]
-    assert (node.kwargs["package"], node.kwargs["executable"], node.kwargs["name"]) == (
-        "kv_vla",
-        "vla_node",
-        "kv_vla",
-    )
-    configs |= {"chunk_size": "40", "gate_threshold": "0.3", "policy": "window", "dry_run": "true"}
+    assert declared["autostart"] == "true"
+    assert declared["fastdds_profile"] == "/opt/share/kv_vla/config/fastdds_kv_vla.xml"
+    assert (REPO / "config" / "fastdds_kv_vla.xml").exists()
+
+    # Empty arguments keep the YAML; given ones become typed parameter overrides. launch_ros drives
+    # the lifecycle (autostart), so the node's own autostart is off.
+    configs = dict(declared)
+    configs.update({name: "" for name in mod.OVERRIDES})
+    env, env2, node = _opaque(desc).kwargs["function"](_Context(configs))
+    assert isinstance(env, _Env) and isinstance(env2, _Env) and isinstance(node, _Lifecycle)
+    assert dict([env.args, env2.args]) == {
+        "FASTDDS_DEFAULT_PROFILES_FILE": declared["fastdds_profile"],
+        "RMW_FASTRTPS_USE_QOS_FROM_XML": "1",
+    }
+    assert node.kwargs["parameters"] == [declared["params_file"], {"autostart": False}]
+    assert node.kwargs["autostart"] is True and node.kwargs["name"] == "kv_vla"
+    assert (node.kwargs["package"], node.kwargs["executable"]) == ("kv_vla", "vla_node")
+    configs |= {
+        "chunk_size": "40",
+        "gate_threshold": "0.3",
+        "policy": "window",
+        "dry_run": "true",
+        "step_mode": "timer",
+        "control_rate_hz": "15",
+        "autostart": "false",
+        "fastdds_profile": "",
+    }
     [node] = _opaque(desc).kwargs["function"](_Context(configs))
     overrides = node.kwargs["parameters"][1]
-    assert overrides == {"chunk_size": 40, "gate_threshold": 0.3, "policy": "window", "dry_run": True}
+    assert node.kwargs["autostart"] is False
+    assert overrides == {
+        "chunk_size": 40,
+        "gate_threshold": 0.3,
+        "policy": "window",
+        "dry_run": True,
+        "step_mode": "timer",
+        "control_rate_hz": 15.0,
+        "autostart": False,
+    }
     for name, value in overrides.items():
         assert type(value) is type(params.SPECS[name].default)
         assert params.validate(name, value) is None
@@ -148,8 +187,13 @@ def test_sim_launch_includes_bringup_and_maps_bridge_arguments(monkeypatch):
     assert set(declared) - {"namespace"} <= _bridge_parameters()
     [include] = [a for a in desc.args[0] if a.args and isinstance(a.args[0], _Record)]
     assert include.args[0].args == ("/opt/share/kv_vla/launch/bringup.launch.py",)
-    [node] = _opaque(desc).kwargs["function"](_Context(dict(declared)))
+    node, handler = _opaque(desc).kwargs["function"](_Context(dict(declared)))
     assert node.kwargs["executable"] == "sim_bridge"
+    # the bridge's exit shuts the launch down, naming its exit code
+    [on_exit] = handler.args
+    assert on_exit.kwargs["target_action"] is node
+    [emit] = on_exit.kwargs["on_exit"](types.SimpleNamespace(returncode=3), None)
+    assert "exited with code 3" in emit.kwargs["event"].kwargs["reason"]
     bridge_params = node.kwargs["parameters"][0]
     assert bridge_params["tasks"] == ["cued_reach", "reach"]
     assert bridge_params["episodes_per_task"] == 2 and isinstance(bridge_params["episodes_per_task"], int)

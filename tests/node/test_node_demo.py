@@ -119,17 +119,20 @@ def test_demo_interrupted_leaves_no_processes(tmp_path, model, sig, sigint_ignor
     assert _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros")) == []
 
 
-def test_demo_fails_fast_with_the_reason_when_the_node_refuses_the_episode(tmp_path, model):
-    """A budget too small for the model's steps (30 tokens: not even the prompt and three 8-token
-    chunks) makes the node refuse every instruction; the demo stops with the node's reason instead
-    of waiting for the bridge's startup timeout, and leaves no process behind."""
+def test_demo_fails_fast_with_the_reason_when_the_node_refuses_its_parameters(tmp_path, model):
+    """A budget too small for the model's steps (30 tokens: not even the shortest prompt and three
+    8-token chunks) stops the node at configure with the reason (no instruction could ever run); the
+    demo stops with it at once instead of waiting for the bridge's startup timeout, and leaves no
+    process behind."""
     from kv_vla_node.demo import instruction_refusal
 
     proc = _demo(tmp_path, model, "--tasks", "reach", "--max-tokens", "30", "--timeout", "240")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out
     assert "the VLA node refused the episode:" in out and "timed out" not in out
+    assert "max_tokens: 30 is smaller" in out, out
     node_log = (tmp_path / "logs" / "vla_node_gated.log").read_text(errors="replace")
     reason = instruction_refusal(node_log)
     assert reason and "max_tokens" in reason and reason in out
+    assert "ready: waiting" not in node_log  # it never claimed to be ready
     assert _processes_with_env("ROS_LOG_DIR", str(tmp_path / "logs" / "ros")) == []

@@ -33,8 +33,9 @@ class FaultOnce:
         return self.runtime.step(image)
 
 
+@pytest.mark.slow
 def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatch):
-    from kv_vla_node.runtime_glue import build_runtime
+    from kv_vla_node.runtime_factory import build_runtime
 
     monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -64,21 +65,23 @@ def test_runtime_fault_is_reported_and_the_episode_restarts(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize(
-    ("overrides", "error", "match"),
+    ("overrides", "match"),
     [
-        (
-            {"dtype": "int8"},
-            ValueError,
-            "dtype: 'int8' is not allowed; allowed values: float32, float16, bfloat16",
-        ),
-        ({"policy": "nope"}, ValueError, "policy='nope' is not one of"),
-        ({"model_path": "/nonexistent/vla"}, FileNotFoundError, "/nonexistent/vla"),
+        ({"dtype": "int8"}, "dtype: 'int8' is not allowed; allowed values: float32, float16, bfloat16"),
+        ({"policy": "nope"}, "policy='nope' is not one of"),
+        ({"step_mode": "timer", "control_rate_hz": 0.0}, "control_rate_hz must be > 0 in timer mode"),
+        ({"model_path": "/nonexistent/vla"}, "FileNotFoundError: .*/nonexistent/vla"),
     ],
 )
-def test_bad_startup_configuration_fails_with_the_reason(tmp_path, monkeypatch, overrides, error, match):
-    """Read-only settings are checked when the node starts; ``main`` turns this into exit code 1."""
+def test_bad_configuration_fails_the_configure_transition_with_the_reason(
+    tmp_path, monkeypatch, overrides, match
+):
+    """Parameters are checked and the model loaded at configure; ``main`` turns a failure into exit 1."""
+    import re
+
     import rclpy
     from rclpy.context import Context
+    from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
     from kv_vla_node.vla_node import VLANode
@@ -87,7 +90,10 @@ def test_bad_startup_configuration_fails_with_the_reason(tmp_path, monkeypatch, 
     ctx = Context()
     rclpy.init(context=ctx, domain_id=free_domain_id())
     try:
-        with pytest.raises(error, match=match):
-            VLANode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+        node = VLANode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert re.search(match, node.configure_error), node.configure_error
+        assert node._runtime is None  # still unconfigured: nothing loaded
+        node.destroy_node()
     finally:
         rclpy.try_shutdown(context=ctx)

@@ -89,9 +89,8 @@ def test_whole_config_check_names_the_offending_option():
 
 
 def test_real_runtime_takes_the_options_and_a_live_tau_change(tmp_path):
-    from kv_vla_node.runtime_glue import build_runtime
+    from kv_vla_node.runtime_factory import RuntimeSettings, build_runtime
     from kv_vla_node.testing import save_random_model
-    from kv_vla_node.vla_node import RuntimeSettings
 
     model = save_random_model(tmp_path / "tiny-vla")
     active = node_defaults(policy="zipvl", low_bits=2, tau=0.5, max_tokens=0)
@@ -110,6 +109,7 @@ def test_real_runtime_takes_the_options_and_a_live_tau_change(tmp_path):
     runtime.step(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # the episode goes on
 
 
+@pytest.mark.slow
 def test_node_over_dds_applies_the_options_after_reset(tmp_path, monkeypatch):
     from kv_vla_node.testing import free_domain_id, in_process_node, save_random_model
 

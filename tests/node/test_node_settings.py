@@ -32,9 +32,8 @@ def test_idle_checks_use_the_shortest_prompt():
 
 
 def test_startup_with_a_chunk_no_budget_fits_is_refused_with_the_reason(tmp_path):
-    from kv_vla_node.runtime_glue import build_runtime
+    from kv_vla_node.runtime_factory import RuntimeSettings, build_runtime
     from kv_vla_node.testing import save_random_model
-    from kv_vla_node.vla_node import RuntimeSettings
 
     model = save_random_model(tmp_path / "tiny-vla")
     cache = {k: params.SPECS[k].default for k in params.CACHE_KEYS} | {"chunk_size": 40}
@@ -42,6 +41,7 @@ def test_startup_with_a_chunk_no_budget_fits_is_refused_with_the_reason(tmp_path
         build_runtime(RuntimeSettings(str(model), "cpu", "float32", "", cache=cache))
 
 
+@pytest.mark.slow  # a node over DDS
 def test_a_refused_change_never_blocks_a_later_valid_one(tmp_path, monkeypatch):
     """Idle, then running: `max_tokens 5` and `chunk_size 40` are refused when set, with the reason;
     `param get` keeps the accepted values; valid changes right after are accepted and applied."""
@@ -73,3 +73,37 @@ def test_a_refused_change_never_blocks_a_later_valid_one(tmp_path, monkeypatch):
         diag = client.wait_diag(lambda d: d["episode"] == "2" and d["pending_next_episode"] == "")
         assert diag["max_tokens"] == "112" and node._runtime.cache.config.max_tokens == 112
         assert diag["last_refusal"] == ""  # nothing was refused later, at an episode start
+
+
+@pytest.mark.slow  # a node over DDS
+def test_an_instruction_the_accepted_budget_cannot_hold_is_refused_and_the_change_stays(
+    tmp_path, monkeypatch
+):
+    """A budget accepted against the running prompt may not hold a longer next instruction: then
+    the instruction is what is refused (the running episode goes on), the change stays pending and
+    shown by `param get`, and the next episode start applies it."""
+    from kv_vla_node.testing import free_domain_id, in_process_node, save_random_model
+
+    monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    model = save_random_model(tmp_path / "tiny-vla")
+    parameters = {"model_path": str(model), "control_rate_hz": 50.0, "max_image_age_s": 5.0}
+    short, long = "touch the green cube", "touch the green cube and then the red cube and then the blue one"
+    with in_process_node(free_domain_id(), parameters) as (node, client):
+        client.publish_instruction(short)
+        assert client.wait_diag(lambda d: d["episode"] == "1")
+        (p_short, step), (p_long, _) = node._runtime.prompt_layout(short), node._runtime.prompt_layout(long)
+        budget = p_short + 3 * step  # holds the short prompt, not the long one
+        assert p_long > p_short
+        [ok] = client.set_parameters({"max_tokens": budget})
+        assert ok.successful, ok.reason
+        client.publish_instruction(long)
+        diag = client.wait_diag(
+            lambda d: d["last_refusal"].startswith("instruction: instruction: its prompt")
+        )
+        assert diag["episode"] == "1" and f"max_tokens={budget}" in diag["last_refusal"], diag
+        assert f"max_tokens={budget}" in diag["pending_next_episode"]
+        assert client.get_parameters(["max_tokens"]) == {"max_tokens": budget}
+        assert client.reset().success  # the running (short) instruction again: now it applies
+        diag = client.wait_diag(lambda d: d["episode"] == "2" and d["pending_next_episode"] == "")
+        assert diag["max_tokens"] == str(budget) and node._runtime.cache.config.max_tokens == budget

@@ -125,7 +125,7 @@ def test_bad_input_is_refused_with_a_reason_and_good_frames_still_answered(ros, 
             break
     assert diag, f"refusal not counted for {bad}"
     assert reason in diag["last_refusal"]
-    assert client.wait_for(lambda: reason in proc.log_text(), 10), "reason not logged"
+    assert client.wait_for(lambda: "refused" in proc.log_text(), 10), "no refusal logged"  # throttled
     assert diag["episode"] == before["episode"], "a refused instruction must not start an episode"
     assert proc.poll() is None
     assert client.exchange(frame()) is not None, "node stopped answering good frames"
@@ -200,7 +200,9 @@ def test_reset_service_starts_a_new_episode_with_an_empty_cache(ros):
     client, _ = ros
     for _ in range(3):
         assert client.exchange(frame()) is not None
-    before = client.wait_diag(lambda d: int(d["episode_step"]) >= 3)
+    # this episode's report (after-step diagnostics are rate-limited, the 1 Hz one follows)
+    running = client.wait_diag(lambda d: int(d["episode_step"]) >= 1)["episode"]
+    before = client.wait_diag(lambda d: d["episode"] == running and int(d["episode_step"]) >= 3)
     assert int(before["seen_tokens"]) > int(before["pinned_tokens"])
     res = client.reset()
     assert res.success and "cache emptied" in res.message

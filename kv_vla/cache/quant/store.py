@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_vla.cache.episode_cache import EpisodeLayer
 from kv_vla.cache.quant.packing import pack_codes, unpack_codes
 from kv_vla.cache.quant.quantize import (
     QuantizedTensor,
@@ -30,6 +29,7 @@ from kv_vla.cache.quant.quantize import (
     quantize_values,
 )
 from kv_vla.cache.quant.ratio import visible_query_counts
+from kv_vla.cache.storage.dynamic import EpisodeLayer
 
 
 @dataclass

@@ -24,8 +24,9 @@ def token_bound(config: EpisodeCacheConfig, pinned_tokens: int) -> int | None:
     """
     from kv_vla.cache.policies import POLICIES
 
-    if config.max_tokens is not None:
-        return int(config.max_tokens)
+    budget = config.effective_max_tokens  # ``full`` never evicts: a budget does not bound it
+    if budget is not None:
+        return int(budget)
     if getattr(POLICIES[config.policy], "bounded_by_window", False):
         return config.min_budget(pinned_tokens)
     return None
@@ -69,7 +70,7 @@ def layer_class(storage: str) -> type:
 
         return StaticLayer
     if storage == "dynamic":
-        from kv_vla.cache.episode_cache import EpisodeLayer
+        from kv_vla.cache.storage.dynamic import EpisodeLayer
 
         return EpisodeLayer
     raise ValueError(f"storage: unknown {storage!r}; allowed values: {list(STORAGES)}")

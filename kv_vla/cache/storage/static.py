@@ -4,7 +4,8 @@ A bounded policy knows its largest size in advance (``kv_vla.cache.storage.bound
 holds keys and values in fixed ``[B, H, capacity, D]`` buffers. A forward's new block is written
 into free slots (``index_copy_``) and eviction only frees slots, so a steady-state step allocates
 no KV tensor and attention always sees the same shapes: what ``torch.compile`` and CUDA graphs
-need. Attention covers every slot and is masked by occupancy: the caller passes the 4-D additive
+need. Attention covers a bucketed prefix of the slots (up to the highest one in use, see
+``SPAN_BUCKETS``) and is masked by occupancy: the caller passes the 4-D additive
 mask of :meth:`StaticLayer.block_mask` (``EpisodeCache.attention_mask``); transformers' own mask
 is sized by ``get_mask_sizes`` and cannot see which slots are free, so it is refused.
 
@@ -20,7 +21,12 @@ from typing import Any
 
 import torch
 
-from kv_vla.cache.episode_cache import EpisodeLayer
+from kv_vla.cache.storage.dynamic import EpisodeLayer
+
+#: Attention covers slots ``[0, span)``, ``span`` rounded up to ``capacity / SPAN_BUCKETS``: a policy
+#: holding far fewer tokens than its bound (a gate evicting below threshold) does not attend over
+#: the whole buffer, and a compiled step still sees at most this many shapes per block length.
+SPAN_BUCKETS = 8
 
 
 class StaticLayer(EpisodeLayer):
@@ -39,6 +45,7 @@ class StaticLayer(EpisodeLayer):
         self._reserved: torch.Tensor | None = None  # slots of the next block (CPU)
         self._reserved_dev: torch.Tensor | None = None
         self._pending_capacity: int | None = None  # buffer size the next block needs (None: as is)
+        self.span = 0  # slots the next block attends over (set by reserve)
 
     # ------------------------------------------------------------------ allocation
     @property
@@ -76,18 +83,23 @@ class StaticLayer(EpisodeLayer):
         free[self.slots] = False
         self._reserved = free.nonzero().squeeze(1)[:n]
         self._reserved_dev = None
+        # attend over a prefix of the slots: up to the highest slot in use, in SPAN_BUCKETS steps
+        step = -(-cap // SPAN_BUCKETS)
+        high = int(self._reserved.max()) + 1 if n else 0
+        if self.slots.numel():
+            high = max(high, int(self.slots.max()) + 1)
+        self.span = min(cap, -(-high // step) * step)
         return self._reserved
 
     def block_mask(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Additive ``[1, 1, n, capacity]`` mask of the reserved block: every held slot is visible
-        (all kept tokens precede the block) and the block is causal within itself."""
+        """Additive ``[1, 1, n, span]`` mask of the reserved block: every held slot is visible (all
+        kept tokens precede the block) and the block is causal within itself."""
         if self._reserved is None or int(self._reserved.numel()) != n:
             raise RuntimeError("block_mask: call reserve(n) first")
-        cap = self._pending_capacity or self.capacity
-        allowed = torch.zeros(n, cap, dtype=torch.bool)
+        allowed = torch.zeros(n, self.span, dtype=torch.bool)
         allowed[:, self.slots] = True
         allowed[:, self._reserved] = torch.ones(n, n, dtype=torch.bool).tril()
-        mask = torch.zeros(n, cap, dtype=dtype)
+        mask = torch.zeros(n, self.span, dtype=dtype)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask.to(device)[None, None]
 
@@ -123,7 +135,7 @@ class StaticLayer(EpisodeLayer):
         self.keys.index_copy_(2, index, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, index, value_states.to(self.values.dtype))
         self.commit_block()
-        return self.keys, self.values
+        return self.keys[:, :, : self.span], self.values[:, :, : self.span]
 
     def commit_block(self) -> None:
         """Record the reserved block as held (its slots were written by :meth:`update` or a compiled step)."""
