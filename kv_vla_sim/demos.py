@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from kv_vla_sim.tasks import TASKS
+from kv_vla_sim.tasks import get_task, select_tasks
 
 DEMO_SEED_OFFSET = 1_000_000
 DEFAULT_NOISE = 0.1  # see experts.noisy: perturbs full-speed steps only, labels stay clean
@@ -292,6 +292,7 @@ def _run_one(job: tuple[str, int, int, float, str]) -> dict[str, object]:
         _ENVS[key] = TabletopEnv(task, image_size=image_size)
     env = _ENVS[key]
     r = run_expert_episode(env, seed, noise=noise, record=True)  # type: ignore[arg-type]
+    task = get_task(task).base  # recorded under the registered name, whatever options made it
     meta: dict[str, object] = {"task": task, "seed": seed, "steps": r["steps"], "success": r["success"]}
     if r["success"]:
         ep = Episode(
@@ -339,7 +340,9 @@ def collect(
 ) -> dict[str, int]:
     """Make sure ``out_dir`` holds ``episodes`` successful demonstrations of each task.
 
-    ``task`` is a task name or ``"all"``. Returns {task: number of demonstrations on disk}.
+    ``task`` is a task name (options allowed, e.g. ``long_cued_reach:wait=train``; episodes are
+    recorded under the registered name), ``"all"`` (the standard suite) or ``"long"``. Returns
+    {task: number of demonstrations on disk}.
     ``backend="ray"``: on Ray actors (:mod:`kv_vla_sim.distributed`), same files and index.
     """
     from kv_vla_sim.distributed import check_backend, job_runner
@@ -348,20 +351,20 @@ def collect(
     out_dir = os.path.abspath(out_dir)  # Ray workers may run in another working directory
     if seed_offset < DEMO_SEED_OFFSET:
         raise ValueError(f"demonstration seeds must be >= {DEMO_SEED_OFFSET} (evaluation uses the rest)")
-    tasks = list(TASKS) if task == "all" else [task]
-    for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}; choose from {sorted(TASKS)} or 'all'")
+    tasks = select_tasks(task)
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, ".tmp-*")):  # left by a killed writer
         os.unlink(stale)
     index = _read_index(out_dir)
     write_json_atomic(os.path.join(out_dir, INDEX), index)
-    with job_runner(workers, backend, ray_address, _map, _run_job_alone) as run_jobs:  # one Ray session for all tasks
+    with job_runner(
+        workers, backend, ray_address, _map, _run_job_alone
+    ) as run_jobs:  # one Ray session for all tasks
         counts = {}
         for t in tasks:
-            done = {int(e["seed"]) for e in index["episodes"] if e["task"] == t}  # type: ignore[call-overload]
-            rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == t}  # type: ignore[call-overload]
+            base = get_task(t).base
+            done = {int(e["seed"]) for e in index["episodes"] if e["task"] == base}  # type: ignore[call-overload]
+            rejected = {int(e["seed"]) for e in index["rejected"] if e["task"] == base}  # type: ignore[call-overload]
             bar = tqdm(
                 total=episodes, initial=min(len(done), episodes), desc=f"collect {t}", disable=not progress
             )
@@ -378,7 +381,7 @@ def collect(
                         index["episodes"].append(
                             {
                                 "file": meta["file"],
-                                "task": t,
+                                "task": base,
                                 "seed": meta["seed"],
                                 "steps": meta["steps"],
                                 "instruction": meta["instruction"],
@@ -387,14 +390,14 @@ def collect(
                         bar.update(1)
                     else:
                         rejected.add(int(meta["seed"]))  # type: ignore[call-overload]
-                        index["rejected"].append({"task": t, "seed": meta["seed"]})
+                        index["rejected"].append({"task": base, "seed": meta["seed"]})
                     if k % 10 == 9:
                         write_json_atomic(os.path.join(out_dir, INDEX), index)
                 for entries in index.values():  # one order, whichever worker finished first
                     entries.sort(key=lambda e: (str(e["task"]), int(e["seed"])))  # type: ignore[call-overload]
                 write_json_atomic(os.path.join(out_dir, INDEX), index)
             bar.close()
-            counts[t] = len(done)
+            counts[base] = len(done)
     return counts
 
 

@@ -39,6 +39,7 @@ GRASP_RADIUS = 0.045
 WORKSPACE_LOW = np.array([0.30, -0.35, 0.03])  # bounds of the commanded end-effector target
 WORKSPACE_HIGH = np.array([0.75, 0.35, 0.32])
 LAMP_XY = np.array([0.78, -0.22])
+DISTRACTOR_LAMP_XY = np.array([[0.78, 0.22], [0.78, 0.0]])  # long tasks' blinking lamps
 EE_LINK = 11  # panda_grasptarget: between the fingertips (~1 cm above their lower ends)
 ARM_JOINTS = list(range(7))
 FINGER_JOINTS = [9, 10]
@@ -99,7 +100,8 @@ class TabletopEnv:
         return self._obs(), info
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        """Apply one control step. Before the go signal the arm ignores the action."""
+        """Apply one control step. Before the go signal the arm ignores the action; in a task whose
+        wait is static (``spec.static_wait``: nothing can move) the physics is not stepped then."""
         if self.spec is None:
             raise RuntimeError("call reset() first")
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
@@ -108,9 +110,10 @@ class TabletopEnv:
         if self.spec.go(self._t):
             self._target = np.clip(self._target + MAX_STEP * a[:3], WORKSPACE_LOW, WORKSPACE_HIGH)
             self._set_gripper(bool(a[3] > 0.0))
-        self._drive_arm()
-        for _ in range(self.substeps):
-            self._client.stepSimulation()
+        if not (self.spec.static_wait and not self.spec.go(self._t)):
+            self._drive_arm()
+            for _ in range(self.substeps):
+                self._client.stepSimulation()
         self._t += 1
         self._update_touches()
         self._update_visuals()
@@ -195,6 +198,10 @@ class TabletopEnv:
             self._zones.append(c.createMultiBody(0.0, -1, vis, [xy[0], xy[1], 0.001]))
         lamp_vis = c.createVisualShape(p.GEOM_BOX, halfExtents=[0.035, 0.035, 0.004], rgbaColor=(1, 1, 1, 1))
         self._lamp = c.createMultiBody(0.0, -1, lamp_vis, [LAMP_XY[0], LAMP_XY[1], 0.004])
+        self._distractor_lamps = [
+            c.createMultiBody(0.0, -1, lamp_vis, [xy[0], xy[1], 0.004])
+            for xy in DISTRACTOR_LAMP_XY[: spec.n_distractor_lamps]
+        ]
         self._cubes = []
         for colour, xy in zip(spec.cube_colours, spec.cube_xy):
             half = [CUBE_HALF] * 3
@@ -328,6 +335,10 @@ class TabletopEnv:
             c.changeVisualShape(body, -1, rgbaColor=rgba)
         lamp = assets.LAMP_ON_RGBA if spec.go(self._t) else assets.LAMP_OFF_RGBA
         c.changeVisualShape(self._lamp, -1, rgbaColor=lamp)
+        for k, body in enumerate(self._distractor_lamps):
+            colour = spec.distractor_colour(k, self._t)
+            rgba = assets.LAMP_OFF_RGBA if colour is None else assets.COLOURS[colour]
+            c.changeVisualShape(body, -1, rgbaColor=rgba)
 
     def _obs(self) -> dict[str, np.ndarray]:
         s = self.image_size

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from kv_vla_sim.env import TabletopEnv
 from kv_vla_sim.experts import run_expert_episode
-from kv_vla_sim.tasks import TASKS
+from kv_vla_sim.tasks import get_task, select_tasks
 
 
 def expert_table(
@@ -35,7 +35,7 @@ def expert_table(
             successes.append(bool(r["success"]))
             lengths.append(int(r["steps"]))  # type: ignore[arg-type]
         env.close()
-        task = TASKS[name]
+        task = get_task(name)
         rows.append(
             {
                 "task": name,
@@ -71,13 +71,13 @@ def to_markdown(rows: list[dict[str, object]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="all")
+    ap.add_argument("--tasks", default="all", help="comma list; 'all' = standard suite, 'long' = long tasks")
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--noise", type=float, default=0.0)
     ap.add_argument("--seed-offset", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    tasks = select_tasks(args.tasks)
     rows = expert_table(tasks, args.episodes, args.noise, args.seed_offset)
     print(to_markdown(rows))
     if args.json:

@@ -85,7 +85,7 @@ class Expert:
         def above(i: int, z: float = TRAVEL_Z) -> np.ndarray:
             return np.array([cubes[i][0], cubes[i][1], z])
 
-        if spec.task in ("reach", "cued_reach", "late_cued_reach"):
+        if spec.task in ("reach", "cued_reach", "late_cued_reach", "long_cued_reach"):
             return [Waypoint(above(spec.target), OPEN), Waypoint(above(spec.target, TOUCH_Z), OPEN)]
         if spec.task == "touch_sequence":
             a, b = spec.sequence
@@ -97,7 +97,7 @@ class Expert:
                 Waypoint(above(b), OPEN),
                 Waypoint(above(b, TOUCH_Z), OPEN),
             ]
-        if spec.task in ("pick_place", "cued_pick"):
+        if spec.task in ("pick_place", "cued_pick", "long_cued_pick"):
             c = spec.target
             plan = [
                 Waypoint(above(c), OPEN),

@@ -1,5 +1,8 @@
 """Task definitions: layout sampling, language templates, success and failure predicates.
 
+Over ~400 lines on purpose: the task registry, the option parser and every task's predicates stay
+in one module, so a new task cannot be registered without its chance level and options beside it.
+
 Every predicate is a pure function of an :class:`EpisodeSpec` (what the episode is about, fixed at
 reset) and a :class:`SceneState` (where things are now, plus the touch log), so it can be tested
 on hand-made states without running physics.
@@ -17,6 +20,14 @@ Two families (see DESIGN.md, "The experiment that proves the method"):
   frame 3-12 instead of 0-2, so a cache cannot keep it by position (attention sinks, accumulated
   attention), only by what it shows.
 
+Long-horizon memory tasks (:data:`LONG_TASKS`, ``kv-vla eval --tasks long``): ``long_cued_reach``
+and ``long_cued_pick`` show the cue early, then a busy middle of hundreds of steps (distractor
+lamps blinking at random), then the decision; see :class:`_LongCued`.
+
+Task options (``name:key=value,...``, see :func:`get_task`): ``wait=train|eval|LO-HI`` sets a long
+task's middle length range; ``lead=N|LO-HI`` puts N frames of the waiting scene before a cued
+task's episode (the cue, the go lamp and the step cap move by N).
+
 Chance levels (``Task.chance``) are for a policy that sees only the current frame and the
 instruction and does not write state into the world (e.g. by parking the arm somewhere); on the
 no-memory tasks the number given is that of a policy that picks an object at random, not a bound.
@@ -29,7 +40,9 @@ wait before a visible go signal) and a dwell at home longer than the evaluated r
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 
@@ -52,6 +65,12 @@ CUE_STEPS = 3  # the cue is visible in frames 0, 1, 2
 MIN_CUE_GAP = 30  # the go lamp turns on at least this many steps after the cue disappears
 GO_JITTER = 5  # go step = CUE_STEPS + MIN_CUE_GAP + U{0..GO_JITTER-1}
 LATE_CUE_ONSETS = (3, 12)  # late_cued_reach: the cue's first frame, U{3..12}; go moves with it
+# long tasks: the busy middle's length (steps from the cue's last frame to go), per episode uniform
+# in the range; evaluation waits reach twice the longest in training
+WAIT_RANGES = {"train": (100, 200), "eval": (280, 400)}
+DISTRACTOR_COLOURS = ("red", "green", "blue", "purple", "cyan")  # never the cue's yellow
+N_DISTRACTOR_LAMPS = 2
+DISTRACTOR_QUIET = 5  # no distractor is lit in the last frames before go (nor just after the cue)
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,18 @@ class EpisodeSpec:
     cue_onset: int = 0  # the first frame that shows the cue (late_cued_reach: random, after frame 2)
     go_step: int = 0  # the arm obeys actions from this step on; the lamp is green from then
     max_steps: int = 40
+    # (lamp, first frame, end frame, colour): distractor lamps lit in the busy middle (long tasks)
+    distractors: tuple[tuple[int, int, int, str], ...] = ()
+    n_distractor_lamps: int = 0
+    # before go nothing moves, so the env skips the physics substeps (frames are rendered as usual)
+    static_wait: bool = False
+
+    def distractor_colour(self, lamp: int, t: int) -> str | None:
+        """The colour distractor lamp ``lamp`` shows in frame t, or None (off)."""
+        for k, start, end, colour in self.distractors:
+            if k == lamp and start <= t < end:
+                return colour
+        return None
 
     def cue_visible(self, t: int) -> bool:
         return self.cue_onset <= t < self.cue_onset + self.cue_steps
@@ -130,6 +161,25 @@ class Task:
     needs_memory: bool = False
     chance: float = 0.0
     chance_note: str = ""
+    option_names: tuple[str, ...] = ()  # what ``name:key=value`` may set (see get_task)
+    options: ClassVar[dict[str, tuple[int, int]]] = {}  # instances set their own (with_options)
+
+    @property
+    def base(self) -> str:
+        """The registered name, without options (what demonstrations and experts go by)."""
+        return self.name.partition(":")[0]
+
+    def with_options(self, text: str) -> Task:
+        """A copy of this task with ``key=value,...`` options applied (see :func:`get_task`)."""
+        parsed = _parse_options(text, self)
+        task = copy.copy(self)
+        task.options = {**self.options, **parsed}
+        task.name = f"{self.base}:{text}"  # as given: reports group episodes by this name
+        task._apply_options()
+        return task
+
+    def _apply_options(self) -> None:
+        """Update class-level facts (``max_steps``) after options change."""
 
     def sample(self, seed: int) -> EpisodeSpec:
         """The episode for this seed (deterministic)."""
@@ -268,17 +318,40 @@ class PickPlace(Task):
 
 
 class _Cued(Task):
-    """Three grey cubes, one lit at the start; the arm waits for the go lamp."""
+    """Three grey cubes, one lit at the start; the arm waits for the go lamp.
+
+    Option ``lead=N`` (or ``LO-HI``, drawn per episode) shows N frames of the waiting scene before
+    the episode: why, to measure whether a policy keeps the cue when it comes later in the cache
+    than in training (positions, dilution), with nothing else changed.
+    """
 
     needs_memory = True
     chance = 1 / 3
+    option_names = ("lead",)
+
+    def _apply_options(self) -> None:
+        self.max_steps = type(self).max_steps + self.options.get("lead", (0, 0))[1]
 
     def sample(self, seed: int) -> EpisodeSpec:
+        spec = self._sample(seed)
+        if "lead" not in self.options:
+            return spec
+        lo, hi = self.options["lead"]
+        lead = int(np.random.default_rng([seed, 4]).integers(lo, hi + 1))
+        return replace(
+            spec,
+            cue_onset=spec.cue_onset + lead,
+            go_step=spec.go_step + lead,
+            max_steps=spec.max_steps + lead,
+            static_wait=True,
+        )
+
+    def _sample(self, seed: int) -> EpisodeSpec:
         rng = np.random.default_rng(seed)
         xy = np.array(_sample_points(rng, 3, []))
         go = CUE_STEPS + MIN_CUE_GAP + int(rng.integers(GO_JITTER))
         return EpisodeSpec(
-            task=self.name,
+            task=self.base,
             seed=seed,
             instruction=self._template(rng),
             cube_colours=("grey", "grey", "grey"),
@@ -286,7 +359,7 @@ class _Cued(Task):
             target=int(rng.integers(3)),
             cue_steps=CUE_STEPS,
             go_step=go,
-            max_steps=self.max_steps,
+            max_steps=type(self).max_steps,
         )
 
 
@@ -337,8 +410,8 @@ class LateCuedReach(CuedReach):
     max_steps = 50 + LATE_CUE_ONSETS[1]
     chance_note = "1/3: as cued_reach; the cue comes after 3-12 frames of identical grey cubes"
 
-    def sample(self, seed: int) -> EpisodeSpec:
-        spec = super().sample(seed)
+    def _sample(self, seed: int) -> EpisodeSpec:
+        spec = super()._sample(seed)
         onset = int(np.random.default_rng([seed, 1]).integers(LATE_CUE_ONSETS[0], LATE_CUE_ONSETS[1] + 1))
         return replace(spec, cue_onset=onset, go_step=spec.go_step + onset)
 
@@ -383,19 +456,158 @@ class TouchSequence(Task):
         return tuple(state.touches) != spec.sequence[:n] or n > len(spec.sequence)
 
 
+def distractor_schedule(
+    rng: np.random.Generator, start: int, end: int
+) -> tuple[tuple[int, int, int, str], ...]:
+    """Random blinks of the distractor lamps in frames [start, end): off 3-12 frames, then lit in a
+    random colour for 2-6 frames, per lamp independently."""
+    out = []
+    for lamp in range(N_DISTRACTOR_LAMPS):
+        t = start + int(rng.integers(0, 8))
+        while True:
+            length = int(rng.integers(2, 7))
+            if t + length > end:
+                break
+            out.append(
+                (lamp, t, t + length, str(DISTRACTOR_COLOURS[int(rng.integers(len(DISTRACTOR_COLOURS)))]))
+            )
+            t += length + int(rng.integers(3, 13))
+    return tuple(out)
+
+
+class _LongCued(_Cued):
+    """A cued task over a long horizon, in three phases.
+
+    1. Information, early: three identical grey cubes; one is lit (yellow) for frames
+       onset..onset+2, onset uniform in :data:`LATE_CUE_ONSETS`.
+    2. A busy middle of ``wait`` steps (option ``wait``; :data:`WAIT_RANGES`): the arm is held
+       while two distractor lamps blink in random colours (never yellow, never on a cube), drawn
+       independently of the cue, and dark for the last :data:`DISTRACTOR_QUIET` frames.
+    3. The decision: the go lamp turns on and the arm must act on the cube that was lit. The frame
+       at go (grey cubes, dark distractor lamps, lit go lamp, arm at home) is the same whatever
+       the cue was (MemoryBench's rule), so a memoryless policy is at chance, 1/3.
+
+    The default wait range is the evaluation one; demonstrations are recorded with
+    ``TASK:wait=train``, whose longest wait is half the longest evaluated.
+    """
+
+    option_names = ("wait",)
+    options: ClassVar[dict[str, tuple[int, int]]] = {"wait": WAIT_RANGES["eval"]}
+    decision_steps = 20
+
+    def _apply_options(self) -> None:
+        self.max_steps = LATE_CUE_ONSETS[1] + CUE_STEPS + self.options["wait"][1] + self.decision_steps
+
+    def sample(self, seed: int) -> EpisodeSpec:
+        rng = np.random.default_rng(seed)
+        xy = np.array(_sample_points(rng, 3, []))
+        instruction = self._template(rng)
+        target = int(rng.integers(3))
+        onset = int(np.random.default_rng([seed, 1]).integers(LATE_CUE_ONSETS[0], LATE_CUE_ONSETS[1] + 1))
+        lo, hi = self.options["wait"]
+        wait = int(np.random.default_rng([seed, 2]).integers(lo, hi + 1))
+        go = onset + CUE_STEPS + wait
+        blinks = distractor_schedule(
+            np.random.default_rng([seed, 3]), onset + CUE_STEPS + DISTRACTOR_QUIET, go - DISTRACTOR_QUIET
+        )
+        return EpisodeSpec(
+            task=self.base,
+            seed=seed,
+            instruction=instruction,
+            cube_colours=("grey", "grey", "grey"),
+            cube_xy=xy,
+            target=target,
+            cue_steps=CUE_STEPS,
+            cue_onset=onset,
+            go_step=go,
+            max_steps=go + self.decision_steps,
+            distractors=blinks,
+            n_distractor_lamps=N_DISTRACTOR_LAMPS,
+            static_wait=True,
+        )
+
+
+class LongCuedReach(_LongCued, CuedReach):
+    __doc__ = _LongCued.__doc__
+    name = "long_cued_reach"
+    chance_note = "1/3: at go the frame is the same whatever the cue was; 3 identical cubes"
+
+
+class LongCuedPick(_LongCued, CuedPick):
+    __doc__ = _LongCued.__doc__
+    name = "long_cued_pick"
+    decision_steps = 25
+    chance_note = "1/3: at go the frame is the same whatever the cue was; 3 identical cubes"
+
+
+for _cls in (LongCuedReach, LongCuedPick):
+    _cls.max_steps = LATE_CUE_ONSETS[1] + CUE_STEPS + WAIT_RANGES["eval"][1] + _cls.decision_steps
+
 TASKS: dict[str, Task] = {
     t.name: t
-    for t in (Reach(), Push(), PickPlace(), CuedReach(), CuedPick(), TouchSequence(), LateCuedReach())
+    for t in (
+        Reach(),
+        Push(),
+        PickPlace(),
+        CuedReach(),
+        CuedPick(),
+        TouchSequence(),
+        LateCuedReach(),
+        LongCuedReach(),
+        LongCuedPick(),
+    )
 }
 MEMORY_TASKS = tuple(n for n, t in TASKS.items() if t.needs_memory)
 PLAIN_TASKS = tuple(n for n, t in TASKS.items() if not t.needs_memory)
+LONG_TASKS = ("long_cued_reach", "long_cued_pick")
+STANDARD_TASKS = tuple(n for n in TASKS if n not in LONG_TASKS)  # what "all" selects
+
+
+def _parse_options(text: str, task: Task) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in task.option_names:
+            raise ValueError(
+                f"task {task.base!r}: unknown option {item!r}; allowed: "
+                f"{[k + '=...' for k in task.option_names] or 'none'}"
+            )
+        if key == "wait" and value in WAIT_RANGES:
+            out[key] = WAIT_RANGES[value]
+            continue
+        lo, _, hi = value.partition("-")
+        try:
+            rng = (int(lo), int(hi or lo))
+        except ValueError:
+            raise ValueError(f"task option {item!r}: expected N or LO-HI (whole steps)") from None
+        if not 0 <= rng[0] <= rng[1] or (key == "wait" and rng[0] < 2 * DISTRACTOR_QUIET):
+            raise ValueError(f"task option {item!r}: need 0 <= LO <= HI (wait >= {2 * DISTRACTOR_QUIET})")
+        out[key] = rng
+    return out
 
 
 def get_task(name: str) -> Task:
+    """The task registered as ``name``; ``name:key=value,...`` applies options to a copy, e.g.
+    ``long_cued_reach:wait=train`` (demonstrations) or ``late_cued_reach:lead=100-400``."""
+    base, _, opts = name.partition(":")
     try:
-        return TASKS[name]
+        task = TASKS[base]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}") from None
+    return task.with_options(opts) if opts else task
+
+
+def select_tasks(text: str) -> list[str]:
+    """Task names from a comma list in which ``all`` is the standard suite (:data:`STANDARD_TASKS`)
+    and ``long`` the long-horizon tasks; each name is checked (options included)."""
+    out: list[str] = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        names = {"all": list(STANDARD_TASKS), "long": list(LONG_TASKS)}.get(item, [item])
+        for n in names:
+            get_task(n)
+            if n not in out:
+                out.append(n)
+    return out
 
 
 def first_target_xy(task: str, seed: int) -> np.ndarray | None:
@@ -416,7 +628,7 @@ def target_sequence_xy(task: str, seed: int) -> np.ndarray | None:
     without one. Why: the label that tells whether an instruction's word *order* reaches the
     image tokens (touch_sequence), ``experiments/binding_feasibility.py highlight2``.
     """
-    spec = TASKS[task].sample(seed)
+    spec = get_task(task).sample(seed)
     order = spec.sequence if spec.sequence else (spec.target, spec.target)
     if order[0] < 0 or spec.cue_onset > 0:  # no target, or a cue that frame 0 does not show yet
         return None

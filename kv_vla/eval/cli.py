@@ -22,7 +22,12 @@ CACHE_FLAGS = tuple(n for n in settings.CACHE_SETTINGS if n != "policy")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default="expert,random-actions", help="comma-separated policy names")
-    parser.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    parser.add_argument(
+        "--tasks",
+        default="all",
+        help="comma-separated task names (options as NAME:key=value), 'all' (the standard suite) or "
+        "'long' (the long-horizon memory tasks)",
+    )
     parser.add_argument("--episodes", type=int, default=20, help="episodes per task and policy")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="compact VLA folder (model policies only)")
@@ -176,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     from kv_vla.eval.harness import MODEL_FREE, evaluate
     from kv_vla.eval.report import write_report
     from kv_vla_sim.distributed import check_backend
-    from kv_vla_sim.tasks import TASKS
+    from kv_vla_sim.tasks import select_tasks
 
     backend = getattr(args, "backend", "local")
     workers = getattr(args, "workers", 1)
@@ -184,9 +189,14 @@ def run(args: argparse.Namespace) -> int:
     if backend == "local" and workers != 1:
         raise SystemExit("--workers needs --backend ray (the local backend runs in this process)")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        tasks = select_tasks(args.tasks)
+    except ValueError as exc:
+        raise SystemExit(f"--tasks: {exc}") from None
     if backend == "ray" and getattr(args, "compiled_rows", False):
-        raise SystemExit("--compile runs on the local backend (its rows compare eager and compiled side by side)")
+        raise SystemExit(
+            "--compile runs on the local backend (its rows compare eager and compiled side by side)"
+        )
     if backend == "ray":
         result = _evaluate_on_ray(policies, tasks, args)
     else:

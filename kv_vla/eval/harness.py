@@ -24,7 +24,7 @@ from tqdm import tqdm
 from kv_vla.eval.report import episode_order
 from kv_vla_sim.demos import DEMO_SEED_OFFSET
 from kv_vla_sim.env import TabletopEnv
-from kv_vla_sim.tasks import TASKS
+from kv_vla_sim.tasks import STANDARD_TASKS, get_task
 
 
 class Agent(Protocol):
@@ -147,11 +147,11 @@ def aggregate(records: Sequence[Mapping[str, Any]], step_ms: Sequence[float]) ->
 
 
 def check_tasks(tasks: Sequence[str] | None) -> list[str]:
-    """The task list (all tasks for None); refuses unknown names."""
-    tasks = list(TASKS) if tasks is None else list(tasks)
+    """The task list (the standard suite for None); unknown names and bad task options raise
+    ValueError here, before any episode."""
+    tasks = list(STANDARD_TASKS) if tasks is None else list(tasks)
     for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}; choose from {sorted(TASKS)}")
+        get_task(t)
     return tasks
 
 
@@ -211,15 +211,15 @@ def assemble(
                 {
                     "task": task,
                     "policy": policy,
-                    "memory_task": TASKS[task].needs_memory,
-                    "chance_pct": 100.0 * TASKS[task].chance,
+                    "memory_task": get_task(task).needs_memory,
+                    "chance_pct": 100.0 * get_task(task).chance,
                     **aggregate(recs, times[(task, policy)]),
                 }
             )
     summary = []
     for policy in policies:
         for family, memory in (("memory", True), ("no-memory", False)):
-            fam = [t for t in tasks if TASKS[t].needs_memory == memory]
+            fam = [t for t in tasks if get_task(t).needs_memory == memory]
             if not fam:
                 continue
             recs = [r for r in records if r["policy"] == policy and r["task"] in fam]

@@ -81,7 +81,7 @@ def target_label(task: str, seed: int, n_targets: int = 1) -> torch.Tensor | Non
     ``n_targets`` target cubes' x, y); None for episodes from elsewhere."""
     from kv_vla_sim.tasks import TASKS, target_sequence_xy
 
-    if task not in TASKS:
+    if task.partition(":")[0] not in TASKS:
         return None
     xy = target_sequence_xy(task, seed)
     return None if xy is None else torch.as_tensor(xy[:n_targets].ravel())

@@ -33,8 +33,10 @@ def state(spec, **kw) -> SceneState:
     return SceneState(**base)
 
 
-def test_registry_has_seven_tasks_with_documented_chance():
+def test_registry_has_nine_tasks_with_documented_chance():
     assert set(TASKS) == {
+        "long_cued_reach",
+        "long_cued_pick",
         "reach",
         "push",
         "pick_place",
@@ -45,7 +47,8 @@ def test_registry_has_seven_tasks_with_documented_chance():
     }
     for name, task in TASKS.items():
         assert task.name == name and task.templates and 0 < task.chance <= 1 and task.chance_note
-        assert task.max_steps <= (62 if task.needs_memory else 40)
+        long = name.startswith("long_")
+        assert task.max_steps <= (800 if long else 62 if task.needs_memory else 40)
     assert TASKS["cued_reach"].chance == pytest.approx(1 / 3)
     assert TASKS["touch_sequence"].chance == pytest.approx(1 / 4)
     with pytest.raises(ValueError, match="unknown task"):
@@ -195,7 +198,7 @@ def test_first_target_xy_is_the_named_lit_or_first_cube_scaled_to_the_object_reg
         spec = TASKS[task].sample(seed)
         idx = spec.sequence[0] if spec.sequence else spec.target
         xy = first_target_xy(task, seed)
-        if task == "late_cued_reach":  # frame 0 does not show the cue yet: no label
+        if task in ("late_cued_reach", "long_cued_reach", "long_cued_pick"):  # frame 0: no cue, no label
             assert xy is None
             continue
         assert xy is not None and xy.shape == (2,) and np.all(np.abs(xy) <= 1.0)
@@ -216,7 +219,7 @@ def test_target_sequence_xy_is_the_first_then_second_target(task):
 
     for seed in range(5):
         both = target_sequence_xy(task, seed)
-        if task == "late_cued_reach":
+        if task in ("late_cued_reach", "long_cued_reach", "long_cued_pick"):
             assert both is None
             continue
         assert both is not None and both.shape == (2, 2)
