@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kv_vla.cache import ChunkGate
-from kv_vla.model.compact_vla import CompactVLA
+from kv_vla.model.compact import CompactVLA
 from kv_vla.train.data import load_demonstrations, tokenize_episodes
 from kv_vla.train.gate import episode_summaries
 from kv_vla_sim.tasks import get_task
