@@ -190,15 +190,8 @@ def _run_cache(args: argparse.Namespace) -> int:
 
 
 def _run_soak(args: argparse.Namespace) -> int:
-    from kv_vla.bench.soak import (
-        SoakConfig,
-        format_table,
-        merge_reports,
-        options_for,
-        run_soak,
-        write_json,
-        write_plot,
-    )
+    from kv_vla.bench.cache_output import write_json
+    from kv_vla.bench.soak import SoakConfig, format_table, merge_reports, options_for, run_soak, write_plot
     from kv_vla.cache import EpisodeCacheConfig
 
     if args.from_json:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kv_vla.atomic import atomic_write, atomic_write_json
+from kv_vla.atomic import atomic_write
 
 WINDOW = 1000  # steps in the first/last latency windows
 
@@ -203,12 +203,6 @@ def format_table(report: dict) -> str:
         cells.append(f"{r['cpu_last_over_first']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_json(report: dict, path: str | os.PathLike) -> Path:
-    """Write the report atomically; returns the path."""
-    atomic_write_json(path, report)
-    return Path(path)
 
 
 def write_plot(report: dict, path: str | os.PathLike) -> Path | None:
