@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from kv_vla.atomic import atomic_write, atomic_write_json
+from kv_vla.plotting import headless_pyplot
 
 
 def format_table(report: dict) -> str:
@@ -43,12 +44,8 @@ def write_json(report: dict, path: str | os.PathLike) -> Path:
 
 def write_plot(report: dict, path: str | os.PathLike) -> Path | None:
     """Latency and KV memory against history, one line per policy (PNG; None without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     path = Path(path)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))

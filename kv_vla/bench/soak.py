@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kv_vla.atomic import atomic_write
+from kv_vla.plotting import headless_pyplot
 
 WINDOW = 1000  # steps in the first/last latency windows
 
@@ -207,12 +208,8 @@ def format_table(report: dict) -> str:
 
 def write_plot(report: dict, path: str | os.PathLike) -> Path | None:
     """KV bytes and largest position id against step over the first ``plot_steps`` of every run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     path = Path(path)
     fig, (ax_kv, ax_pos) = plt.subplots(1, 2, figsize=(11, 4))
