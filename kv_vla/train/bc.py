@@ -31,6 +31,7 @@ from kv_vla.train.data import (
     aux_targets,
     collate,
     random_shift,
+    sample_position_gaps,
     sample_step_visibility,
     tokenize_episodes,
 )
@@ -38,6 +39,7 @@ from kv_vla.train.model_parts import (
     TargetHead,
     build_model,
     cache_vision_patches,
+    freeze_vision_path,
     param_groups,
     with_overrides,
 )
@@ -79,6 +81,9 @@ class TrainConfig:
     # weight of the auxiliary loss that reads the first target cube's position from the first frames'
     # tokens (0 = off); see TargetHead
     target_aux: float = 0.0
+    # position-gap augmentation: per episode, with probability one half, the steps after a random
+    # step sit up to this many steps' worth of positions later (0 = off); see sample_position_gaps
+    position_gap_steps: int = 0
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
@@ -93,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"film_lr_mult must be > 0, got {self.film_lr_mult}")
         if self.target_aux < 0:
             raise ValueError(f"target_aux must be >= 0, got {self.target_aux}")
+        if self.position_gap_steps < 0:
+            raise ValueError(f"position_gap_steps must be >= 0, got {self.position_gap_steps}")
         if self.freeze_vision and self.init_from is None:
             raise ValueError("freeze_vision keeps a trained backbone: it needs init_from (--init)")
         return self
@@ -174,13 +181,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
     model.to(device)
     data = tokenize_episodes(model, episodes)
     if cfg.freeze_vision:
-        if getattr(model, "highlight", None) is not None:
-            # refuse before minutes of feature caching, not at the first update
-            raise ValueError(
-                "freeze_vision: a colour-highlight model conditions its pixels on the instruction, so "
-                "its vision features cannot be computed once; train it without --freeze-vision"
-            )
-        model.vision.requires_grad_(False)
+        freeze_vision_path(model)
         cache_vision_patches(model, data)
     groups = param_groups(model, cfg.film_lr_mult)
     target_head = None
@@ -235,6 +236,12 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
                 b["frames"] = random_shift(b["frames"], cfg.shift_pad, aug_rng)
             recent = rng.choice(cfg.recent_choices)
             vis = sample_step_visibility(len(batch), b["action_ids"].shape[1], recent, cfg.drop_rates, gen)
+            offsets = None
+            if cfg.position_gap_steps > 0:
+                tokens_per_step = model.config.num_image_tokens + model.config.action_dim
+                offsets = sample_position_gaps(
+                    b["step_valid"], cfg.position_gap_steps, tokens_per_step, gen
+                )
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg) * group["lr_mult"]
             with autocast:
@@ -246,6 +253,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
                     step_keep=vis,
                     label_sigma=cfg.label_sigma,
                     vision_patches=b.get("vision_patches"),
+                    step_position_offset=offsets,
                 )
             loss = res.loss
             record = {"step": step + 1, "loss": float(res.loss.detach()), "accuracy": float(res.accuracy)}

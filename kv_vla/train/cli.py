@@ -59,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "image tokens (0 = off)",
     )
     parser.add_argument(
+        "--position-gap-steps",
+        type=int,
+        default=0,
+        help="position-gap augmentation: half the episodes jump this many steps' worth of positions "
+        "at most, at a random step (0 = off)",
+    )
+    parser.add_argument(
         "--model-config",
         default="{}",
         help="JSON overrides of CompactVLAConfig, e.g. '{\"hidden_size\": 128}'",
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         freeze_vision=args.freeze_vision,
         film_lr_mult=args.film_lr_mult,
         target_aux=args.target_aux,
+        position_gap_steps=args.position_gap_steps,
     )
     path = train_bc(cfg)
     print(f"model saved to {path}")

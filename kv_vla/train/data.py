@@ -148,6 +148,26 @@ def sample_step_visibility(
     return recent_mask[None] | keep[:, None, :]
 
 
+def sample_position_gaps(
+    step_valid: torch.Tensor, max_gap_steps: int, tokens_per_step: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``[B, T]`` position offsets: in half the episodes, every step from a random one on sits
+    ``g`` steps' worth of positions later, ``g`` uniform in ``[1, max_gap_steps]``.
+
+    Why: with rotary positions the model sees only relative distances, so one jump between two
+    steps shows a short demonstration's later steps at the distances a wait ``g`` steps longer
+    would put them, e.g. a cue seen 300 steps before the decision from a 150-step episode. Waits
+    longer than any in training then no longer put the model at distances it never saw.
+    """
+    bsz, n_steps = step_valid.shape
+    lengths = step_valid.sum(1).clamp(min=2)
+    apply = torch.rand(bsz, generator=generator) < 0.5
+    split = 1 + (torch.rand(bsz, generator=generator) * (lengths - 1)).long()
+    gap = 1 + (torch.rand(bsz, generator=generator) * max_gap_steps).long()
+    later = torch.arange(n_steps)[None, :] >= split[:, None]
+    return torch.where(later & apply[:, None], (gap * tokens_per_step)[:, None], 0)
+
+
 def random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
     """DrQ-style augmentation: shift every frame by up to ``pad`` pixels (edge-padded).
 

@@ -102,20 +102,41 @@ def _params_of(module: Any) -> list[torch.nn.Parameter]:
     return [] if module is None else list(module.parameters())
 
 
+def freeze_vision_path(model: Any) -> None:
+    """Freeze every weight between the pixels and the patch features: the backbone and, in a
+    colour-highlight model, the instruction's highlight (its word table and layer) too.
+
+    Why the highlight as well: it changes the pixels the backbone sees, so features cached once
+    per frame stay exact only while it is fixed.
+    """
+    model.vision.requires_grad_(False)
+    for name in ("film_words", "highlight"):
+        module = getattr(model, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+
+
 @torch.no_grad()
 def cache_vision_patches(model: Any, data: Sequence[EpisodeTensors], frames_per_batch: int = 512) -> None:
     """Fill each episode's ``patches`` with the (frozen) backbone's features of its frames, in fp16
-    on the CPU (12 KiB per frame for the shipped layout), so training never runs the backbone."""
+    on the CPU (12 KiB per frame for the shipped layout), so training never runs the backbone.
+
+    A colour-highlight model's features are of the highlighted pixels, each episode under its own
+    instruction, which is what :meth:`CompactVLA.forward_episode` would compute from the frames.
+    """
     from tqdm import tqdm
 
     was_training = model.vision.training
     model.vision.eval()
     for ep in tqdm(data, desc="vision features (frozen backbone)", unit="ep"):
+        condition = model.instruction_condition(ep.prompt_ids)
         chunks = []
         for k in range(0, ep.n_steps, frames_per_batch):
             pix = model.pixel_values(
                 torch.as_tensor(ep.frames[k : k + frames_per_batch], device=model.device)
             )
+            if condition is not None:
+                pix = model.highlight_pixels(pix, condition.expand(pix.shape[0], -1))
             chunks.append(model.vision_patches(pix).to("cpu", torch.float16))
         ep.patches = torch.cat(chunks)
     model.vision.train(was_training)

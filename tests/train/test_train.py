@@ -380,8 +380,9 @@ def test_target_aux_of_an_ordered_highlight_model_names_both_targets(tmp_path):
     """A model with two ordered highlight slots gets the two-target label (first, then second cube)
     so its second slot is asked for touch_sequence's second cube; the saved model keeps the slots.
     A late_cued_reach episode (no label: frame 0 does not show its cue) in every batch leaves the
-    loss of the labelled ones on (a NaN label row would make the logged error NaN); the model
-    refuses --freeze-vision (its pixels depend on the instruction) before caching any feature."""
+    loss of the labelled ones on (a NaN label row would make the logged error NaN). With
+    --freeze-vision the highlight is frozen with the backbone (its pixels feed the cached features)
+    and only the rest learns."""
     eps = _shown_target_episodes(4)
     late = eps[0]
     eps.append(_Episode(late.frames, late.actions, "touch the cube that was lit", "late_cued_reach", 5))
@@ -410,5 +411,82 @@ def test_target_aux_of_an_ordered_highlight_model_names_both_targets(tmp_path):
 
     assert CompactVLA.from_pretrained(tmp_path / "run" / "model").config.highlight_slots == 2
     frozen = replace(cfg, out=str(tmp_path / "frozen"), init_from=str(tmp_path / "run" / "model"))
-    with pytest.raises(ValueError, match="freeze_vision: a colour-highlight model"):
-        train_bc(replace(frozen, freeze_vision=True, model_overrides={}), episodes=eps)
+    frozen_dir = train_bc(replace(frozen, freeze_vision=True, model_overrides={}, target_aux=0.0), episodes=eps)
+    before, after = CompactVLA.from_pretrained(tmp_path / "run" / "model"), CompactVLA.from_pretrained(frozen_dir)
+    for part in ("vision", "highlight", "film_words"):
+        for name, weight in getattr(before, part).state_dict().items():
+            assert torch.equal(weight, getattr(after, part).state_dict()[name]), (part, name)
+    assert not torch.equal(before.projector.fc1.weight, after.projector.fc1.weight)
+
+
+def test_cached_patches_of_a_frozen_highlight_model_equal_the_forward_on_frames():
+    """A highlight model's cached features are of each episode's highlighted pixels, so the frozen
+    path's logits equal the pass over frames; with the highlight trainable they are refused."""
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
+    from kv_vla.train.model_parts import freeze_vision_path
+
+    torch.manual_seed(5)
+    config = CompactVLAConfig(**TINY, action_decoding="parallel", highlight=True, highlight_slots=2)
+    model = CompactVLA(config).eval()
+    with torch.no_grad():
+        # not the identity: per slot b = 2 and a = 0.5 light every pixel, the weights vary it
+        model.highlight.weight.normal_(0.0, 0.5)
+        model.highlight.bias.view(2, -1)[:, 3] = 2.0
+        model.highlight.bias.view(2, -1)[:, 4:] = 0.5
+    data = tokenize_episodes(model, _named_target_episodes(2))
+    b = collate(data)
+    with pytest.raises(ValueError, match="trainable highlight"):
+        model.forward_episode(b["prompt_ids"], None, b["action_ids"], vision_patches=torch.zeros(2, 5, 64, 8))
+    freeze_vision_path(model)
+    cache_vision_patches(model, data)
+    b = collate(data)
+    with torch.no_grad():
+        ref = model.forward_episode(b["prompt_ids"], b["frames"], b["action_ids"])
+        cached = model.forward_episode(
+            b["prompt_ids"], None, b["action_ids"], vision_patches=b["vision_patches"].float()
+        )
+        plain = [
+            model.vision_patches(model.pixel_values(torch.as_tensor(e.frames))).float() for e in data
+        ]
+    torch.testing.assert_close(cached.action_logits, ref.action_logits, atol=2e-3, rtol=1e-3)
+    # the highlight changed the features: caching plain frames would have been wrong
+    assert max((e.patches.float() - q).abs().max().item() for e, q in zip(data, plain)) > 1e-2
+
+
+def test_position_gaps_shift_later_steps_and_equal_a_longer_episode():
+    """A position gap moves every step after the split by whole steps; the logits of a short
+    episode with a gap of g steps equal those of the same steps placed g steps later, which is what
+    the augmentation claims (rotary positions: only relative distances count), and malformed
+    offsets are refused."""
+    from kv_vla.model.compact import CompactVLA, CompactVLAConfig
+    from kv_vla.train.data import sample_position_gaps
+
+    gen = torch.Generator().manual_seed(0)
+    valid = torch.ones(64, 10, dtype=torch.bool)
+    valid[0, 6:] = False
+    off = sample_position_gaps(valid, 5, 8, gen)
+    assert off.shape == (64, 10) and (off[:, 0] == 0).all() and (off.diff(dim=1) >= 0).all()
+    assert set((off % 8).unique().tolist()) == {0} and int(off.max()) <= 40
+    shifted = off.amax(1) > 0
+    assert 10 < int(shifted.sum()) < 54  # about half the episodes
+    torch.manual_seed(6)
+    model = CompactVLA(CompactVLAConfig(**TINY, action_decoding="parallel")).eval()
+    data = tokenize_episodes(model, _named_target_episodes(1, steps=4))
+    b = collate(data)
+    per_step = model.config.num_image_tokens + model.config.action_dim
+    gap = torch.tensor([[0, 0, 3 * per_step, 3 * per_step]])
+    with torch.no_grad():
+        out = model.forward_episode(b["prompt_ids"], b["frames"], b["action_ids"], step_position_offset=gap)
+        # the same steps, with the history they see masked so that the gap holds no tokens: the
+        # later steps of a 7-step episode whose steps 2-4 are hidden from everything
+        frames = np.concatenate([b["frames"][:, :2], b["frames"][:, :3], b["frames"][:, 2:]], axis=1)
+        ids = torch.cat([b["action_ids"][:, :2], b["action_ids"][:, :3], b["action_ids"][:, 2:]], dim=1)
+        keep = torch.ones(1, 7, 7, dtype=torch.bool)
+        keep[:, :, 2:5] = False
+        longer = model.forward_episode(b["prompt_ids"], frames, ids, step_keep=keep)
+    torch.testing.assert_close(out.action_logits[:, :2], longer.action_logits[:, :2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.action_logits[:, 2:], longer.action_logits[:, 5:], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model.forward_episode(
+            b["prompt_ids"], b["frames"], b["action_ids"], step_position_offset=torch.tensor([[0, 8, 0, 8]])
+        )

@@ -63,6 +63,7 @@ def forward_episode(
     step_bias: torch.Tensor | None = None,
     label_sigma: float = 0.0,
     vision_patches: torch.Tensor | None = None,
+    step_position_offset: torch.Tensor | None = None,
 ) -> EpisodeOutput:
     """Teacher-forced pass over whole episodes in one sequence each (the runtime's token layout).
 
@@ -85,8 +86,13 @@ def forward_episode(
         label_sigma: 0 for plain cross-entropy on the label bin; ``> 0`` spreads the target over
             neighbouring bins as a Gaussian of this width in bins (see :func:`binned_cross_entropy`).
         vision_patches: optional ``[B, T, n_patches, C]`` backbone features of the frames
-            (``model.vision_patches``), used instead of running the backbone on ``frames`` (which
-            may then be None): the frozen-backbone training path.
+            (``model.vision_patches``; for a highlight model, of the highlighted pixels, and only
+            while the highlight is frozen), used instead of running the backbone on ``frames``
+            (which may then be None): the frozen-backbone training path.
+        step_position_offset: optional non-decreasing int ``[B, T]`` added to the position ids of
+            step ``t``'s tokens: a jump of ``g`` between two steps makes the later ones sit as if
+            ``g`` tokens had passed in between (position-gap augmentation: the relative distances
+            of a longer episode, at the cost of a short one).
 
     Returns:
         :class:`EpisodeOutput` with the loss over the action bins and ``[B, T, D, n_bins]`` logits.
@@ -106,9 +112,14 @@ def forward_episode(
     if model.film_words is not None:
         per_episode = torch.cat([model.instruction_condition(p) for p in prompts])  # [B, H]
         condition = per_episode.repeat_interleave(n_steps, dim=0)  # one row per frame
-    if vision_patches is not None and model.highlight is not None:
+    if (
+        vision_patches is not None
+        and model.highlight is not None
+        and any(p.requires_grad for p in model.highlight.parameters())
+    ):
         raise ValueError(
-            "a colour-highlight model conditions its pixels: it cannot use cached vision_patches"
+            "a colour-highlight model conditions its pixels on a trainable highlight: cached "
+            "vision_patches would not follow it (freeze it first: kv_vla.train.model_parts.freeze_vision_path)"
         )
     if vision_patches is not None:
         if vision_patches.shape[:2] != (bsz, n_steps):
@@ -150,6 +161,13 @@ def forward_episode(
         group[b, p_max:] = step_group
         pos[b, :pad] = 0
         pos[b, pad:] = torch.arange(seq - pad, device=device)
+    if step_position_offset is not None:
+        offset = torch.as_tensor(step_position_offset, device=device, dtype=torch.long)
+        if offset.shape != (bsz, n_steps):
+            raise ValueError(f"step_position_offset must be [B={bsz}, T={n_steps}], got {tuple(offset.shape)}")
+        if (offset.diff(dim=1) < 0).any() or (offset < 0).any():
+            raise ValueError("step_position_offset must be non-negative and non-decreasing along T")
+        pos[:, p_max:] += offset.repeat_interleave(n_img + n_act, dim=1)
 
     mask = episode_mask(group, n_steps, step_keep, model.dtype)
     if step_bias is not None:

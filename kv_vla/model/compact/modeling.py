@@ -192,6 +192,7 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
         step_bias: torch.Tensor | None = None,
         label_sigma: float = 0.0,
         vision_patches: torch.Tensor | None = None,
+        step_position_offset: torch.Tensor | None = None,
     ) -> EpisodeOutput:
         """Teacher-forced pass over whole episodes; see :func:`kv_vla.model.compact.episode.forward_episode`."""
         return forward_episode(
@@ -204,6 +205,7 @@ class CompactVLA(PromptEmbeddingMixin, PreTrainedModel):
             step_bias=step_bias,
             label_sigma=label_sigma,
             vision_patches=vision_patches,
+            step_position_offset=step_position_offset,
         )
 
     # ---- persistence -------------------------------------------------------------------------
