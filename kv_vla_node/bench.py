@@ -111,6 +111,8 @@ def run_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> di
             "steps_per_s": round(steps / sum(r["wall_s"] for r in records), 2),
             "steps": steps,
             "episodes": len(records),
+            # where a tail comes from: every round trip in step order, one list per episode
+            "round_trips_ms": [r["round_trips_ms"] for r in records],
         }
         if args.flood_hz > 0:
             client = RosClient(domain, node_name="kv_vla_bench_flood")
@@ -144,6 +146,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = [*FIELDS, *extra]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+
     return "\n".join(lines)
 
 
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         print(f"[bench node] mode={mode} ...", flush=True)
         rows.append(run_mode(args, mode, model.resolve(), work))
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "round_trips_ms"}), flush=True)
     config = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")
     }

@@ -130,10 +130,11 @@ def measure(
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from kv_vla.plotting import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
+    if plt is None:  # matplotlib comes with the sim extra; without it there is no plot to write
+        return
 
     counts = list(report["median_wall_s"])
     fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=110)

@@ -79,10 +79,11 @@ def plot_success_vs_kv(result: dict[str, Any], path: str) -> None:
 
     Model-free agents hold no KV cache; they are drawn as horizontal reference lines.
     """
-    import matplotlib
+    from kv_vla.plotting import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
+    if plt is None:  # matplotlib comes with the sim extra; without it there is no plot to write
+        return
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     styles = {"memory": ("o", "tab:red"), "no-memory": ("s", "tab:blue")}

@@ -121,10 +121,11 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def plot_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
     """Loss (and accuracy, if logged) against update step, as a PNG."""
-    import matplotlib
+    from kv_vla.plotting import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
+    if plt is None:  # matplotlib comes with the sim extra; without it there is no plot to write
+        return
 
     if not history:
         return
