@@ -45,7 +45,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # the interval always holds p; rounding can leave 6/6's upper end at 0.9999999999999999 (which
+    # then made a negative error bar and crashed the plot after a whole evaluation)
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def eval_seeds(episodes: int, seed_offset: int = 0) -> list[int]:

@@ -107,7 +107,7 @@ def plot_success_vs_kv(result: dict[str, Any], path: str) -> None:
             continue
         x = s["peak_kv_bytes_mean"] / MIB
         y = s["success_pct"]
-        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt=marker, color=colour, capsize=3)
+        ax.errorbar(x, y, yerr=[[max(0.0, y - lo)], [max(0.0, hi - y)]], fmt=marker, color=colour, capsize=3)
         labels.append((s["policy"], x, y))
         plotted_any = True
     for family, (marker, colour) in styles.items():

@@ -17,6 +17,27 @@ def test_wilson_interval_reference_values():
     assert wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4)
 
 
+def test_wilson_interval_holds_the_rate_exactly_and_a_perfect_row_plots(tmp_path):
+    """6/6 gave an upper end of 0.9999999999999999 once: a negative error bar, and the report's plot
+    raised after the whole evaluation had run. Every n up to 200 keeps lo <= k/n <= hi exactly."""
+    from kv_vla.eval.report import plot_success_vs_kv
+
+    for n in range(1, 201):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+    lo, hi = wilson_interval(6, 6)
+    row = {
+        "policy": "full",
+        "tasks": "memory",
+        "success_pct": 100.0 * 6 / 6,
+        "success_ci95_pct": [100.0 * lo, 100.0 * hi],
+        "peak_kv_bytes_mean": 4.9e6,
+    }
+    plot_success_vs_kv({"summary": [row]}, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
 def test_evaluation_seeds_never_reach_demonstration_seeds():
     assert eval_seeds(3, 10) == [10, 11, 12]
     with pytest.raises(ValueError):
