@@ -33,6 +33,7 @@ def test_bench_node_rows_for_event_and_timer(tmp_path):
         flood_hz=0.0,
         flood_s=0.0,
         log_dir=str(tmp_path / "logs"),
+        spin_cpus=0,
     )
     assert bench.run(args) == 0
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
@@ -46,3 +47,17 @@ def test_bench_node_rows_for_event_and_timer(tmp_path):
     # the timer answers on its 20 Hz ticks: never faster than the tick on average
     assert rows["timer"]["steps_per_s"] <= 20.0 * 1.1
     assert rows["timer"]["control_rate_hz"] == 20.0 and rows["event"]["control_rate_hz"] == 0.0
+
+
+def test_cpu_spinners_run_at_the_lowest_priority_and_stop():
+    """The spinners the bench can keep a VM's vCPUs awake with: nice 19, all gone after the block."""
+    import os
+    import time
+
+    with bench.cpu_spinners(2) as procs:
+        assert len(procs) == 2
+        time.sleep(0.3)  # os.nice runs first thing in the child
+        for proc in procs:
+            assert proc.poll() is None
+            assert os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
+    assert all(proc.poll() is not None for proc in procs)
