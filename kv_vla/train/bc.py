@@ -73,8 +73,8 @@ class TrainConfig:
     shift_pad: int = 4  # random-shift augmentation in pixels (0 = off)
     label_sigma: float = 0.0  # Gaussian soft target over action bins, in bins (0 = one-hot)
     time_budget_s: float | None = None  # shrink the schedule to fit (measured after 20 updates)
-    # keep the vision backbone's weights as they are (from --init) and compute its features once
-    # per frame: ~4x fewer FLOPs per CPU update; random-shift augmentation is then off
+    # keep the vision backbone's weights (and a colour highlight's) as they are (from --init) and
+    # compute its features once per frame: ~4x fewer FLOPs per CPU update; random shift is then off
     freeze_vision: bool = False
     # learning-rate multiplier of the instruction-conditioning layers (word table, highlight)
     film_lr_mult: float = 1.0

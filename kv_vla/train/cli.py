@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--freeze-vision",
         action="store_true",
-        help="with --init: keep the vision backbone fixed and compute its features once (about 4x "
-        "faster on a CPU; disables --shift-pad)",
+        help="with --init: keep the vision backbone (and a colour highlight) fixed and compute its "
+        "features once (about 4x faster on a CPU; disables --shift-pad)",
     )
     parser.add_argument(
         "--film-lr-mult",
