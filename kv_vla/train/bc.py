@@ -212,6 +212,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
         rng.setstate(resume["epoch_rng"])  # replays the interrupted epoch's batch order
         gen.set_state(resume["torch_rng"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    tokens_per_step = model.config.num_image_tokens + model.config.action_dim  # one chunk per step
     n_params = sum(p.numel() for p in model.parameters())
     atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
     start_epoch = step // steps_per_epoch
@@ -239,10 +240,7 @@ def train_bc(cfg: TrainConfig, episodes: Sequence[Any] | None = None) -> Path:
             vis = sample_step_visibility(len(batch), b["action_ids"].shape[1], recent, cfg.drop_rates, gen)
             offsets = None
             if cfg.position_gap_steps > 0:
-                tokens_per_step = model.config.num_image_tokens + model.config.action_dim
-                offsets = sample_position_gaps(
-                    b["step_valid"], cfg.position_gap_steps, tokens_per_step, gen
-                )
+                offsets = sample_position_gaps(b["step_valid"], cfg.position_gap_steps, tokens_per_step, gen)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg) * group["lr_mult"]
             with autocast:

@@ -321,6 +321,11 @@ def test_forward_on_cached_vision_patches_equals_the_forward_on_frames():
     torch.manual_seed(4)
     model = CompactVLA(CompactVLAConfig(**TINY, action_decoding="parallel")).eval()
     data = tokenize_episodes(model, _named_target_episodes(2))
+    _assert_cached_patches_give_the_frames_logits(model, data)
+
+
+def _assert_cached_patches_give_the_frames_logits(model, data) -> None:
+    """Cache the episodes' backbone features, then check the pass over them equals the one over frames."""
     cache_vision_patches(model, data)
     b = collate(data)
     with torch.no_grad():
@@ -438,17 +443,11 @@ def test_cached_patches_of_a_frozen_highlight_model_equal_the_forward_on_frames(
     with pytest.raises(ValueError, match="trainable highlight"):
         model.forward_episode(b["prompt_ids"], None, b["action_ids"], vision_patches=torch.zeros(2, 5, 64, 8))
     freeze_vision_path(model)
-    cache_vision_patches(model, data)
-    b = collate(data)
+    _assert_cached_patches_give_the_frames_logits(model, data)
     with torch.no_grad():
-        ref = model.forward_episode(b["prompt_ids"], b["frames"], b["action_ids"])
-        cached = model.forward_episode(
-            b["prompt_ids"], None, b["action_ids"], vision_patches=b["vision_patches"].float()
-        )
         plain = [
             model.vision_patches(model.pixel_values(torch.as_tensor(e.frames))).float() for e in data
         ]
-    torch.testing.assert_close(cached.action_logits, ref.action_logits, atol=2e-3, rtol=1e-3)
     # the highlight changed the features: caching plain frames would have been wrong
     assert max((e.patches.float() - q).abs().max().item() for e, q in zip(data, plain)) > 1e-2
 
