@@ -12,17 +12,23 @@ import json
 import sys
 from pathlib import Path
 
+from kv_vla import settings
+
+DEFAULTS = settings.defaults(("positions", "max_tokens"))
+
 
 def _rows(dirs: list[Path]) -> list[dict]:
     rows = []
     for d in dirs:
         info = json.loads((d / "eval_info.json").read_text())
         opts = info["config"].get("cache_options", {})
-        mode, budget = opts.get("positions"), opts.get("max_tokens")
+        # an option not passed is the library's default (kv_vla/settings.py), which the run used
+        mode = opts.get("positions") or DEFAULTS["positions"]
+        budget = opts.get("max_tokens", DEFAULTS["max_tokens"])
         for a in info["aggregates"]:
             label = a["policy"]
             if a["policy"] == "gated":
-                label += f" ({budget} tokens, {mode or 'episode'} positions)"
+                label += f" ({budget} tokens, {mode} positions)"
             seeds = info["config"].get("seeds") or ["?", "?"]
             rows.append({**a, "label": label, "seeds": f"{seeds[0]}-{seeds[-1]}"})
     return rows
