@@ -21,10 +21,9 @@ def _rows(dirs: list[Path]) -> list[dict]:
     rows = []
     for d in dirs:
         info = json.loads((d / "eval_info.json").read_text())
-        opts = info["config"].get("cache_options", {})
         # an option not passed is the library's default (kv_vla/settings.py), which the run used
-        mode = opts.get("positions") or DEFAULTS["positions"]
-        budget = opts.get("max_tokens", DEFAULTS["max_tokens"])
+        opts = {**DEFAULTS, **info["config"].get("cache_options", {})}
+        mode, budget = opts["positions"], opts["max_tokens"]
         for a in info["aggregates"]:
             label = a["policy"]
             if a["policy"] == "gated":
