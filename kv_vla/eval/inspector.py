@@ -28,7 +28,7 @@ PENDING, KEPT, LOW, EVICTED = "pending", "kept", "low", "evicted"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="late_cued_reach", help="a task name (kv_vla_sim.tasks.TASKS)")
+    parser.add_argument("--task", default="late_cued_reach", help="a task name, options included (late_cued_reach:lead=100-400)")
     parser.add_argument("--seed", type=int, default=3, help="episode seed (evaluation range: < 1_000_000)")
     settings.add_flags(parser, ("policy",), default_none=False)
     parser.add_argument("--out", required=True, help="output directory (inspect.json, inspect.png)")
@@ -137,12 +137,14 @@ def run(args: argparse.Namespace) -> int:
     from kv_vla.eval.harness import eval_seeds
     from kv_vla.eval.inspect_plot import plot_episode
     from kv_vla_sim.env import TabletopEnv
-    from kv_vla_sim.tasks import TASKS
+    from kv_vla_sim.tasks import get_task
 
     if args.policy not in POLICIES:
         raise SystemExit(f"--policy {args.policy!r}: inspect needs a cache policy, one of {sorted(POLICIES)}")
-    if args.task not in TASKS:
-        raise SystemExit(f"--task {args.task!r}: choose from {sorted(TASKS)}")
+    try:
+        get_task(args.task)  # a registered name, options included (late_cued_reach:lead=100-400)
+    except ValueError as exc:
+        raise SystemExit(f"--task: {exc}") from None
     eval_seeds(1, args.seed)  # refuses demonstration seeds
     runtime = _runtime(args)
     env = TabletopEnv(args.task, image_size=args.image_size)

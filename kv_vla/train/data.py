@@ -8,6 +8,7 @@ mask (:func:`sample_step_visibility`), the same way the episode cache hides evic
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,20 +37,32 @@ class EpisodeTensors:
 
 
 def load_demonstrations(dirs: Sequence[str | Path], max_per_task: int | None = None) -> list[Any]:
-    """Successful demonstrations from one or more ``kv-vla collect`` output folders."""
+    """Successful demonstrations from one or more ``kv-vla collect`` output folders.
+
+    ``max_per_task`` caps each task's episodes, taken in turn from every folder that holds the task
+    (folder 1's first, folder 2's first, ..., folder 1's second, ...), so a cap never fills from the
+    first folder alone: ``late_cued_reach`` from replay and from lead demonstrations both count.
+    """
     from kv_vla_sim.demos import load_episodes
 
-    episodes: list[Any] = []
-    for d in dirs:
-        episodes.extend(ep for ep in load_episodes(d) if ep.success)
+    per_dir = [[ep for ep in load_episodes(d) if ep.success] for d in dirs]
+    episodes = [ep for eps in per_dir for ep in eps]
     if not episodes:
         raise ValueError(f"no successful demonstrations found in {list(map(str, dirs))}")
-    if max_per_task is not None:
-        by_task: dict[str, list[Any]] = {}
-        for ep in episodes:
-            by_task.setdefault(ep.task, []).append(ep)
-        episodes = [ep for eps in by_task.values() for ep in eps[:max_per_task]]
-    return episodes
+    if max_per_task is None:
+        return episodes
+    by_task: dict[str, list[list[Any]]] = {}
+    for eps in per_dir:
+        groups: dict[str, list[Any]] = {}
+        for ep in eps:
+            groups.setdefault(ep.task, []).append(ep)
+        for task, group in groups.items():
+            by_task.setdefault(task, []).append(group)
+    out: list[Any] = []
+    for groups in by_task.values():
+        taken = [ep for turn in itertools.zip_longest(*groups) for ep in turn if ep is not None]
+        out.extend(taken[:max_per_task])
+    return out
 
 
 def tokenize_episodes(model: Any, episodes: Sequence[Any]) -> list[EpisodeTensors]:
