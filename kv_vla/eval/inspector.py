@@ -28,7 +28,11 @@ PENDING, KEPT, LOW, EVICTED = "pending", "kept", "low", "evicted"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="late_cued_reach", help="a task name, options included (late_cued_reach:lead=100-400)")
+    parser.add_argument(
+        "--task",
+        default="late_cued_reach",
+        help="a task name, options included (late_cued_reach:lead=100-400)",
+    )
     parser.add_argument("--seed", type=int, default=3, help="episode seed (evaluation range: < 1_000_000)")
     settings.add_flags(parser, ("policy",), default_none=False)
     parser.add_argument("--out", required=True, help="output directory (inspect.json, inspect.png)")
