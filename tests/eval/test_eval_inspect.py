@@ -108,7 +108,10 @@ def test_inspect_cli_on_the_shipped_model(tmp_path, capsys):
 def test_inspect_refuses_model_free_agents_and_unknown_tasks(tmp_path):
     with pytest.raises(SystemExit, match="needs a cache policy"):
         kv_vla_main(["inspect", "--policy", "expert", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--task 'nope'"):
+    with pytest.raises(SystemExit, match="--task: unknown task 'nope'"):
         kv_vla_main(["inspect", "--task", "nope", "--out", str(tmp_path)])
+    # options are part of a task's name, as in kv-vla eval; a malformed one is refused by name
+    with pytest.raises(SystemExit, match="lead=soon"):
+        kv_vla_main(["inspect", "--task", "late_cued_reach:lead=soon", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="evaluation seeds"):
         kv_vla_main(["inspect", "--seed", "1000000", "--out", str(tmp_path)])
