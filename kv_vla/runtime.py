@@ -149,7 +149,7 @@ class EpisodeRuntime:
 
         Raises ValueError (and changes nothing) when the cache config cannot be compiled.
         """
-        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options, warm_call
+        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options, compiling, warm_call
 
         if not on:
             self.compile, self._decoder, self._embed_image = False, None, self.model.embed_image
@@ -169,7 +169,8 @@ class EpisodeRuntime:
                 pixels = self.model.pixel_values(frame)
                 if warm:  # one frame shape: compiled at the first call
                     return warm_call(compiled, pixels, condition)
-                out = compiled(pixels, condition)
+                with compiling(pixels.device.type):
+                    out = compiled(pixels, condition)
                 warm.append(True)
                 return out
 

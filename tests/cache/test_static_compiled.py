@@ -94,3 +94,22 @@ def test_cuda_graph_step_equals_eager_on_gpu():
     graph = _episode(EpisodeRuntime(model, cache_config=_config(model), compile=True, **kw), frames, -1, {})
     assert_logits_close(graph.cpu(), eager.cpu())
     assert_same_argmax(graph.cpu(), eager.cpu())
+
+
+def test_cpu_compile_freezes_weights_into_the_graph():
+    """``compiling('cpu')`` must reach inductor: the generated code holds the weights as frozen
+    constants (prepacked), not as graph inputs called through ``aten.mm``. Passed as
+    ``torch.compile(options={'freezing': True})`` it was silently ignored (torch 2.13)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from kv_vla.cache.storage.compiled import compiling
+
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(32, 48, bias=False).eval()
+    x = torch.randn(8, 32)
+    fn = torch.compile(lambda t: torch.relu(layer(t)), dynamic=False)
+    with torch.inference_mode(), compiling("cpu"):
+        out, code = run_and_get_code(fn, x)
+    source = "\n".join(code)
+    assert "_frozen_param" in source, "the weight reached the graph as an input: freezing did not apply"
+    torch.testing.assert_close(out, torch.relu(layer(x)), rtol=1e-5, atol=1e-6)

@@ -12,7 +12,9 @@ grows (a live budget increase) changes one shape and recompiles once. On CUDA ``
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,13 +58,36 @@ def _forward(
 
 
 def compile_options(mode: str | None) -> dict[str, Any]:
-    """``torch.compile`` keywords: ``mode`` when given (e.g. CUDA graphs), else CPU weight freezing.
+    """``torch.compile`` keywords: ``mode`` when given (e.g. ``"reduce-overhead"``: CUDA graphs)."""
+    return {"mode": mode} if mode is not None else {}
 
-    Freezing folds the (inference-only) weights into the graph, which lets inductor use prepacked
-    oneDNN/MKL kernels for linear and convolution layers; without it, a compiled ResNet convolution
-    fell back to the slow reference kernel on this CPU. Weights changed after compilation are not seen.
-    """
-    return {"mode": mode} if mode is not None else {"options": {"freezing": True}}
+
+CPU_INDUCTOR_CONFIG: dict[str, Any] = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+}
+"""Inductor settings for a CPU compile, applied while each shape compiles (:func:`compiling`).
+
+``freezing`` folds the (inference-only) weights into the graph as constants, which lets inductor
+prepack them for oneDNN/MKL (convolutions, linears) and for its own C++ GEMM template, which
+``max_autotune`` benchmarks against aten's kernel per matmul shape (it won for the compact VLA's
+8-row matmuls on this CPU). Weights changed after compilation are not seen. These keys are set on
+``torch._inductor.config`` itself: passed as ``torch.compile(options=...)``, ``freezing`` was
+silently ignored (torch 2.13: the graph kept its weights as inputs and called ``aten.mm``).
+"""
+
+
+@contextlib.contextmanager
+def compiling(device_type: str) -> Iterator[None]:
+    """Context for a call that may compile a new shape: :data:`CPU_INDUCTOR_CONFIG` on CPU."""
+    if device_type != "cpu":
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(CPU_INDUCTOR_CONFIG):
+        yield
 
 
 def warm_call(fn: Any, *args: Any) -> Any:
@@ -136,7 +161,8 @@ class CompiledDecoder:
             logits = warm_call(self._fn, *args)
         else:
             t0 = time.perf_counter()
-            logits = self._fn(*args)
+            with compiling(embeds.device.type):
+                logits = self._fn(*args)
             self.warmup_s[shape] = time.perf_counter() - t0
         cache.commit_block(n)
         return logits
