@@ -72,7 +72,8 @@ CPU_INDUCTOR_CONFIG: dict[str, Any] = {
 ``freezing`` folds the (inference-only) weights into the graph as constants, which lets inductor
 prepack them for oneDNN/MKL (convolutions, linears) and for its own C++ GEMM template, which
 ``max_autotune`` benchmarks against aten's kernel per matmul shape (it won for the compact VLA's
-8-row matmuls on this CPU). Weights changed after compilation are not seen. These keys are set on
+8-row matmuls on this CPU). Weights changed after compilation are not seen, and each compiled
+graph holds its own prepacked copy of them (docs/bench/STATIC.md: RSS). These keys are set on
 ``torch._inductor.config`` itself: passed as ``torch.compile(options=...)``, ``freezing`` was
 silently ignored (torch 2.13: the graph kept its weights as inputs and called ``aten.mm``).
 """
