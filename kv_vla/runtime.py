@@ -190,6 +190,27 @@ class EpisodeRuntime:
                 "inside a compiled graph; allowed values: a policy without the probe, or compile=False"
             )
 
+    @torch.inference_mode()
+    def warm_up(self, instruction: str = "touch the red cube") -> float:
+        """Compile every shape the compiled step can meet, before the first episode; the seconds spent.
+
+        Runs one step of a throwaway episode on a black frame (compiling the vision encoder and the
+        first decoder shape), then :meth:`CompiledDecoder.precompile` for every other attended span,
+        and drops that episode: call :meth:`reset` next. Without it a span compiles the first time a
+        real step reaches it, stalling that step (seconds on a CPU). Eager runtimes return 0.
+        """
+        if self._decoder is None:
+            return 0.0
+        if self.cache is not None and self.step_index > 0:
+            raise RuntimeError("warm_up: an episode is running; warm up before the first episode")
+        t0 = time.perf_counter()
+        self.reset(instruction)
+        size = int(getattr(self.model.config, "image_size", 64))
+        self.step(np.zeros((size, size, 3), dtype=np.uint8))
+        self._decoder.precompile(self.cache, min_held=1)  # any later prompt holds at least BOS
+        self.cache = None
+        return time.perf_counter() - t0
+
     @property
     def warmup_s(self) -> dict[str, float]:
         """Seconds the first call of each compiled shape took (empty when not compiled)."""

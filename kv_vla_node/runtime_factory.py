@@ -73,6 +73,8 @@ def build_runtime(settings: RuntimeSettings) -> Any:
     runtime.update_cache_config(**cache_kwargs(settings.cache))
     if settings.compile:
         runtime.set_compile(True)  # ValueError naming the setting when the cache cannot be compiled
+        # every shape compiles here, at configure, not in the first episode's control steps
+        runtime.warm_up()
     # A budget that cannot hold even the shortest prompt would refuse every instruction: refuse it
     # now, at configure, instead of going active.
     pinned, step = prompt_layout(runtime, running=False, pinned_tokens=None)

@@ -191,9 +191,16 @@ class VLANode(LifecycleNode):
                 )
         self.get_logger().info(
             f"configured: {settings.model_path} on {settings.device}/{settings.dtype} loaded in "
-            f"{time.perf_counter() - t0:.1f} s; {values['step_mode']} stepping"
+            f"{time.perf_counter() - t0:.1f} s{self._warm_up_note()}; {values['step_mode']} stepping"
         )
         return SUCCESS
+
+    def _warm_up_note(self) -> str:
+        """`` (compiled: N shapes in S s)`` when the runtime compiled its step at configure, else ``""``."""
+        shapes = getattr(self._runtime, "warmup_s", None)
+        if not shapes:
+            return ""
+        return f" (compiled step: {len(shapes)} shapes in {sum(shapes.values()):.1f} s)"
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the action publishers first

@@ -74,6 +74,40 @@ def test_compiled_step_equals_eager_and_recompiles_once_per_shape():
     assert graphs[-6:] == [graphs[-1]] * 6  # steady state: no compilation
 
 
+@pytest.mark.slow
+def test_warm_up_compiles_every_span_before_the_first_episode(monkeypatch):
+    """After ``warm_up`` no step of an episode compiles (a gated cache's span moves up and down as
+    the gate evicts), and the zeros it wrote into free slots change no logit."""
+    from torch._dynamo.utils import counters
+
+    from kv_vla.cache.storage import compiled
+
+    # which shapes compile does not depend on the GEMM autotune, which quadruples each compile
+    # (137 s for this test): freezing only here; test_cpu_compile_freezes... checks the config lands
+    monkeypatch.setattr(compiled, "CPU_INDUCTOR_CONFIG", {"freezing": True})
+
+    model = _model()
+    step = model.num_image_tokens + model.action_dim
+    cfg = EpisodeCacheConfig(
+        policy="gated", chunk_size=step, recent_chunks=1, max_tokens=40 + 5 * step, gate_threshold=0.5,
+        storage="static",
+    )  # an untrained gate under a 0.5 threshold: evictions before the budget binds, spans vary
+    frames = np.random.default_rng(2).integers(0, 256, size=(16, 64, 64, 3), dtype=np.uint8)
+    eager = _episode(EpisodeRuntime(model, cache_config=cfg), frames, -1, {})
+    rt = EpisodeRuntime(model, cache_config=cfg, compile=True)
+    spent = rt.warm_up(INSTR)
+    assert spent > 0 and rt.cache is None  # the throwaway episode is gone
+    with pytest.raises(RuntimeError, match="reset"):
+        rt.step(frames[0])
+    shapes, graphs = dict(rt.warmup_s), int(counters["stats"]["unique_graphs"])
+    got = _episode(rt, frames, -1, {})
+    assert rt.warmup_s == shapes, "a step compiled a shape the warm-up did not"
+    assert int(counters["stats"]["unique_graphs"]) == graphs
+    assert_logits_close(got, eager)
+    assert_same_argmax(got, eager)
+    assert EpisodeRuntime(model, cache_config=cfg).warm_up() == 0.0  # eager: nothing to compile
+
+
 def test_compile_refuses_dynamic_storage_and_probe_policies():
     model = _model()
     step = model.num_image_tokens + model.action_dim

@@ -107,3 +107,24 @@ def test_an_instruction_the_accepted_budget_cannot_hold_is_refused_and_the_chang
         assert client.reset().success  # the running (short) instruction again: now it applies
         diag = client.wait_diag(lambda d: d["episode"] == "2" and d["pending_next_episode"] == "")
         assert diag["max_tokens"] == str(budget) and node._runtime.cache.config.max_tokens == budget
+
+
+@pytest.mark.slow  # compiles the tiny model's step (about a minute here)
+def test_a_compiled_node_compiles_every_shape_at_configure(tmp_path, monkeypatch):
+    """``compile: true`` warms up at configure: the runtime comes back with its shapes compiled and
+    no episode, and the first episode's steps compile nothing."""
+    from kv_vla.cache.storage import compiled
+    from kv_vla_node.runtime_factory import RuntimeSettings, build_runtime
+    from kv_vla_node.testing import save_random_model
+
+    monkeypatch.setattr(compiled, "CPU_INDUCTOR_CONFIG", {"freezing": True})  # shapes, not GEMM speed
+    model = save_random_model(tmp_path / "tiny-vla")
+    cache = {k: params.SPECS[k].default for k in params.CACHE_KEYS} | {"storage": "static"}
+    runtime = build_runtime(RuntimeSettings(str(model), "cpu", "float32", "", cache=cache, compile=True))
+    shapes = dict(runtime.warmup_s)
+    assert shapes and runtime.cache is None
+    runtime.reset("touch the red cube")
+    frames = np.random.default_rng(0).integers(0, 256, size=(12, 64, 64, 3), dtype=np.uint8)
+    for frame in frames:
+        runtime.step(frame)
+    assert runtime.warmup_s == shapes, "a control step compiled a shape configure did not"

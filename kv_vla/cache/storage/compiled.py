@@ -131,6 +131,7 @@ class CompiledDecoder:
         # one graph per (block, span, capacity): a few per block length; several caches share _forward
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.warmup_s: dict[tuple[int, int, int], float] = {}
+        self._logits_of: dict[int, int] = {}  # block length -> logits it asked for (what precompile replays)
 
     def __call__(
         self, cache: Any, embeds: torch.Tensor, position_ids: torch.Tensor, n_logits: int = 1
@@ -138,6 +139,7 @@ class CompiledDecoder:
         """Logits ``[B, n_logits, vocab]`` of the block ``embeds``; the cache records the block."""
         check_compilable(cache)
         n = int(embeds.shape[1])
+        self._logits_of.setdefault(n, n_logits)
         mask = cache.attention_mask(n, embeds.dtype, embeds.device)
         layers = cache.layers
         if any(layer.keys is None for layer in layers):  # first block (the prompt): sizes the buffers
@@ -167,3 +169,49 @@ class CompiledDecoder:
             self.warmup_s[shape] = time.perf_counter() - t0
         cache.commit_block(n)
         return logits
+
+    def precompile(self, cache: Any, min_held: int | None = None) -> float:
+        """Compile now every attended span that the block lengths seen so far can meet in ``cache``
+        with at least ``min_held`` tokens held before a block (default: what it holds now; a shorter
+        prompt in a later episode needs ``min_held`` at its length).
+
+        Why: a span compiles the first time a step reaches it, which on a CPU stalls that step for
+        seconds, mid-episode. ``cache`` must hold its prompt (its buffers exist). Each shape is
+        compiled by one call on the cache's own buffers, writing zeros into free slots only (masked
+        out, and overwritten by the block that later takes them); nothing is committed. Returns the
+        seconds spent.
+        """
+        from kv_vla.cache.storage.static import SPAN_BUCKETS
+
+        check_compilable(cache)
+        layers = cache.layers
+        if any(layer.keys is None for layer in layers):
+            raise RuntimeError("precompile: the cache holds no buffers yet; cache the prompt first")
+        first = layers[0]
+        cap = first.capacity
+        held = first.held_tokens() if min_held is None else max(0, int(min_held))
+        step = -(-cap // SPAN_BUCKETS)
+        keys = [layer.keys for layer in layers]
+        values = [layer.values for layer in layers]
+        free = torch.ones(cap, dtype=torch.bool)
+        free[first.slots] = False
+        free_slots = free.nonzero().squeeze(1).to(first.keys.device)
+        hidden = int(self.lm.get_input_embeddings().weight.shape[-1])
+        spent = 0.0
+        for n, n_logits in self._logits_of.items():
+            if n > free_slots.numel():
+                continue
+            embeds = torch.zeros(1, n, hidden, dtype=first.keys.dtype, device=first.keys.device)
+            positions = torch.arange(n, device=embeds.device)[None]
+            index = free_slots[:n]
+            lowest = -(-(held + n) // step) * step  # the smallest span a block of n can meet
+            for span in sorted({min(cap, s) for s in range(lowest, cap + step, step)}):
+                if (n, span, cap) in self.warmup_s:
+                    continue
+                mask = torch.zeros(1, 1, n, span, dtype=embeds.dtype, device=embeds.device)
+                t0 = time.perf_counter()
+                with compiling(embeds.device.type):
+                    self._fn(self.lm, embeds, positions, mask, index, keys, values, span, n_logits)
+                self.warmup_s[(n, span, cap)] = time.perf_counter() - t0
+                spent += self.warmup_s[(n, span, cap)]
+        return spent
