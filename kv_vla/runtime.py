@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kv_vla import settings
 from kv_vla.model.action_tokenizer import action_stats, unnormalize_actions
 from kv_vla.model.base import VLABackbone
 from kv_vla.model.image import validate_image
@@ -207,7 +208,8 @@ class EpisodeRuntime:
         self.reset(instruction)
         size = int(getattr(self.model.config, "image_size", 64))
         self.step(np.zeros((size, size, 3), dtype=np.uint8))
-        self._decoder.precompile(self.cache, min_held=1)  # any later prompt holds at least BOS
+        # down to the shortest prompt a later episode can pin (a one-word instruction)
+        self._decoder.precompile(self.cache, min_held=self.prompt_layout(settings.SHORTEST_INSTRUCTION)[0])
         self.cache = None
         return time.perf_counter() - t0
 

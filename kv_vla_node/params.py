@@ -41,7 +41,7 @@ NAMES: tuple[str, ...] = (
 #: the parameters that reach the cache (``EpisodeCacheConfig`` fields, same names)
 CACHE_KEYS: tuple[str, ...] = settings.CACHE_SETTINGS
 #: an instruction of one word: its prompt is the shortest any episode can have
-SHORTEST_INSTRUCTION = "go"
+SHORTEST_INSTRUCTION = settings.SHORTEST_INSTRUCTION
 
 
 @dataclass(frozen=True)

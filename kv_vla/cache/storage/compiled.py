@@ -139,7 +139,6 @@ class CompiledDecoder:
         """Logits ``[B, n_logits, vocab]`` of the block ``embeds``; the cache records the block."""
         check_compilable(cache)
         n = int(embeds.shape[1])
-        self._logits_of.setdefault(n, n_logits)
         mask = cache.attention_mask(n, embeds.dtype, embeds.device)
         layers = cache.layers
         if any(layer.keys is None for layer in layers):  # first block (the prompt): sizes the buffers
@@ -154,6 +153,7 @@ class CompiledDecoder:
             return out.logits
         for layer in layers:
             layer.ensure_capacity(layer.keys, layer.values)  # a grown bound: one new shape
+        self._logits_of.setdefault(n, n_logits)  # a compiled block length (the prompt runs eager)
         index = layers[0].reserved_slots(embeds.device)
         keys = [layer.keys for layer in layers]
         values = [layer.values for layer in layers]
