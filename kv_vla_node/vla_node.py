@@ -196,7 +196,7 @@ class VLANode(LifecycleNode):
         return SUCCESS
 
     def _warm_up_note(self) -> str:
-        """`` (compiled: N shapes in S s)`` when the runtime compiled its step at configure, else ``""``."""
+        """`` (compiled step: N shapes in S s)`` when the runtime compiled at configure, else ``""``."""
         shapes = getattr(self._runtime, "warmup_s", None)
         if not shapes:
             return ""
