@@ -206,7 +206,7 @@ class EpisodeRuntime:
             raise RuntimeError("warm_up: an episode is running; warm up before the first episode")
         t0 = time.perf_counter()
         self.reset(instruction)
-        size = int(getattr(self.model.config, "image_size", 64))
+        size = int(self.model.image_size)
         self.step(np.zeros((size, size, 3), dtype=np.uint8))
         # down to the shortest prompt a later episode can pin (a one-word instruction)
         self._decoder.precompile(self.cache, min_held=self.prompt_layout(settings.SHORTEST_INSTRUCTION)[0])

@@ -181,8 +181,6 @@ class CompiledDecoder:
         out, and overwritten by the block that later takes them); nothing is committed. Returns the
         seconds spent.
         """
-        from kv_vla.cache.storage.static import SPAN_BUCKETS
-
         check_compilable(cache)
         layers = cache.layers
         if any(layer.keys is None for layer in layers):
@@ -190,12 +188,9 @@ class CompiledDecoder:
         first = layers[0]
         cap = first.capacity
         held = first.held_tokens() if min_held is None else max(0, int(min_held))
-        step = -(-cap // SPAN_BUCKETS)
         keys = [layer.keys for layer in layers]
         values = [layer.values for layer in layers]
-        free = torch.ones(cap, dtype=torch.bool)
-        free[first.slots] = False
-        free_slots = free.nonzero().squeeze(1).to(first.keys.device)
+        free_slots = first.free_slots().to(first.keys.device)
         hidden = int(self.lm.get_input_embeddings().weight.shape[-1])
         spent = 0.0
         for n, n_logits in self._logits_of.items():
@@ -204,8 +199,8 @@ class CompiledDecoder:
             embeds = torch.zeros(1, n, hidden, dtype=first.keys.dtype, device=first.keys.device)
             positions = torch.arange(n, device=embeds.device)[None]
             index = free_slots[:n]
-            lowest = -(-(held + n) // step) * step  # the smallest span a block of n can meet
-            for span in sorted({min(cap, s) for s in range(lowest, cap + step, step)}):
+            # every span a block of n can meet: its highest slot lies in [held + n, cap]
+            for span in sorted({first.span_of(high) for high in range(held + n, cap + 1)}):
                 if (n, span, cap) in self.warmup_s:
                     continue
                 mask = torch.zeros(1, 1, n, span, dtype=embeds.dtype, device=embeds.device)

@@ -79,17 +79,26 @@ class StaticLayer(EpisodeLayer):
         fits = self.keys is not None and held + n <= self.capacity
         self._pending_capacity = None if fits else max(held + n, capacity_hint)
         cap = self._pending_capacity or self.capacity
-        free = torch.ones(cap, dtype=torch.bool)
-        free[self.slots] = False
-        self._reserved = free.nonzero().squeeze(1)[:n]
+        self._reserved = self.free_slots(cap)[:n]
         self._reserved_dev = None
-        # attend over a prefix of the slots: up to the highest slot in use, in SPAN_BUCKETS steps
-        step = -(-cap // SPAN_BUCKETS)
         high = int(self._reserved.max()) + 1 if n else 0
         if self.slots.numel():
             high = max(high, int(self.slots.max()) + 1)
-        self.span = min(cap, -(-high // step) * step)
+        self.span = self.span_of(high, cap)
         return self._reserved
+
+    def free_slots(self, capacity: int | None = None) -> torch.Tensor:
+        """Slots not held, ascending (CPU), of a buffer of ``capacity`` slots (default: the current one)."""
+        free = torch.ones(self.capacity if capacity is None else capacity, dtype=torch.bool)
+        free[self.slots] = False
+        return free.nonzero().squeeze(1)
+
+    def span_of(self, high: int, capacity: int | None = None) -> int:
+        """Slots attended when the highest slot in use is ``high - 1``: a prefix of the buffer,
+        ``high`` rounded up to a multiple of ``capacity / SPAN_BUCKETS`` (default: the current one)."""
+        cap = self.capacity if capacity is None else capacity
+        step = -(-cap // SPAN_BUCKETS)
+        return min(cap, -(-high // step) * step)
 
     def block_mask(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Additive ``[1, 1, n, span]`` mask of the reserved block: every held slot is visible (all
