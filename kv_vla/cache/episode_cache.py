@@ -57,7 +57,7 @@ from kv_vla.cache.config import EpisodeCacheConfig
 from kv_vla.cache.policies import POLICIES, ChunkPolicy, GatedPolicy, PolicyContext
 from kv_vla.cache.positions import RopeRotator, closing_deltas
 from kv_vla.cache.storage.dynamic import EpisodeLayer
-from kv_vla.cache.summary import chunk_summary, layer_summary
+from kv_vla.cache.summary import chunk_summary, layers_summary
 
 
 class EpisodeCache(Cache):
@@ -318,9 +318,11 @@ class EpisodeCache(Cache):
         self._start_forward()
         pinned = self._pinned if self._pinned else self._seen + query_length
         hint = capacity(self.config, pinned)
-        for layer in self.layers:
-            layer.reserve(query_length, hint)
-        return self.layers[0].block_mask(query_length, dtype, torch.device(device))
+        first = self.layers[0]
+        first.reserve(query_length, hint)
+        for layer in self.layers[1:]:
+            layer.reserve(query_length, hint, like=first)
+        return first.block_mask(query_length, dtype, torch.device(device))
 
     def commit_block(self, n_new: int) -> None:
         """Record an ``n_new``-token block that a compiled step wrote into every layer's reserved slots."""
@@ -421,9 +423,10 @@ class EpisodeCache(Cache):
     def _chunk_summary(self, chunk: Chunk) -> torch.Tensor:
         if chunk.summary is None:
             a, b = self._chunk_columns(chunk)
-            per_layer = [layer_summary(*layer.columns(a, b)) for layer in self.layers]
+            columns = [layer.columns(a, b) for layer in self.layers]
+            per_layer = layers_summary([k for k, _ in columns], [v for _, v in columns])
             mass = self._chunk_attention(chunk) if self._attn is not None else None
-            chunk.summary = chunk_summary(per_layer, mass, chunk.index)
+            chunk.summary = chunk_summary([per_layer], mass, chunk.index)
         return chunk.summary
 
     def _context(self) -> PolicyContext:

@@ -147,9 +147,21 @@ class ChunkGate(nn.Module):
     @torch.no_grad()
     def step(self, summary: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """One recurrent step for one completed chunk: ``([F], state) -> (utility scalar, state)``."""
-        x = self.encode(summary.reshape(1, 1, -1))
-        out, state = self.rnn(x, state)
-        return torch.sigmoid(self.head(out)).reshape(()), state
+        x = self.encode(summary.reshape(1, -1))
+        rnn = self.rnn
+        weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        # the single-layer cell kernels directly: nn.GRU/nn.LSTM's per-call Python costs more than the
+        # cell (this runs eagerly once per completed chunk, inside the control step); state keeps
+        # their [1, 1, H] layout
+        if self.config.cell == "gru":
+            h = x.new_zeros(1, rnn.hidden_size) if state is None else state[0]
+            h = torch.gru_cell(x, h, *weights)
+            state = h[None]
+        else:
+            hc = (x.new_zeros(1, rnn.hidden_size),) * 2 if state is None else (state[0][0], state[1][0])
+            h, c = torch.lstm_cell(x, hc, *weights)
+            state = (h[None], c[None])
+        return torch.sigmoid(self.head(h)).reshape(()), state
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``path`` (safetensors weights) and ``path`` with suffix ``.json`` (config), atomically."""

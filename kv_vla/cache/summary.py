@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -45,9 +46,25 @@ def layer_summary(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """
     k = keys.float().transpose(1, 2).reshape(-1, keys.shape[-1])
     v = values.float().transpose(1, 2).reshape(-1, values.shape[-1])
-    k_std = k.std(0, unbiased=False)
-    v_std = v.std(0, unbiased=False)
-    return torch.cat([k.mean(0), k_std, v.mean(0), v_std])
+    k_std, k_mean = torch.std_mean(k, 0, correction=0)
+    v_std, v_mean = torch.std_mean(v, 0, correction=0)
+    return torch.cat([k_mean, k_std, v_mean, v_std])
+
+
+def layers_summary(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`layer_summary` of each layer's chunk columns, concatenated in layer order.
+
+    Layers of one shape are stacked and reduced together (one reduction instead of one per layer:
+    the summary runs eagerly once per completed chunk, inside the control step).
+    """
+    if len({tuple(k.shape) for k in keys}) > 1 or len({tuple(v.shape) for v in values}) > 1:
+        return torch.cat([layer_summary(k, v) for k, v in zip(keys, values)])
+    n = len(keys)
+    k = torch.stack(list(keys)).float().transpose(2, 3).reshape(n, -1, keys[0].shape[-1])
+    v = torch.stack(list(values)).float().transpose(2, 3).reshape(n, -1, values[0].shape[-1])
+    k_std, k_mean = torch.std_mean(k, 1, correction=0)
+    v_std, v_mean = torch.std_mean(v, 1, correction=0)
+    return torch.cat([k_mean, k_std, v_mean, v_std], dim=1).reshape(-1)
 
 
 def chunk_summary(

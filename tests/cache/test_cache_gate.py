@@ -25,8 +25,9 @@ def test_gate_save_load_round_trip(tmp_path, cell):
     assert not list((tmp_path / "gate").glob("*.tmp"))
 
 
-def test_gate_step_equals_differentiable_forward():
-    gate = ChunkGate.for_model(tiny_config("llama"), seed=1)
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_gate_step_equals_differentiable_forward(cell):
+    gate = ChunkGate.for_model(tiny_config("llama"), seed=1, cell=cell)
     x = torch.randn(12, gate.feature_dim, requires_grad=True)
     utilities = gate(x)
     assert utilities.shape == (12,) and ((utilities > 0) & (utilities < 1)).all()
@@ -94,3 +95,19 @@ def test_threshold_change_takes_effect_at_next_decision(tiny_models):
     stats = cache.stats()
     assert stats.evicted_chunks == 6 and stats.kept_chunks == 1
     assert stats.kept_tokens == 10 + CHUNK
+
+
+def test_stacked_layer_summaries_equal_one_layer_at_a_time():
+    from kv_vla.cache.summary import layer_summary, layers_summary
+
+    torch.manual_seed(0)
+    buffers = [torch.randn(1, 2, 20, 8) for _ in range(3)]
+    keys = [b[:, :, 4:12] for b in buffers]  # strided views, as a static layer's chunk columns
+    values = [b[:, :, 5:13] * 2 for b in buffers]
+    each = torch.cat([layer_summary(k, v) for k, v in zip(keys, values)])
+    assert layers_summary(keys, values).shape == each.shape == (3 * 2 * (8 + 8),)
+    torch.testing.assert_close(layers_summary(keys, values), each, rtol=0, atol=1e-6)
+    # layers of different widths (no stacking) take the per-layer path, in layer order
+    wide = [torch.randn(1, 2, 8, 16)]
+    mixed = layers_summary(keys[:1] + wide, values[:1] + wide)
+    torch.testing.assert_close(mixed, torch.cat([each[:32], layer_summary(wide[0], wide[0])]), rtol=0, atol=1e-6)

@@ -69,13 +69,25 @@ class StaticLayer(EpisodeLayer):
             torch._dynamo.mark_static_address(self.keys)
             torch._dynamo.mark_static_address(self.values)
 
-    def reserve(self, n: int, capacity_hint: int) -> torch.Tensor:
+    def reserve(self, n: int, capacity_hint: int, like: StaticLayer | None = None) -> torch.Tensor:
         """Pick the slots of the next ``n``-token block (lowest free first); returns them (CPU).
 
         ``capacity_hint`` is the bound the owner computed; buffers are (re)sized to it when they are
-        first allocated or when ``held + n`` would not fit.
+        first allocated or when ``held + n`` would not fit. ``like``: a layer that already reserved
+        this block; its choice is taken when both hold as many slots in buffers of one size (the
+        slots are then the same: lowest-free-first in every layer), so a forward chooses once.
         """
         held = int(self.slots.numel())
+        if (
+            like is not None
+            and like._reserved is not None
+            and int(like._reserved.numel()) == n
+            and like.capacity == self.capacity
+            and like.held_tokens() == held
+        ):
+            self._pending_capacity, self._reserved, self.span = like._pending_capacity, like._reserved, like.span
+            self._reserved_dev = None
+            return self._reserved
         fits = self.keys is not None and held + n <= self.capacity
         self._pending_capacity = None if fits else max(held + n, capacity_hint)
         cap = self._pending_capacity or self.capacity
@@ -161,12 +173,9 @@ class StaticLayer(EpisodeLayer):
     def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns ``[start, end)``: a view when their slots are consecutive (the usual chunk), else a gather."""
         slots = self.slots[start:end]
-        if (
-            slots.numel()
-            and int(slots[-1] - slots[0]) == slots.numel() - 1
-            and bool((slots.diff() == 1).all())
-        ):
-            a, b = int(slots[0]), int(slots[-1]) + 1
+        listed = slots.tolist()  # a chunk's few slots: checked in Python, cheaper than tensor ops
+        if listed and listed == list(range(listed[0], listed[0] + len(listed))):
+            a, b = listed[0], listed[-1] + 1
             return self.keys[:, :, a:b], self.values[:, :, a:b]
         index = slots.to(self.keys.device)
         return self.keys.index_select(2, index), self.values.index_select(2, index)
