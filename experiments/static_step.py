@@ -1,8 +1,10 @@
 """Compact-VLA step: dynamic eager vs static eager vs static compiled, side by side in one run.
 
 Answers: is the compiled bounded step faster than today's eager dynamic step at equal actions, and
-is its time flat over a long episode? The three runtimes step in lockstep on the same frames (so a
-shared, loaded machine slows them alike); the report gives wall and thread-CPU p50 per variant
+is its time flat over a long episode? The three runtimes step on the same frames, taking turns
+every ``--block`` steps (1: lockstep, each step after the other variants' steps evicted its weights
+from the CPU caches; 25: warm caches, as in a process running one runtime; either way the
+machine's drift falls on every variant alike); the report gives wall and thread-CPU p50 per variant
 (CPU time is robust to a loaded machine), ratios against the first variant (dynamic eager),
 action-bin agreement (near ties excepted), p50 early vs late in the episode, and a torch.profiler
 table of a few steps of each variant.
