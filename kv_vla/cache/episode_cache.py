@@ -57,7 +57,7 @@ from kv_vla.cache.config import EpisodeCacheConfig
 from kv_vla.cache.policies import POLICIES, ChunkPolicy, GatedPolicy, PolicyContext
 from kv_vla.cache.positions import RopeRotator, closing_deltas
 from kv_vla.cache.storage.dynamic import EpisodeLayer
-from kv_vla.cache.summary import chunk_summary, layers_summary
+from kv_vla.cache.summary import SUMMARY_KEYS, chunk_summary, layers_summary
 
 
 class EpisodeCache(Cache):
@@ -71,6 +71,8 @@ class EpisodeCache(Cache):
             :mod:`kv_vla.cache.storage`; an extension point for low-precision chunk storage).
         record_summaries: compute every completed chunk's summary (always on for ``gated``), so a
             trainer can read :meth:`chunk_summaries` after recording an episode.
+        summary_keys: keys the summaries read, ``"rotated"`` or ``"unrotated"`` (RoPE undone);
+            :meth:`set_gate` takes the gate's own (``GateConfig.summary_keys``).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class EpisodeCache(Cache):
         policy: ChunkPolicy | None = None,
         layer_cls: type[EpisodeLayer] | None = None,
         record_summaries: bool = False,
+        summary_keys: str = "rotated",
     ):
         if layer_cls is None:
             from kv_vla.cache.storage import layer_class
@@ -100,6 +103,7 @@ class EpisodeCache(Cache):
                 "a cache built directly needs the chunk size in tokens (an integer >= 1)"
             )
         self.record_summaries = record_summaries
+        self._summary_rotator = self._check_summary_keys(summary_keys)
         self._gate = None
         self.policy = self._attach(policy if policy is not None else self._make_policy(config))
         self._rotator = self._check_positions(self.config.positions)
@@ -187,8 +191,22 @@ class EpisodeCache(Cache):
             attach(self)
         return policy
 
+    def _check_summary_keys(self, summary_keys: str) -> RopeRotator | None:
+        """The rotator that undoes RoPE for ``"unrotated"`` summaries (None: as cached); ValueError
+        naming why for a value not in ``SUMMARY_KEYS`` or a model whose RoPE cannot be undone."""
+        if summary_keys not in SUMMARY_KEYS:
+            raise ValueError(f"summary_keys: {summary_keys!r} is not allowed; allowed values: {list(SUMMARY_KEYS)}")
+        if summary_keys == "rotated":
+            return None
+        try:
+            return RopeRotator.for_config(self.model_config)
+        except ValueError as exc:
+            raise ValueError(f"summary_keys: 'unrotated' needs keys whose RoPE can be undone: {exc}") from exc
+
     def set_gate(self, gate: Any) -> None:
-        """Use ``gate`` (a :class:`kv_vla.cache.gate.ChunkGate`) for the ``gated`` policy."""
+        """Use ``gate`` (a :class:`kv_vla.cache.gate.ChunkGate`) for the ``gated`` policy; its
+        summaries read the keys its config names (ValueError, nothing changed, when refused)."""
+        self._summary_rotator = self._check_summary_keys(getattr(gate.config, "summary_keys", "rotated"))
         self._gate = gate
         if isinstance(self.policy, GatedPolicy):
             self.policy.gate = gate
@@ -424,7 +442,12 @@ class EpisodeCache(Cache):
         if chunk.summary is None:
             a, b = self._chunk_columns(chunk)
             columns = [layer.columns(a, b) for layer in self.layers]
-            per_layer = layers_summary([k for k, _ in columns], [v for _, v in columns])
+            keys = [k for k, _ in columns]
+            if self._summary_rotator is not None and b > a:
+                # undo RoPE: keys are rotated at their episode positions, or at their columns (cache positions)
+                at = self._positions[a:b] if self._mode == "episode" else torch.arange(a, b)
+                keys = [self._summary_rotator.rotate(k, -at) for k in keys]
+            per_layer = layers_summary(keys, [v for _, v in columns])
             mass = self._chunk_attention(chunk) if self._attn is not None else None
             chunk.summary = chunk_summary([per_layer], mass, chunk.index)
         return chunk.summary

@@ -38,6 +38,9 @@ def summary_dim(num_layers: int, head_dim: int, value_dim: int | None = None) ->
 
 N_EXTRA = 2  # attention mass received (0 when not probed), log1p(chunk index) / 8
 
+#: which keys a summary reads (``GateConfig.summary_keys``): as cached, or with RoPE undone
+SUMMARY_KEYS = ("rotated", "unrotated")
+
 
 def layer_summary(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Mean and std over batch, heads and tokens of a chunk's keys and values: ``[2 * (Dk + Dv)]``.

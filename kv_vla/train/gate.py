@@ -64,6 +64,7 @@ class GateTrainConfig:
     recent_chunks: int = 2
     hidden_size: int = 64
     cell: str = "gru"
+    summary_keys: str = "rotated"  # GateConfig.summary_keys: "unrotated" undoes RoPE before summarising
     seed: int = 0
     device: str = "auto"
     max_per_task: int | None = None
@@ -83,7 +84,7 @@ class GateTrainConfig:
 
 
 @torch.no_grad()
-def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
+def episode_summaries(model: Any, ep: EpisodeTensors, summary_keys: str = "rotated") -> torch.Tensor:
     """``[T, F]`` chunk summaries of a teacher-forced episode, as the runtime's cache computes them.
 
     The prompt is prefilled and pinned, then all steps (frame tokens + action tokens or parallel
@@ -95,7 +96,7 @@ def episode_summaries(model: Any, ep: EpisodeTensors) -> torch.Tensor:
 
     lm = model.language_model
     cfg = EpisodeCacheConfig(policy="full", chunk_size=int(model.num_image_tokens + model.action_dim))
-    cache = EpisodeCache(cfg, lm.config, record_summaries=True)
+    cache = EpisodeCache(cfg, lm.config, record_summaries=True, summary_keys=summary_keys)
     device = model.device
     prompt = ep.prompt_ids.to(device)[None]
     pos = torch.arange(prompt.shape[1], device=device)[None] + model.position_offset
@@ -200,7 +201,11 @@ def train_gate(cfg: GateTrainConfig, episodes: Sequence[Any] | None = None) -> P
         p.requires_grad_(False)
     data = tokenize_episodes(model, episodes)
     gate = ChunkGate.for_model(
-        model.language_model.config, seed=cfg.seed, hidden_size=cfg.hidden_size, cell=cfg.cell
+        model.language_model.config,
+        seed=cfg.seed,
+        hidden_size=cfg.hidden_size,
+        cell=cfg.cell,
+        summary_keys=cfg.summary_keys,
     )
     gate.to(device).train()
     opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
@@ -208,7 +213,7 @@ def train_gate(cfg: GateTrainConfig, episodes: Sequence[Any] | None = None) -> P
     # features and teacher distributions do not depend on the gate: compute them once
     cached = []
     for ep in tqdm(data, desc="gate: teacher pass", unit="ep"):
-        s = episode_summaries(model, ep)
+        s = episode_summaries(model, ep, cfg.summary_keys)
         with torch.no_grad():
             full = model.forward_episode([ep.prompt_ids], ep.frames[None], ep.action_ids[None])
         cached.append((ep, s, F.log_softmax(full.action_logits[0].float(), dim=-1)))

@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # the recent window the gate learns around: the cache knob of that name (kv_vla/settings.py)
     settings.add_flags(parser, ("recent_chunks",), default_none=False)
     parser.add_argument("--cell", choices=["gru", "lstm"], default="gru")
+    parser.add_argument(
+        "--summary-keys",
+        choices=["rotated", "unrotated"],
+        default="rotated",
+        help="keys the chunk summaries read: as cached, or with RoPE undone (position-free summaries)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-per-task", type=int, default=None)
@@ -49,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         recent_chunks=args.recent_chunks,
         cell=args.cell,
+        summary_keys=args.summary_keys,
         seed=args.seed,
         device=args.device,
         max_per_task=args.max_per_task,

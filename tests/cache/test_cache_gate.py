@@ -111,3 +111,57 @@ def test_stacked_layer_summaries_equal_one_layer_at_a_time():
     wide = [torch.randn(1, 2, 8, 16)]
     mixed = layers_summary(keys[:1] + wide, values[:1] + wide)
     torch.testing.assert_close(mixed, torch.cat([each[:32], layer_summary(wide[0], wide[0])]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", ["episode", "cache"])
+def test_unrotated_summaries_read_the_keys_before_rope(positions):
+    """``summary_keys="unrotated"``: every chunk's summary equals the one of the keys the model
+    computed before applying RoPE (captured from ``k_proj``), in both position modes; the rotated
+    summaries differ from them."""
+    from kv_vla.cache.summary import layer_summary
+    from kv_vla.cache.testing import tiny_model
+
+    model = tiny_model("llama", seed=4)
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // 4
+    pre_rope: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    hooks = [
+        layer.self_attn.k_proj.register_forward_hook(
+            lambda _m, _i, out, i=i: pre_rope[i].append(out.reshape(1, -1, heads, dim).transpose(1, 2))
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    cfg = EpisodeCacheConfig(policy="full", chunk_size=4, positions=positions)
+    unrotated = EpisodeCache(cfg, model.config, record_summaries=True, summary_keys="unrotated")
+    run_episode(model, unrotated, [1, 2, 3], 5, 3, 1, seed=2)
+    for h in hooks:
+        h.remove()
+    rotated = EpisodeCache(cfg, model.config, record_summaries=True)
+    run_episode(model, rotated, [1, 2, 3], 5, 3, 1, seed=2)
+    got = unrotated.chunk_summaries()
+    keys = [torch.cat(blocks, dim=2)[:, :, 3:] for blocks in pre_rope]  # after the 3 prompt tokens
+    values = [layer.values[:, :, 3:] for layer in unrotated.layers]
+    want = torch.stack(
+        [
+            torch.cat([layer_summary(k[:, :, 4 * c : 4 * c + 4], v[:, :, 4 * c : 4 * c + 4]) for k, v in zip(keys, values)])
+            for c in range(got.shape[0])
+        ]
+    )
+    assert got.shape[0] == 5
+    torch.testing.assert_close(got[:, :-2], want, rtol=0, atol=1e-5)
+    assert (rotated.chunk_summaries()[1:, :-2] - want[1:]).abs().max() > 1e-2  # RoPE moves them
+
+
+def test_unrotated_summaries_are_refused_without_rope():
+    from transformers import GPT2Config
+
+    gpt2 = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=96)
+    cfg = EpisodeCacheConfig(policy="gated", chunk_size=4)
+    with pytest.raises(ValueError, match=r"^summary_keys: 'unrotated' needs keys whose RoPE can be undone"):
+        EpisodeCache(cfg, gpt2, summary_keys="unrotated")
+    cache = EpisodeCache(cfg, gpt2)
+    gate = ChunkGate(GateConfig(num_layers=2, head_dim=8, summary_keys="unrotated"))
+    with pytest.raises(ValueError, match=r"^summary_keys: 'unrotated'"):
+        cache.set_gate(gate)
+    assert cache.gate is None  # refused: nothing changed
+    with pytest.raises(ValueError, match=r"^summary_keys: 'sideways' is not allowed"):
+        GateConfig(num_layers=2, head_dim=8, summary_keys="sideways")
