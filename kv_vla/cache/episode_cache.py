@@ -444,7 +444,8 @@ class EpisodeCache(Cache):
             columns = [layer.columns(a, b) for layer in self.layers]
             keys = [k for k, _ in columns]
             if self._summary_rotator is not None and b > a:
-                # undo RoPE: keys are rotated at their episode positions, or at their columns (cache positions)
+                # undo RoPE: keys are rotated at their episode positions, or at their columns (cache
+                # positions); a model's constant position offset leaves one rotation shared by every chunk
                 at = self._positions[a:b] if self._mode == "episode" else torch.arange(a, b)
                 keys = [self._summary_rotator.rotate(k, -at) for k in keys]
             per_layer = layers_summary(keys, [v for _, v in columns])
