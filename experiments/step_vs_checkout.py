@@ -33,16 +33,11 @@ def _worker(model: str, storage: str, compiled: bool, max_tokens: int, steps: in
     """Step on command: reads ``a b`` lines, steps frames ``[a, b)``, answers a JSON line."""
     import torch
 
-    from kv_vla.cache import EpisodeCacheConfig
-    from kv_vla.runtime import EpisodeRuntime
+    sys.path.insert(0, str(HERE.parent))
+    from static_step import _runtime  # the same runtime the in-process bench builds
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    cfg = EpisodeCacheConfig(
-        policy="gated", chunk_size=8, recent_chunks=2, max_tokens=max_tokens, storage=storage
-    )
-    rt = EpisodeRuntime.from_pretrained(
-        model, cache_config=cfg, gate_path=Path(model) / "gate.safetensors", compile=compiled
-    )
+    rt = _runtime(model, storage, compiled, max_tokens)
     warm = getattr(rt, "warm_up", None)
     warmup_s = warm() if compiled and callable(warm) else 0.0
     frames = np.random.default_rng(0).integers(0, 256, (steps, 64, 64, 3), dtype=np.uint8)

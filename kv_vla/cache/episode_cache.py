@@ -57,7 +57,7 @@ from kv_vla.cache.config import EpisodeCacheConfig
 from kv_vla.cache.policies import POLICIES, ChunkPolicy, GatedPolicy, PolicyContext
 from kv_vla.cache.positions import RopeRotator, closing_deltas
 from kv_vla.cache.storage.dynamic import EpisodeLayer
-from kv_vla.cache.summary import SUMMARY_KEYS, chunk_summary, layers_summary
+from kv_vla.cache.summary import check_summary_keys, chunk_summary, layers_summary
 
 
 class EpisodeCache(Cache):
@@ -193,10 +193,8 @@ class EpisodeCache(Cache):
 
     def _check_summary_keys(self, summary_keys: str) -> RopeRotator | None:
         """The rotator that undoes RoPE for ``"unrotated"`` summaries (None: as cached); ValueError
-        naming why for a value not in ``SUMMARY_KEYS`` or a model whose RoPE cannot be undone."""
-        if summary_keys not in SUMMARY_KEYS:
-            raise ValueError(f"summary_keys: {summary_keys!r} is not allowed; allowed values: {list(SUMMARY_KEYS)}")
-        if summary_keys == "rotated":
+        naming why for a value not in ``summary.SUMMARY_KEYS`` or a model whose RoPE cannot be undone."""
+        if check_summary_keys(summary_keys) == "rotated":
             return None
         try:
             return RopeRotator.for_config(self.model_config)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kv_vla.atomic import atomic_write, atomic_write_text
-from kv_vla.cache.summary import N_EXTRA, SUMMARY_KEYS, kv_widths, summary_dim
+from kv_vla.cache.summary import N_EXTRA, check_summary_keys, kv_widths, summary_dim
 
 
 @dataclass
@@ -48,10 +48,7 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.cell not in ("gru", "lstm"):
             raise ValueError(f"cell: unknown recurrent cell {self.cell!r}; allowed values: ['gru', 'lstm']")
-        if self.summary_keys not in SUMMARY_KEYS:
-            raise ValueError(
-                f"summary_keys: {self.summary_keys!r} is not allowed; allowed values: {list(SUMMARY_KEYS)}"
-            )
+        check_summary_keys(self.summary_keys)
         if self.value_dim is None:
             self.value_dim = self.head_dim
         for name in ("num_layers", "head_dim", "hidden_size", "proj_dim", "value_dim"):

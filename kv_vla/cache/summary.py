@@ -42,6 +42,13 @@ N_EXTRA = 2  # attention mass received (0 when not probed), log1p(chunk index) /
 SUMMARY_KEYS = ("rotated", "unrotated")
 
 
+def check_summary_keys(value: object) -> str:
+    """``value`` if it is one of :data:`SUMMARY_KEYS`, else ValueError naming the allowed values."""
+    if value not in SUMMARY_KEYS:
+        raise ValueError(f"summary_keys: {value!r} is not allowed; allowed values: {list(SUMMARY_KEYS)}")
+    return str(value)
+
+
 def layer_summary(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Mean and std over batch, heads and tokens of a chunk's keys and values: ``[2 * (Dk + Dv)]``.
 
