@@ -128,6 +128,14 @@ class EpisodeRuntime:
         lo = np.where(self._stats["mask"], np.minimum(self._stats["q01"], self._stats["q99"]), -1.0)
         hi = np.where(self._stats["mask"], np.maximum(self._stats["q01"], self._stats["q99"]), 1.0)
         self.action_low, self.action_high = lo.astype(np.float32), hi.astype(np.float32)
+        # each bin's value and its un-normalised, clipped action per dim, computed once: a step
+        # looks its action up (the same float ops as un-normalising it, without their per-step cost)
+        tok = model.action_tokenizer
+        self._bin_values = tok.decode_bin_index(np.arange(tok.n_bins)).astype(np.float32)
+        grid = np.repeat(self._bin_values[:, None], model.action_dim, axis=1)
+        actions = unnormalize_actions(grid, model.norm_stats, unnorm_key)
+        self._bin_actions = np.clip(actions, self.action_low, self.action_high).astype(np.float32)
+        self._dims = np.arange(model.action_dim)
         self.gate = gate
         self.cache: Any = None
         self.instruction: str | None = None
@@ -136,7 +144,6 @@ class EpisodeRuntime:
         self._condition: torch.Tensor | None = None  # instruction condition (highlight; set by reset)
         #: ``[action_dim, n_bins]`` float32 logits over the action bins of the last step's decoded dims.
         self.last_action_logits: torch.Tensor | None = None
-        tok = model.action_tokenizer
         self._act_begin = tok.action_token_begin_idx
         self._act_end = tok.vocab_size
         self.compile = False
@@ -150,7 +157,8 @@ class EpisodeRuntime:
 
         Raises ValueError (and changes nothing) when the cache config cannot be compiled.
         """
-        from kv_vla.cache.storage.compiled import CompiledDecoder, compile_options, compiling, warm_call
+        from kv_vla.cache.storage.compiled import CompiledDecoder
+        from kv_vla.model.compiled_vision import CompiledImageEncoder
 
         if not on:
             self.compile, self._decoder, self._embed_image = False, None, self.model.embed_image
@@ -159,23 +167,8 @@ class EpisodeRuntime:
         self.compile = True
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # a CUDA graph on GPU
         self._decoder = CompiledDecoder(self.model.language_model, mode=mode)
-        encode = getattr(self.model, "encode_pixels", None)
-        if callable(encode) and callable(getattr(self.model, "pixel_values", None)):
-            # uint8 -> pixels stays eager (numpy in); the encoder sees one fixed shape: compiled once
-            compiled = torch.compile(encode, dynamic=False, **compile_options(mode))
-
-            warm: list[bool] = []
-
-            def embed(frame: Any, condition: torch.Tensor | None = None) -> torch.Tensor:
-                pixels = self.model.pixel_values(frame)
-                if warm:  # one frame shape: compiled at the first call
-                    return warm_call(compiled, pixels, condition)
-                with compiling(pixels.device.type):
-                    out = compiled(pixels, condition)
-                warm.append(True)
-                return out
-
-            self._embed_image = embed
+        if callable(getattr(self.model, "encode_pixels", None)) and callable(getattr(self.model, "pixel_values", None)):
+            self._embed_image = CompiledImageEncoder(self.model, mode=mode)
 
     def _check_compile(self, config: Any) -> None:
         from kv_vla.cache import POLICIES
@@ -195,7 +188,8 @@ class EpisodeRuntime:
     def warm_up(self, instruction: str = "touch the red cube") -> float:
         """Compile every shape the compiled step can meet, before the first episode; the seconds spent.
 
-        Runs one step of a throwaway episode on a black frame (compiling the vision encoder and the
+        Runs one step of a throwaway episode on a black frame (compiling the vision encoder, for frames
+        at the model's size and at any other, and the
         first decoder shape), then :meth:`CompiledDecoder.precompile` for every other attended span,
         and drops that episode: call :meth:`reset` next. Without it a span compiles the first time a
         real step reaches it, stalling that step (seconds on a CPU). Eager runtimes return 0.
@@ -208,6 +202,9 @@ class EpisodeRuntime:
         self.reset(instruction)
         size = int(self.model.image_size)
         self.step(np.zeros((size, size, 3), dtype=np.uint8))
+        warm_vision = getattr(self._embed_image, "warm_up", None)
+        if callable(warm_vision):  # the graph for frames of another size than the model's
+            warm_vision(self._condition)
         # down to the shortest prompt a later episode can pin (a one-word instruction)
         self._decoder.precompile(self.cache, min_held=self.prompt_layout(settings.SHORTEST_INSTRUCTION)[0])
         self.cache = None
@@ -218,7 +215,8 @@ class EpisodeRuntime:
         """Seconds the first call of each compiled shape took (empty when not compiled)."""
         if self._decoder is None:
             return {}
-        return {f"decoder q={q} span={a} slots={s}": t for (q, a, s), t in self._decoder.warmup_s.items()}
+        shapes = {f"decoder q={q} span={a} slots={s}": t for (q, a, s), t in self._decoder.warmup_s.items()}
+        return {**getattr(self._embed_image, "warmup_s", {}), **shapes}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -466,9 +464,8 @@ class EpisodeRuntime:
         except Exception as exc:
             self._broken = f"{type(exc).__name__}: {exc}"
             raise
-        normalized = self.model.action_tokenizer.decode(ids.numpy())
-        action = unnormalize_actions(normalized[None], self.model.norm_stats, self.unnorm_key)[0]
-        action = np.clip(action, self.action_low, self.action_high).astype(np.float32)
+        bins = ids.numpy() - self._act_begin
+        normalized, action = self._bin_values[bins], self._bin_actions[bins, self._dims]
         self.last_action_logits = all_logits
         timings.update(
             vision=(t1 - t0) * 1e3,
@@ -482,7 +479,7 @@ class EpisodeRuntime:
             timings_ms=timings,
             cache_stats=self.cache.stats(),
             action_token_ids=ids.numpy(),
-            normalized_action=normalized.astype(np.float32),
+            normalized_action=normalized,
             step_index=self.step_index,
         )
         self.step_index += 1

@@ -58,6 +58,27 @@ def test_step_result_fields(model):
     assert np.array_equal(r.action_token_ids, bins + model.action_tokenizer.action_token_begin_idx)
 
 
+def test_actions_are_the_unnormalised_clipped_bins():
+    """The runtime's per-bin action table gives exactly OpenVLA's un-normalisation of the decoded
+    bins, clipped to the dataset's range, with a masked (un-normalised) dimension passed through."""
+    from kv_vla.model.action_tokenizer import compute_norm_stats, unnormalize_actions
+
+    rng = np.random.default_rng(1)
+    acts = rng.normal(size=(200, 4)) * np.array([0.3, 2.0, 5.0, 1.0]) + np.array([0.1, -1.0, 3.0, 0.0])
+    torch.manual_seed(0)
+    stats = {"demo": compute_norm_stats(acts, mask=[True, True, True, False])}
+    model = CompactVLA(CompactVLAConfig.tiny(), norm_stats=stats).eval()
+    rt = EpisodeRuntime(model, FULL)
+    results, _ = run(rt, frames(6, 3))
+    tok = model.action_tokenizer
+    for r in results:
+        normalized = tok.decode(r.action_token_ids)
+        want = np.clip(unnormalize_actions(normalized[None], stats)[0], rt.action_low, rt.action_high)
+        np.testing.assert_array_equal(r.normalized_action, normalized)
+        np.testing.assert_array_equal(r.action, want.astype(np.float32))
+        assert r.action.dtype == np.float32 and r.normalized_action.dtype == np.float32
+
+
 def test_frames_and_instructions_change_the_logits(model):
     rt = EpisodeRuntime(model, FULL)
     _, a = run(rt, frames(1, 0))
