@@ -5,7 +5,8 @@ microseconds per step on a CPU, about 2% of the compact VLA's compiled step); in
 inductor fuses them into one kernel in front of the first convolution. A frame at the model's own
 size goes through that graph. A frame of any other size is resized eagerly (antialiased bilinear,
 as the eager path does) and goes through a second graph over pixels, so a camera at another
-resolution still runs compiled, with one fixed shape per graph.
+resolution still runs compiled, with one fixed shape per graph. On CPU both graphs are compiled
+ahead of time (:mod:`kv_vla.cache.storage.aot`), elsewhere by ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from kv_vla.cache.storage import compiled
 from kv_vla.cache.storage.compiled import compile_options, compiling, warm_call
+
+
+def _encode_frames(model: Any, frames: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    return model.encode_pixels(model.pixel_values(frames), condition)
+
+
+def _encode_pixels(model: Any, pixels: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    return model.encode_pixels(pixels, condition)
+
+
+class _Encoder(torch.nn.Module):
+    """One of the two graphs as a module (what ``torch.export`` traces); ``condition`` optional."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = _encode_frames if name == "frames" else _encode_pixels
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fn(self.model, x, condition)
 
 
 class CompiledImageEncoder:
@@ -26,18 +48,18 @@ class CompiledImageEncoder:
     call took; :meth:`warm_up` compiles both before the first episode.
     """
 
-    def __init__(self, model: Any, mode: str | None = None) -> None:
+    def __init__(self, model: Any, mode: str | None = None, ahead_of_time: bool | None = None) -> None:
         self.model = model
         self.size = int(model.image_size)
+        if ahead_of_time is None:  # on CPU (kv_vla.cache.storage.aot: no dynamo on the call path)
+            on_cpu = torch.device(model.device).type == "cpu"
+            ahead_of_time = on_cpu and mode is None and compiled.AHEAD_OF_TIME_ON_CPU
+        self.ahead_of_time = ahead_of_time
         options = compile_options(mode)
-        self._graphs = {
-            "frames": torch.compile(self._encode_frames, dynamic=False, **options),
-            "pixels": torch.compile(model.encode_pixels, dynamic=False, **options),
+        self._graphs: dict[str, Any] = {
+            name: torch.compile(_Encoder(model, name), dynamic=False, **options) for name in ("frames", "pixels")
         }
         self.warmup_s: dict[str, float] = {}
-
-    def _encode_frames(self, frames: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
-        return self.model.encode_pixels(self.model.pixel_values(frames), condition)
 
     def __call__(self, frame: Any, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Visual tokens ``[1, N, H]`` of one uint8 ``HxWx3`` frame (or preprocessed pixels)."""
@@ -48,11 +70,18 @@ class CompiledImageEncoder:
             name, x = "pixels", self.model.pixel_values(frame)
         graph = self._graphs[name]
         key = f"vision {name}"
+        inputs = (x,) if condition is None else (x, condition)
         if key in self.warmup_s:  # this graph's one shape was compiled before
-            return warm_call(graph, x, condition)
+            return graph(*inputs) if self.ahead_of_time else warm_call(graph, *inputs)
         t0 = time.perf_counter()
-        with compiling(x.device.type):
-            out = graph(x, condition)
+        if self.ahead_of_time:
+            from kv_vla.cache.storage.aot import aot_compile
+
+            self._graphs[name] = graph = aot_compile(_Encoder(self.model, name), inputs)
+            out = graph(*inputs)
+        else:
+            with compiling(x.device.type):
+                out = graph(*inputs)
         self.warmup_s[key] = time.perf_counter() - t0
         return out
 

@@ -57,6 +57,25 @@ def _forward(
     return out.logits
 
 
+class _DecoderStep(torch.nn.Module):
+    """:func:`_forward` with its span and logits count fixed: the module ``torch.export`` traces."""
+
+    def __init__(self, lm: torch.nn.Module, span: int, n_logits: int) -> None:
+        super().__init__()
+        self.lm, self.span, self.n_logits = lm, span, n_logits
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        index: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        return _forward(self.lm, embeds, position_ids, mask, index, keys, values, self.span, self.n_logits)
+
+
 def compile_options(mode: str | None) -> dict[str, Any]:
     """``torch.compile`` keywords: ``mode`` when given (e.g. ``"reduce-overhead"``: CUDA graphs)."""
     return {"mode": mode} if mode is not None else {}
@@ -77,6 +96,12 @@ graph holds its own prepacked copy of them (docs/bench/STATIC.md: RSS). These ke
 ``torch._inductor.config`` itself: passed as ``torch.compile(options=...)``, ``freezing`` was
 silently ignored (torch 2.13: the graph kept its weights as inputs and called ``aten.mm``).
 """
+
+
+AHEAD_OF_TIME_ON_CPU = True
+"""Whether a CPU compile goes through AOTInductor (:mod:`kv_vla.cache.storage.aot`: no dynamo on
+the call path, about twice the compile time per shape) rather than ``torch.compile``. Tests whose
+subject is which shapes compile, not the backend, turn it off for the faster compiles."""
 
 
 @contextlib.contextmanager
@@ -124,10 +149,17 @@ class CompiledDecoder:
     took (compilation included): the bounded warm-up the runtime reports.
     """
 
-    def __init__(self, lm: torch.nn.Module, mode: str | None = None, backend: str = "inductor"):
+    def __init__(
+        self, lm: torch.nn.Module, mode: str | None = None, backend: str = "inductor", ahead_of_time: bool | None = None
+    ):
         self.lm = lm
         self.mode = mode
         self._fn = torch.compile(_forward, dynamic=False, backend=backend, **compile_options(mode))
+        if ahead_of_time is None:  # on CPU (kv_vla.cache.storage.aot: no dynamo on the call path)
+            on_cpu = next(lm.parameters()).device.type == "cpu"
+            ahead_of_time = on_cpu and mode is None and backend == "inductor" and AHEAD_OF_TIME_ON_CPU
+        self.ahead_of_time = ahead_of_time
+        self._graphs: dict[tuple[int, int, int, int], Any] = {}  # (block, span, slots, logits) -> package
         # one graph per (block, span, capacity): a few per block length; several caches share _forward
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.warmup_s: dict[tuple[int, int, int], float] = {}
@@ -159,15 +191,40 @@ class CompiledDecoder:
         values = [layer.values for layer in layers]
         span = layers[0].span
         shape = (n, span, layers[0].capacity)
-        args = (self.lm, embeds, position_ids, mask, index, keys, values, span, n_logits)
-        if shape in self.warmup_s:
-            logits = warm_call(self._fn, *args)
-        else:
-            t0 = time.perf_counter()
-            with compiling(embeds.device.type):
-                logits = self._fn(*args)
-            self.warmup_s[shape] = time.perf_counter() - t0
+        logits = self._run(shape, n_logits, embeds, position_ids, mask, index, keys, values)
         cache.commit_block(n)
+        return logits
+
+    def _run(
+        self,
+        shape: tuple[int, int, int],
+        n_logits: int,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        index: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """One decoder pass of ``shape`` (block, span, slots); compiles it the first time."""
+        inputs = (embeds, position_ids, mask, index, keys, values)
+        if self.ahead_of_time:
+            key = (*shape, n_logits)
+            if key in self._graphs:
+                return self._graphs[key](*inputs)
+            from kv_vla.cache.storage.aot import aot_compile
+
+            t0 = time.perf_counter()
+            self._graphs[key] = aot_compile(_DecoderStep(self.lm, shape[1], n_logits), inputs)
+            self.warmup_s.setdefault(shape, time.perf_counter() - t0)
+            return self._graphs[key](*inputs)
+        args = (self.lm, *inputs[:4], keys, values, shape[1], n_logits)
+        if shape in self.warmup_s:
+            return warm_call(self._fn, *args)
+        t0 = time.perf_counter()
+        with compiling(embeds.device.type):
+            logits = self._fn(*args)
+        self.warmup_s[shape] = time.perf_counter() - t0
         return logits
 
     def precompile(self, cache: Any, min_held: int | None = None) -> float:
@@ -204,9 +261,6 @@ class CompiledDecoder:
                 if (n, span, cap) in self.warmup_s:
                     continue
                 mask = torch.zeros(1, 1, n, span, dtype=embeds.dtype, device=embeds.device)
-                t0 = time.perf_counter()
-                with compiling(embeds.device.type):
-                    self._fn(self.lm, embeds, positions, mask, index, keys, values, span, n_logits)
-                self.warmup_s[(n, span, cap)] = time.perf_counter() - t0
+                self._run((n, span, cap), n_logits, embeds, positions, mask, index, keys, values)
                 spent += self.warmup_s[(n, span, cap)]
         return spent
