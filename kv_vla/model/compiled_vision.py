@@ -59,6 +59,7 @@ class CompiledImageEncoder:
         self._graphs: dict[str, Any] = {
             name: torch.compile(_Encoder(model, name), dynamic=False, **options) for name in ("frames", "pixels")
         }
+        self._aot: dict[str, Any] = {}  # warmup_s key -> AOTInductor package
         self.warmup_s: dict[str, float] = {}
 
     def __call__(self, frame: Any, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,18 +69,19 @@ class CompiledImageEncoder:
             name, x = "frames", torch.as_tensor(frame, device=self.model.device)
         else:
             name, x = "pixels", self.model.pixel_values(frame)
-        graph = self._graphs[name]
-        key = f"vision {name}"
+        # a package takes exactly the inputs it was exported with: one with and one without condition
+        key = f"vision {name}" + ("" if condition is not None else " (no condition)")
         inputs = (x,) if condition is None else (x, condition)
         if key in self.warmup_s:  # this graph's one shape was compiled before
-            return graph(*inputs) if self.ahead_of_time else warm_call(graph, *inputs)
+            return self._aot[key](*inputs) if self.ahead_of_time else warm_call(self._graphs[name], *inputs)
         t0 = time.perf_counter()
         if self.ahead_of_time:
             from kv_vla.cache.storage.aot import aot_compile
 
-            self._graphs[name] = graph = aot_compile(_Encoder(self.model, name), inputs)
-            out = graph(*inputs)
+            self._aot[key] = aot_compile(_Encoder(self.model, name), inputs)
+            out = self._aot[key](*inputs)
         else:
+            graph = self._graphs[name]
             with compiling(x.device.type):
                 out = graph(*inputs)
         self.warmup_s[key] = time.perf_counter() - t0
