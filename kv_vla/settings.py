@@ -98,7 +98,7 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("gate_path", str, "", STARTUP, "chunk-gate weights; empty = the gate saved beside the model (MODEL/gate.safetensors), if any", RUNTIME),
     Setting("device", str, "cpu", STARTUP, "torch device: cpu, cuda, cuda:N or mps", RUNTIME),
     Setting("dtype", str, "float32", STARTUP, "model dtype", RUNTIME, choices=DTYPES),
-    Setting("compile", bool, False, STARTUP, "compile the decoder step (torch.compile on CPU, a CUDA graph on GPU), every shape at startup (about 100 s for the compact model on one CPU core); needs storage static and a bounded policy that reads no attention", RUNTIME),
+    Setting("compile", bool, False, STARTUP, "compile the step (AOTInductor packages on CPU, a CUDA graph on GPU), every shape at startup (about 190 s for the compact model on one CPU core); needs storage static and a bounded policy that reads no attention", RUNTIME),
     Setting("trust_remote_code", bool, False, STARTUP, "run Python code shipped in a model folder (OpenVLA's auto_map); off: such a folder is refused", RUNTIME),
     # ---- the cache (EpisodeCacheConfig)
     Setting("policy", str, "gated", NEXT_EPISODE, "KV eviction policy, a key of kv_vla.cache.POLICIES", CACHE),
