@@ -7,6 +7,6 @@ def compiled_graphs() -> int:
     """Graphs compiled so far in this process, by ``torch.compile`` or ahead of time."""
     from torch._dynamo.utils import counters
 
-    from kv_vla.cache.storage.aot import compiled_count
+    from kv_vla.cache.storage.compiled import compiled_count
 
     return int(counters["stats"]["unique_graphs"]) + compiled_count()

@@ -6,7 +6,7 @@ inductor fuses them into one kernel in front of the first convolution. A frame a
 size goes through that graph. A frame of any other size is resized eagerly (antialiased bilinear,
 as the eager path does) and goes through a second graph over pixels, so a camera at another
 resolution still runs compiled, with one fixed shape per graph. On CPU both graphs are compiled
-ahead of time (:mod:`kv_vla.cache.storage.aot`), elsewhere by ``torch.compile``.
+ahead of time (:func:`kv_vla.cache.storage.compiled.aot_compile`), elsewhere by ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kv_vla.cache.storage import compiled
-from kv_vla.cache.storage.compiled import compile_options, compiling, warm_call
+from kv_vla.cache.storage.compiled import aot_compile, compile_options, compiling, warm_call
 
 
 def _encode_frames(model: Any, frames: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,7 +51,7 @@ class CompiledImageEncoder:
     def __init__(self, model: Any, mode: str | None = None, ahead_of_time: bool | None = None) -> None:
         self.model = model
         self.size = int(model.image_size)
-        if ahead_of_time is None:  # on CPU (kv_vla.cache.storage.aot: no dynamo on the call path)
+        if ahead_of_time is None:  # on CPU (compiled.aot_compile: no dynamo on the call path)
             on_cpu = torch.device(model.device).type == "cpu"
             ahead_of_time = on_cpu and mode is None and compiled.AHEAD_OF_TIME_ON_CPU
         self.ahead_of_time = ahead_of_time
@@ -76,8 +76,6 @@ class CompiledImageEncoder:
             return self._aot[key](*inputs) if self.ahead_of_time else warm_call(self._graphs[name], *inputs)
         t0 = time.perf_counter()
         if self.ahead_of_time:
-            from kv_vla.cache.storage.aot import aot_compile
-
             self._aot[key] = aot_compile(_Encoder(self.model, name), inputs)
             out = self._aot[key](*inputs)
         else:
