@@ -12,7 +12,7 @@ from kv_vla import settings
 # rclpy inside ``run``).
 NODE_BENCH = "kv_vla_node.bench"
 #: cache knobs ``kv-vla bench soak`` takes as flags (``kv_vla.settings`` names); ``--positions`` is a list
-SOAK_KNOBS = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold")
+SOAK_KNOBS = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold", "storage")
 FRAMES_BENCH = "kv_vla_node.bench_frames"
 
 
@@ -108,6 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     soak.add_argument("--gate", default=None, help="trained ChunkGate (default: MODEL/gate.safetensors)")
     soak.add_argument("--device", default="cpu")
     settings.add_flags(soak.add_argument_group("cache settings (kv_vla/settings.py)"), SOAK_KNOBS)
+    settings.add_flags(soak.add_argument_group("runtime settings"), ("compile",), default_none=False)
     soak.add_argument("--seed", type=int, default=0, help="seeds the synthetic frame stream")
     soak.add_argument(
         "--plot",
@@ -208,6 +209,8 @@ def _run_soak(args: argparse.Namespace) -> int:
             EpisodeCacheConfig(policy=policy, positions=mode, **options_for(policy, options))
     if args.steps < 1 or args.max_steps_full < 1:
         raise SystemExit("--steps and --max-steps-full must be >= 1")
+    if args.compile and options.get("storage") != "static":
+        raise SystemExit("--compile: the compiled step runs over static storage; add --storage static")
     cfg = SoakConfig(
         model=args.model,
         policies=args.policies,
@@ -220,6 +223,7 @@ def _run_soak(args: argparse.Namespace) -> int:
         seed=args.seed,
         plot_steps=args.plot_steps,
         threads=args.threads,
+        compile=args.compile,
     )
 
     def save_partial(report: dict) -> None:

@@ -51,6 +51,7 @@ class SoakConfig:
     warmup: int = 1000
     plot_steps: int = 1000
     threads: int = 1
+    compile: bool = False  # bounded runs take the compiled step (warmed up before the episode; full stays eager)
 
 
 def rss_mib() -> float:
@@ -75,16 +76,23 @@ def _slope_per_1000(xs: list[int], ys: list[float]) -> float:
 
 
 def options_for(policy: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options a policy takes: ``full`` never evicts, so it keeps only ``chunk_size`` (no budget)."""
+    """The options a policy takes: ``full`` never evicts, so it keeps only ``chunk_size`` (no budget,
+    and the dynamic storage: nothing bounds a static buffer)."""
     if policy == "full":
-        return {"max_tokens": None, **{k: v for k, v in options.items() if k == "chunk_size"}}
+        return {"max_tokens": None, "storage": "dynamic", **{k: v for k, v in options.items() if k == "chunk_size"}}
     return dict(options)
 
 
 def run_one(runtime: Any, policy: str, positions: str, cfg: SoakConfig, progress: bool = True) -> dict:
     """One episode of ``policy`` with ``positions``; the per-step series and the summary numbers."""
     steps = cfg.max_steps_full if policy == "full" else cfg.steps
+    compiled = cfg.compile and policy != "full"
+    runtime.set_compile(False)  # a compiled runtime refuses the dynamic storage of the next run's config
     runtime.update_cache_config(policy=policy, positions=positions, **options_for(policy, cfg.cache_options))
+    warmup_s = 0.0
+    if compiled:  # a fresh compiled step for this config, every shape compiled before the episode
+        runtime.set_compile(True)
+        warmup_s = runtime.warm_up(cfg.instruction)
     runtime.reset(cfg.instruction)
     frames = frame_stream(cfg)
     offset = int(runtime.model.position_offset)
@@ -117,6 +125,9 @@ def run_one(runtime: Any, policy: str, positions: str, cfg: SoakConfig, progress
     return {
         "policy": policy,
         "positions": positions,
+        "storage": runtime.cache.config.storage,
+        "compiled": compiled,
+        "warmup_s": warmup_s,
         "steps": steps,
         "step_ms_p50_first": first,
         "step_ms_p50_last": last,
@@ -193,10 +204,11 @@ SUMMARY_KEYS = (
 
 def format_table(report: dict) -> str:
     """Markdown table of the runs' summary numbers."""
-    head = ["policy", "positions", *SUMMARY_KEYS, "last/first", "cpu last/first"]
+    head = ["policy", "positions", "step", *SUMMARY_KEYS, "last/first", "cpu last/first"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in report["runs"]:
-        cells = [r["policy"], r["positions"]]
+        step = f"{r.get('storage', 'dynamic')}{', compiled' if r.get('compiled') else ''}"
+        cells = [r["policy"], r["positions"], step]
         for k in SUMMARY_KEYS:
             v = r[k]
             cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))

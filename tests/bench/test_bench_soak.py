@@ -54,3 +54,26 @@ def test_bench_soak_reports_growth_and_bounded_positions(tmp_path):
     merged, png = tmp_path / "merged.json", tmp_path / "soak.png"
     assert _run(["soak", "--json", str(merged), "--from-json", str(out), str(out), "--plot", str(png)]) == 0
     assert len(json.loads(merged.read_text())["runs"]) == 8 and png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_soak_runs_bounded_policies_compiled_over_static_storage(tmp_path, monkeypatch):
+    """``--storage static --compile``: the bounded run is compiled and warmed up before its episode,
+    ``full`` stays eager on the dynamic storage, and each run says which step it took."""
+    from kv_vla.cache.storage import compiled
+
+    monkeypatch.setattr(compiled, "AHEAD_OF_TIME_ON_CPU", False)  # torch.compile: the same wiring, faster to build
+    torch.manual_seed(0)
+    model = tmp_path / "tiny-vla"
+    CompactVLA(CompactVLAConfig.tiny(pool=4, action_decoding="parallel")).save_pretrained(model)
+    out = tmp_path / "soak.json"
+    argv = ["soak", "--json", str(out), "--model", str(model), "--no-progress", "--plot-steps", "20"]
+    argv += ["--steps", "20", "--max-steps-full", "6", "--policies", "window,full", "--recent-chunks", "2"]
+    with pytest.raises(SystemExit, match="add --storage static"):
+        _run([*argv, "--compile"])
+    assert _run([*argv, "--storage", "static", "--compile"]) == 0
+    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    assert (runs["window"]["storage"], runs["window"]["compiled"]) == ("static", True)
+    assert runs["window"]["warmup_s"] > 0 and runs["window"]["steps"] == 20
+    assert (runs["full"]["storage"], runs["full"]["compiled"], runs["full"]["warmup_s"]) == ("dynamic", False, 0.0)
+    assert runs["full"]["kv_bytes_max"] > runs["window"]["kv_bytes_max"]

@@ -111,6 +111,11 @@ def test_stacked_layer_summaries_equal_one_layer_at_a_time():
     wide = [torch.randn(1, 2, 8, 16)]
     mixed = layers_summary(keys[:1] + wide, values[:1] + wide)
     torch.testing.assert_close(mixed, torch.cat([each[:32], layer_summary(wide[0], wide[0])]), rtol=0, atol=1e-6)
+    # a chunk of the small bench preset's size, off-centre as real keys are: the two-pass
+    # statistics of the stacked path agree with torch.std_mean's per layer
+    big = [3.0 + 0.5 * torch.randn(1, 4, 283, 64) for _ in range(4)]
+    reference = torch.cat([layer_summary(k, k * 2) for k in big])
+    torch.testing.assert_close(layers_summary(big, [k * 2 for k in big]), reference, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("positions", ["episode", "cache"])

@@ -117,11 +117,13 @@ class StaticLayer(EpisodeLayer):
         kept tokens precede the block) and the block is causal within itself."""
         if self._reserved is None or int(self._reserved.numel()) != n:
             raise RuntimeError("block_mask: call reserve(n) first")
-        allowed = torch.zeros(n, self.span, dtype=torch.bool)
-        allowed[:, self.slots] = True
-        allowed[:, self._reserved] = torch.ones(n, n, dtype=torch.bool).tril()
-        mask = torch.zeros(n, self.span, dtype=dtype)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        blocked = torch.finfo(dtype).min
+        held = torch.ones(self.span, dtype=torch.bool)
+        held[self.slots] = False  # True where a slot is not held
+        row = torch.zeros(self.span, dtype=dtype).masked_fill_(held, blocked)
+        mask = row.expand(n, self.span).clone()  # one row built, then copied: every query sees the held slots
+        causal = torch.zeros(n, n, dtype=dtype).masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), blocked)
+        mask.index_copy_(1, self._reserved, causal)
         return mask.to(device)[None, None]
 
     def reserved_slots(self, device: torch.device) -> torch.Tensor:
