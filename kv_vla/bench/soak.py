@@ -87,11 +87,14 @@ def run_one(runtime: Any, policy: str, positions: str, cfg: SoakConfig, progress
     """One episode of ``policy`` with ``positions``; the per-step series and the summary numbers."""
     steps = cfg.max_steps_full if policy == "full" else cfg.steps
     compiled = cfg.compile and policy != "full"
-    runtime.set_compile(False)  # a compiled runtime refuses the dynamic storage of the next run's config
+    if not compiled:  # a compiled runtime refuses the dynamic storage of full's config
+        runtime.set_compile(False)
     runtime.update_cache_config(policy=policy, positions=positions, **options_for(policy, cfg.cache_options))
     warmup_s = 0.0
-    if compiled:  # a fresh compiled step for this config, every shape compiled before the episode
-        runtime.set_compile(True)
+    if compiled:  # every shape of this config compiled before the episode (shapes of earlier runs kept)
+        if not runtime.compile:
+            runtime.set_compile(True)
+        runtime.reset(cfg.instruction)  # ends the previous run's episode, which warm_up refuses to interrupt
         warmup_s = runtime.warm_up(cfg.instruction)
     runtime.reset(cfg.instruction)
     frames = frame_stream(cfg)

@@ -69,11 +69,15 @@ def test_bench_soak_runs_bounded_policies_compiled_over_static_storage(tmp_path,
     out = tmp_path / "soak.json"
     argv = ["soak", "--json", str(out), "--model", str(model), "--no-progress", "--plot-steps", "20"]
     argv += ["--steps", "20", "--max-steps-full", "6", "--policies", "window,full", "--recent-chunks", "2"]
+    argv += ["--positions", "episode,cache"]
     with pytest.raises(SystemExit, match="add --storage static"):
         _run([*argv, "--compile"])
     assert _run([*argv, "--storage", "static", "--compile"]) == 0
-    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
-    assert (runs["window"]["storage"], runs["window"]["compiled"]) == ("static", True)
-    assert runs["window"]["warmup_s"] > 0 and runs["window"]["steps"] == 20
-    assert (runs["full"]["storage"], runs["full"]["compiled"], runs["full"]["warmup_s"]) == ("dynamic", False, 0.0)
-    assert runs["full"]["kv_bytes_max"] > runs["window"]["kv_bytes_max"]
+    runs = {(r["policy"], r["positions"]): r for r in json.loads(out.read_text())["runs"]}
+    for positions in ("episode", "cache"):
+        window, full = runs[("window", positions)], runs[("full", positions)]
+        assert (window["storage"], window["compiled"], window["steps"]) == ("static", True, 20)
+        assert (full["storage"], full["compiled"], full["warmup_s"]) == ("dynamic", False, 0.0)
+        assert full["kv_bytes_max"] > window["kv_bytes_max"]
+    # the first compiled run compiles its shapes; the second (same shapes) reuses them
+    assert runs[("window", "episode")]["warmup_s"] > 2 * runs[("window", "cache")]["warmup_s"] > 0
