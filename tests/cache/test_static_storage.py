@@ -173,3 +173,23 @@ def test_static_buffers_grow_once_on_a_larger_budget(tiny_models):
                 cache.stats().kv_bytes_reserved >= 160 * cache.stats().kv_bytes // cache.stats().kept_tokens
             )
     assert (logits["static"] - logits["dynamic"]).abs().max().item() <= 1e-6
+
+
+def test_block_mask_shows_held_slots_and_the_block_causally(tiny_models):
+    """The additive mask, checked slot by slot after an episode of random evictions (held slots
+    scattered, free slots between them): query i sees every held slot and block tokens 0..i."""
+    cache, _ = _episode(tiny_models("llama"), "random", "static", steps=25)
+    layer = cache.layers[0]
+    for n in (OBS, 1):
+        reserved = layer.reserve(n, layer.capacity).tolist()
+        mask = layer.block_mask(n, torch.float32, torch.device("cpu"))
+        assert mask.shape == (1, 1, n, layer.span)
+        held = set(layer.slots.tolist())
+        assert len(held) > 0 and len(held) + n < layer.span  # free slots inside the span too
+        want = torch.full((n, layer.span), torch.finfo(torch.float32).min)
+        for i in range(n):
+            for s in range(layer.span):
+                if s in held or (s in reserved and reserved.index(s) <= i):
+                    want[i, s] = 0.0
+        assert torch.equal(mask[0, 0], want)
+        layer.truncate(layer.held_tokens())  # drop the reservation
