@@ -1,5 +1,5 @@
 # kv_vla: the two commands a newcomer runs are `make demo` (main job) and `make test` (tests);
-# `make test-fast` is the inner loop (everything not marked slow).
+# `make test-fast` is the inner loop (everything not marked slow, over pytest-xdist workers).
 # Both create .venv and install everything on first use.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -25,7 +25,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow" -n auto --maxprocesses 4
 
 demo: setup
 	$(VENV)/bin/kv-vla demo
