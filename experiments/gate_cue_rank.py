@@ -36,12 +36,16 @@ def cue_ranks(model_dir: str, gate_paths: list[str], data: list[str], episodes: 
     eps = [e for e in load_demonstrations(data, episodes) if e.task == "late_cued_reach"][:episodes]
     if not eps:
         raise SystemExit(f"no late_cued_reach demonstrations in {data}")
-    summaries = [(ep, episode_summaries(model, ep)) for ep in tokenize_episodes(model, eps)]
+    tokenized = tokenize_episodes(model, eps)
+    summaries: dict[str, list] = {}  # per summary_keys: a gate reads the keys its config names
     report: dict[str, dict] = {}
     for path in gate_paths:
         gate = ChunkGate.load(path)
+        keys = gate.config.summary_keys
+        if keys not in summaries:
+            summaries[keys] = [(ep, episode_summaries(model, ep, keys)) for ep in tokenized]
         ranks, cue_u, grey_u = [], [], []
-        for ep, s in summaries:
+        for ep, s in summaries[keys]:
             spec = TASKS[ep.task].sample(ep.seed)
             with torch.no_grad():
                 u = gate(s).numpy()[: spec.go_step]  # the chunks old enough to matter at go

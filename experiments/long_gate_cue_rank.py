@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     for ep in tokenize_episodes(model, eps):
         spec = get_task("long_cued_reach:wait=train").sample(ep.seed)
         with torch.no_grad():
-            u = gate(episode_summaries(model, ep)).numpy()[: spec.go_step]
+            u = gate(episode_summaries(model, ep, gate.config.summary_keys)).numpy()[: spec.go_step]
         cue = list(range(spec.cue_onset, spec.cue_onset + spec.cue_steps))
         order = list(np.argsort(-u, kind="stable"))
         ranks.append(min(order.index(k) for k in cue))
