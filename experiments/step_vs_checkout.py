@@ -108,8 +108,14 @@ def main() -> None:
     names = list(results)
     ref = results[names[0]]
     base = statistics.median(r["ms"] for r in ref[10:])
-    report = {"model": args.model, "policy": "gated", "max_tokens": args.max_tokens, "steps": args.steps,
-              "block": args.block, "variants": {}}
+    report = {
+        "model": args.model,
+        "policy": "gated",
+        "max_tokens": args.max_tokens,
+        "steps": args.steps,
+        "block": args.block,
+        "variants": {},
+    }
     for k, rows in results.items():
         differ = sum(
             1

@@ -1,0 +1,62 @@
+"""Table of experiments/gate_rebuild_screen.sh: success per gate and cell, and, against `full` on the
+same seeds, the episodes only one of them solves (a paired count: the 50-episode intervals of two
+cells overlap, but most of their episodes are shared).
+
+Usage: ``python experiments/gate_screen_table.py SCREEN_DIR FULL_DIR [--out JSON]``, where
+SCREEN_DIR holds NAME/{late80,lead80,pick288,reach288}/eval_info.json and FULL_DIR holds
+{late,lead,pick,reach}/eval_info.json (``kv-vla eval --policies full`` on the same tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kv_vla.atomic import atomic_write_text
+
+#: screen cell -> (full's folder, label)
+CELLS = {
+    "late80": ("late", "late_cued_reach, 80 tokens"),
+    "lead80": ("lead", "late_cued_reach:lead=100-400, 80 tokens"),
+    "reach288": ("reach", "long_cued_reach, 288 tokens"),
+    "pick288": ("pick", "long_cued_pick, 288 tokens"),
+}
+
+
+def successes(path: Path) -> dict[int, bool]:
+    """Evaluation seed -> success, from one ``kv-vla eval`` folder."""
+    episodes = json.loads((path / "eval_info.json").read_text())["episodes"]
+    return {int(e["seed"]): bool(e["success"]) for e in episodes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("screen", type=Path)
+    parser.add_argument("full", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (written atomically)")
+    args = parser.parse_args()
+    gates = sorted(p.name for p in args.screen.iterdir() if (p / "late80" / "eval_info.json").exists())
+    report: dict[str, dict] = {}
+    print("| cell | full | " + " | ".join(gates) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in gates) + " |")
+    for cell, (full_dir, label) in CELLS.items():
+        full = successes(args.full / full_dir)
+        row = {"full": 100 * sum(full.values()) // len(full)}
+        texts = []
+        for gate in gates:
+            got = successes(args.screen / gate / cell)
+            assert got.keys() == full.keys(), f"{gate}/{cell}: other seeds than full's"
+            only_full = sum(full[s] and not got[s] for s in full)
+            only_gate = sum(got[s] and not full[s] for s in full)
+            pct = 100 * sum(got.values()) // len(got)
+            row[gate] = {"success_pct": pct, "only_full": only_full, "only_gated": only_gate}
+            texts.append(f"{pct} (-{only_full} / +{only_gate})")
+        report[label] = row
+        print(f"| {label} | {row['full']} | " + " | ".join(texts) + " |")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
