@@ -46,7 +46,8 @@ def main() -> None:
         texts = []
         for gate in gates:
             got = successes(args.screen / gate / cell)
-            assert got.keys() == full.keys(), f"{gate}/{cell}: other seeds than full's"
+            if got.keys() != full.keys():  # the paired counts need the same episodes
+                raise SystemExit(f"{gate}/{cell}: other evaluation seeds than {args.full / full_dir}")
             only_full = sum(full[s] and not got[s] for s in full)
             only_gate = sum(got[s] and not full[s] for s in full)
             pct = 100 * sum(got.values()) // len(got)
