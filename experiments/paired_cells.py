@@ -17,17 +17,17 @@ from pathlib import Path
 from kv_vla.atomic import atomic_write_text
 
 
-def episodes(path: Path) -> dict[int, dict]:
-    """Evaluation seed -> episode record, from one single-policy ``kv-vla eval`` folder."""
+def episodes(path: Path) -> tuple[dict, dict[int, dict]]:
+    """The run's config and evaluation seed -> episode record, from one single-policy ``kv-vla eval`` folder."""
     info = json.loads((path / "eval_info.json").read_text())
     if len(info["config"]["policies"]) != 1 or len(info["config"]["tasks"]) != 1:
         raise SystemExit(f"{path}: expected one task and one policy, got {info['config']}")
-    return {int(e["seed"]): e for e in info["episodes"]}
+    return info["config"], {int(e["seed"]): e for e in info["episodes"]}
 
 
 def compare(full_dir: Path, cache_dir: Path) -> dict:
     """One cell: the cache's outcomes and costs next to `full`'s on the same seeds."""
-    full, cache = episodes(full_dir), episodes(cache_dir)
+    (_, full), (info, cache) = episodes(full_dir), episodes(cache_dir)
     if full.keys() != cache.keys():
         raise SystemExit(f"{cache_dir}: other evaluation seeds than {full_dir}")
     seeds = sorted(full)
@@ -41,7 +41,6 @@ def compare(full_dir: Path, cache_dir: Path) -> dict:
     def step_ms(eps: dict[int, dict]) -> float:
         return statistics.median(eps[s]["step_ms_p50"] for s in seeds)
 
-    info = json.loads((cache_dir / "eval_info.json").read_text())["config"]
     return {
         "task": info["tasks"][0],
         "policy": info["policies"][0],
