@@ -65,11 +65,18 @@ class _MixedPrecisionMixin:
         return self._cache
 
     def _columns(self, chunks: list[Chunk]) -> list[tuple[int, int]]:
+        """Each chunk's logical column range ``[a, b)``, from one lookup for all of them."""
+        if not chunks:
+            return []
         positions = self._cache_or_raise().kept_positions()
-        return [
-            (int(torch.searchsorted(positions, c.start)), int(torch.searchsorted(positions, c.end)))
-            for c in chunks
-        ]
+        bounds = torch.tensor([(c.start, c.end) for c in chunks], dtype=positions.dtype)
+        return [tuple(ab) for ab in torch.searchsorted(positions, bounds).tolist()]
+
+    @staticmethod
+    def _chunk_bits(layers: list[Any], cols: list[tuple[int, int]]) -> list[list[int]]:
+        """``[chunk][layer]`` bit widths of the chunks at ``cols`` (16: full precision)."""
+        starts = torch.tensor([a for a, _ in cols], dtype=torch.long)
+        return torch.stack([layer.chunk_bits(starts) for layer in layers], dim=1).tolist()
 
     def _store_low(self, layer: Any, chunk: Chunk, cols: tuple[int, int]) -> bool:
         """Quantise ``chunk`` in ``layer`` unless it already is; returns whether it changed."""
@@ -154,16 +161,17 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
         ratios, full_fractions = [], []
         for li, layer in enumerate(cache.layers):
             mass = self._layer_chunk_mass(layer, cols)
-            is_low = torch.tensor([layer.keys is not None and layer.is_low_precision(*c) for c in cols])
+            is_low = layer.chunk_bits(torch.tensor([a for a, _ in cols], dtype=torch.long)) != 16
             if mass is None or float(mass.sum()) <= 0:
                 ratios.append(1.0)  # no evidence in this window: change nothing
             else:
                 ratios.append(float(lengths[select_important(mass, tau).indices].sum()) / n_tokens)
                 for i in demote_within_allowance(mass, is_low, tau).tolist():
                     self._store_low(layer, candidates[i], cols[i])
-            for i, c in enumerate(cols):
-                bits_per_chunk[i][li] = layer.stored_bits(*c)
-            full = torch.tensor([bits_per_chunk[i][li] == 16 for i in range(len(cols))])
+            layer_bits = layer.chunk_bits(torch.tensor([a for a, _ in cols], dtype=torch.long))
+            for i, bits in enumerate(layer_bits.tolist()):
+                bits_per_chunk[i][li] = bits
+            full = layer_bits == 16
             full_fractions.append(float(lengths[full].sum()) / n_tokens)
             layer.reset_attention()
         for chunk, bits in zip(candidates, bits_per_chunk):
@@ -196,11 +204,13 @@ class TieredGatedPolicy(_MixedPrecisionMixin, GatedPolicy):
         evict_below = float(self.gate_threshold)
         full_from = float(self.full_threshold)
         cols = self._columns(candidates)
+        bits = self._chunk_bits(cache.layers, cols)
         keep = []
-        for chunk, u, c in zip(candidates, utilities, cols):
+        for i, (chunk, u, c) in enumerate(zip(candidates, utilities, cols)):
             keep.append(u >= evict_below)
-            if evict_below <= u < full_from:
+            if evict_below <= u < full_from and 16 in bits[i]:
                 for layer in cache.layers:
                     self._store_low(layer, chunk, c)
-            self._mark(chunk, [ly.stored_bits(*c) for ly in cache.layers])
+                bits[i] = [ly.stored_bits(*c) for ly in cache.layers]
+            self._mark(chunk, bits[i])
         return keep

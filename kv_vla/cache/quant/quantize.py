@@ -208,39 +208,6 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     return x.to(dtype or q.dtype)
 
 
-def dequantize_many(qs: list[QuantizedTensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantise tensors of identical layout (shape, bits, groups, axis) in one batch: ``[n, *shape]``.
-
-    Equal to ``torch.stack([dequantize(q, dtype) for q in qs])`` with a handful of kernels instead
-    of a handful per tensor, which matters when a layer holds many low-precision chunks.
-    """
-    first = qs[0]
-
-    def layout(q: QuantizedTensor) -> tuple:
-        return (q.shape, q.bits, q.group_size, q.axis, q.dtype, tuple(q.scale.shape), q.scale.dtype)
-
-    key = layout(first)
-    for q in qs[1:]:
-        if layout(q) != key:
-            raise ValueError("dequantize_many needs tensors of identical layout")
-    if len(qs) == 1:
-        return dequantize(first, dtype).unsqueeze(0)
-    stacked = QuantizedTensor(
-        data=torch.cat([q.data for q in qs]),
-        scale=torch.stack([q.scale for q in qs]),
-        zero=torch.stack([q.zero for q in qs]),
-        shape=(len(qs), *first.shape),
-        dtype=first.dtype,
-        bits=first.bits,
-        group_size=first.group_size,
-        axis=first.axis,
-    )
-    if first.data.numel() * 8 != _padded_numel(first.shape, first.group_size, first.axis) * first.bits:
-        # the last byte of each tensor is only partly used: packing is per tensor, unpack one by one
-        return torch.stack([dequantize(q, dtype) for q in qs])
-    return dequantize(stacked, dtype)
-
-
 def quantized_nbytes(
     shape: tuple[int, ...],
     bits: int,

@@ -3,9 +3,11 @@
 :class:`MixedPrecisionLayer` is a drop-in :class:`kv_vla.cache.episode_cache.EpisodeLayer` whose
 columns (kept tokens, in episode-position order) are either held densely in the model dtype or, per
 chunk, as packed low-bit codes with group scales (:mod:`kv_vla.cache.quant.quantize`: keys per
-channel, values per token). A quantised chunk is dequantised when the layer is attended, i.e. in
-:meth:`update`, which returns the full ``[B, H, kept + new, D]`` keys and values in position order;
-the dequantised copy lives only as long as that forward's attention holds it. :meth:`nbytes` counts
+channel, values per token), stacked with the other chunks of their layout in a
+:class:`kv_vla.cache.quant.slab.QuantSlab`. Quantised chunks are dequantised, one call per slab,
+when the layer is attended, i.e. in :meth:`update`, which returns the full ``[B, H, kept + new, D]``
+keys and values in position order; the dequantised copy lives only as long as that forward's
+attention holds it. :meth:`nbytes` counts
 the dense tensors plus the packed codes, scales and zero points actually held.
 
 The layer also accumulates, per column, the attention its newest queries gave it (from the
@@ -16,52 +18,12 @@ stored at low precision cannot be restored to full precision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from kv_vla.cache.quant.packing import pack_codes, unpack_codes
-from kv_vla.cache.quant.quantize import (
-    QuantizedTensor,
-    _padded_numel,
-    dequantize_many,
-    quantize_keys,
-    quantize_values,
-)
+from kv_vla.cache.quant.quantize import quantize_keys, quantize_values
 from kv_vla.cache.quant.ratio import visible_query_counts
+from kv_vla.cache.quant.slab import QuantSegment, QuantSlab, lift, slab_layout, take_rows
 from kv_vla.cache.storage.dynamic import EpisodeLayer
-
-
-@dataclass
-class QuantSegment:
-    """A run of ``length`` consecutive columns from ``start`` held as quantised keys and values."""
-
-    start: int
-    length: int
-    keys: QuantizedTensor
-    values: QuantizedTensor
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-
-def batch_rows(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
-    """``q`` with only batch rows ``index`` (in that order), codes untouched: groups never span the
-    batch axis, so each row's codes, scales and zero points are its own."""
-    codes = unpack_codes(q.data, q.bits, _padded_numel(q.shape, q.group_size, q.axis))
-    idx = index.to(q.data.device)
-    rows = codes.view(q.shape[0], -1).index_select(0, idx)
-    return QuantizedTensor(
-        data=pack_codes(rows.reshape(-1), q.bits, check=False),
-        scale=q.scale.index_select(0, idx.to(q.scale.device)),
-        zero=q.zero.index_select(0, idx.to(q.zero.device)),
-        shape=(int(idx.numel()), *q.shape[1:]),
-        dtype=q.dtype,
-        bits=q.bits,
-        group_size=q.group_size,
-        axis=q.axis,
-    )
 
 
 def balanced_group(n: int, group_size: int) -> int:
@@ -74,27 +36,11 @@ def balanced_group(n: int, group_size: int) -> int:
     return -(-n // groups)
 
 
-def _same_layout(segments: list[QuantSegment]) -> list[list[QuantSegment]]:
-    """Segments grouped by storage layout (length, bits, group sizes), in order of appearance."""
-    groups: dict[tuple, list[QuantSegment]] = {}
-    for s in segments:
-        key = (
-            s.length,
-            s.keys.bits,
-            s.keys.group_size,
-            s.values.group_size,
-            s.keys.scale.dtype,
-            s.values.scale.dtype,
-        )
-        groups.setdefault(key, []).append(s)
-    return list(groups.values())
-
-
 class MixedPrecisionLayer(EpisodeLayer):
     """Episode-cache layer with per-chunk low-precision storage (see module docstring).
 
-    ``keys``/``values`` hold the full-precision columns only (in order); ``_is_low`` marks, for every
-    logical column, whether it lives in one of ``segments`` instead.
+    ``keys``/``values`` hold the full-precision columns only (in order); ``_bits`` holds, for every
+    logical column, 0 if it is one of them, else the bit width of the :class:`QuantSlab` holding it.
     """
 
     supports_rotation = False  # re-rotating quantised keys would re-quantise them: not exact
@@ -104,11 +50,17 @@ class MixedPrecisionLayer(EpisodeLayer):
         self._init_extra()
 
     def _init_extra(self) -> None:
-        self.segments: list[QuantSegment] = []
-        self._is_low = torch.zeros(0, dtype=torch.bool)
+        self.slabs: list[QuantSlab] = []
+        self._bits = torch.zeros(0, dtype=torch.uint8)
+        self._dense_cols: torch.Tensor | None = None  # logical columns of the dense ones, on device
         self._recv: torch.Tensor | None = None  # attention received per column (sum over queries)
         self._vis: torch.Tensor | None = None  # probe queries that could see each column
         self._last_block = 0
+
+    @property
+    def segments(self) -> list[QuantSegment]:
+        """Every low-precision chunk as a :class:`QuantSegment`, by start column (copies; for inspection)."""
+        return sorted((s for slab in self.slabs for s in slab.segments()), key=lambda s: s.start)
 
     @classmethod
     def adopt(cls, layer: EpisodeLayer) -> MixedPrecisionLayer:
@@ -120,7 +72,7 @@ class MixedPrecisionLayer(EpisodeLayer):
             new.dtype, new.device = layer.keys.dtype, layer.keys.device
             new.keys, new.values = layer.keys, layer.values
             new.is_initialized = True
-            new._is_low = torch.zeros(int(layer.keys.shape[-2]), dtype=torch.bool)
+            new._bits = torch.zeros(int(layer.keys.shape[-2]), dtype=torch.uint8)
         return new
 
     # ------------------------------------------------------------------ storage
@@ -128,55 +80,54 @@ class MixedPrecisionLayer(EpisodeLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = int(key_states.shape[-2])
+        old = self.held_tokens()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self._is_low = torch.cat([self._is_low, torch.zeros(n, dtype=torch.bool)])
+        self._bits = torch.cat([self._bits, torch.zeros(n, dtype=torch.uint8)])
+        if self._dense_cols is not None:  # the new block is dense and last
+            self._dense_cols = torch.cat(
+                [self._dense_cols, torch.arange(old, old + n, device=self._dense_cols.device)]
+            )
         self._last_block = n
-        return self._materialize(0, self.held_tokens())
+        return self._materialize()
 
     def held_tokens(self) -> int:
-        return int(self._is_low.numel())
+        return int(self._bits.numel())
 
     def _dense_index(self, a: int, b: int) -> tuple[int, int]:
         """Range of dense (physical) columns for the full-precision columns among logical [a, b)."""
-        dense_before = int((~self._is_low[:a]).sum())
-        return dense_before, dense_before + int((~self._is_low[a:b]).sum())
+        dense_before = int((self._bits[:a] == 0).sum())
+        return dense_before, dense_before + int((self._bits[a:b] == 0).sum())
 
-    def _materialize(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of logical columns ``[a, b)`` in the model dtype (dequantising segments)."""
-        inside = [s for s in self.segments if s.start < b and s.start + s.length > a]
-        da, db = self._dense_index(a, b)
-        if not inside:
-            if a == 0 and db == self.keys.shape[-2]:
-                return self.keys, self.values  # nothing low-precision: no copy, exactly the base path
-            return self.keys[:, :, da:db], self.values[:, :, da:db]
-        deq: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for group in _same_layout(inside):
-            # one batched dequantisation per storage layout: [n, B, H, len, D]
-            dk = dequantize_many([seg.keys for seg in group], self.keys.dtype)
-            dv = dequantize_many([seg.values for seg in group], self.values.dtype)
-            for i, seg in enumerate(group):
-                deq[id(seg)] = (dk[i], dv[i])
-        # The columns are runs of dense columns and segments: one concatenation of views, in order.
-        pieces_k, pieces_v = [], []
-        cur, phys = a, da
-        for seg in inside:  # sorted by start
-            lo, hi = max(a, seg.start), min(b, seg.start + seg.length)
-            if lo > cur:
-                pieces_k.append(self.keys[:, :, phys : phys + lo - cur])
-                pieces_v.append(self.values[:, :, phys : phys + lo - cur])
-                phys += lo - cur
-            sk, sv = deq[id(seg)]
-            pieces_k.append(sk[:, :, lo - seg.start : hi - seg.start])
-            pieces_v.append(sv[:, :, lo - seg.start : hi - seg.start])
-            cur = hi
-        if cur < b:
-            pieces_k.append(self.keys[:, :, phys : phys + b - cur])
-            pieces_v.append(self.values[:, :, phys : phys + b - cur])
-        return torch.cat(pieces_k, dim=2), torch.cat(pieces_v, dim=2)
+    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every logical column in the model dtype, low-precision chunks dequantised.
+
+        Each slab is dequantised in one call and scattered to its columns; the dense columns are
+        scattered likewise, so the work in Python is per slab, not per chunk.
+        """
+        if not self.slabs:
+            return self.keys, self.values  # nothing low-precision: no copy, exactly the base path
+        b, h, _, d = self.keys.shape
+        n = self.held_tokens()
+        if self._dense_cols is None:
+            self._dense_cols = (self._bits == 0).nonzero().squeeze(1).to(self.keys.device)
+        out_k = self.keys.new_empty((b, h, n, d))
+        out_v = self.values.new_empty((b, h, n, self.values.shape[-1]))
+        out_k.index_copy_(2, self._dense_cols, self.keys)
+        out_v.index_copy_(2, self._dense_cols, self.values)
+        for slab in self.slabs:
+            dk, dv = slab.dequantized(self.keys.dtype)
+            cols = slab.device_columns(self.keys.device)
+            out_k.index_copy_(2, cols, dk)
+            out_v.index_copy_(2, cols, dv)
+        return out_k, out_v
 
     def columns(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._materialize(start, end)
+        if not bool((self._bits[start:end] > 0).any()):
+            da, db = self._dense_index(start, end)
+            return self.keys[:, :, da:db], self.values[:, :, da:db]
+        k, v = self._materialize()
+        return k[:, :, start:end], v[:, :, start:end]
 
     def select(self, index: torch.Tensor) -> None:
         if self.keys is None:
@@ -184,19 +135,27 @@ class MixedPrecisionLayer(EpisodeLayer):
         idx = index.to("cpu", torch.long)
         keep = torch.zeros(self.held_tokens(), dtype=torch.bool)
         keep[idx] = True
-        segments = []
-        for s in self.segments:
-            kept = int(keep[s.start : s.start + s.length].sum())
-            if kept not in (0, s.length):
+        kept_rows = []
+        for slab in self.slabs:  # check every slab before changing any
+            kept = keep[slab.columns()].view(-1, slab.length).sum(1)
+            if bool(((kept != 0) & (kept != slab.length)).any()):
                 raise ValueError("a low-precision chunk can only be evicted as a whole")
-            if kept:
-                s.start = int(torch.searchsorted(idx, s.start))
-                segments.append(s)
-        dense_keep = keep[~self._is_low].nonzero().squeeze(1).to(self.keys.device)
+            kept_rows.append((kept == slab.length).nonzero().squeeze(1))
+        slabs = []
+        for slab, rows in zip(self.slabs, kept_rows):
+            if rows.numel() == 0:
+                continue
+            if rows.numel() != slab.starts.numel():
+                slab.take(rows, torch.searchsorted(idx, slab.starts[rows]))
+            else:
+                slab.starts, slab._cols = torch.searchsorted(idx, slab.starts), None
+            slabs.append(slab)
+        dense_keep = keep[self._bits == 0].nonzero().squeeze(1).to(self.keys.device)
         self.keys = self.keys.index_select(2, dense_keep)
         self.values = self.values.index_select(2, dense_keep)
-        self._is_low = self._is_low[idx]
-        self.segments = segments
+        self._bits = self._bits[idx]
+        self.slabs = slabs
+        self._dense_cols = None
         if self._recv is not None:
             dev_idx = idx.to(self._recv.device)
             n = self._recv.numel()
@@ -207,8 +166,8 @@ class MixedPrecisionLayer(EpisodeLayer):
     def batch_index(self, index: torch.Tensor) -> None:
         """Beam reordering / batch repeat / select: dense columns and every low-precision chunk."""
         super().batch_index(index)
-        for seg in self.segments:
-            seg.keys, seg.values = batch_rows(seg.keys, index), batch_rows(seg.values, index)
+        for slab in self.slabs:
+            slab.keys, slab.values = take_rows(slab.keys, 1, index), take_rows(slab.values, 1, index)
 
     def truncate(self, n: int) -> None:
         if self.keys is not None and self.held_tokens() > n:
@@ -223,42 +182,49 @@ class MixedPrecisionLayer(EpisodeLayer):
         """
         if end <= start:
             return 0
-        if bool(self._is_low[start:end].any()):
+        if bool((self._bits[start:end] > 0).any()):
             raise ValueError(f"columns [{start}, {end}) of layer {self.layer_idx} are already low-precision")
         before = self.nbytes()
         da, db = self._dense_index(start, end)
         k, v = self.keys[:, :, da:db], self.values[:, :, da:db]
-        seg = QuantSegment(
-            start=start,
-            length=end - start,
-            keys=quantize_keys(k, bits, balanced_group(end - start, group_size)),
-            values=quantize_values(v, bits, balanced_group(v.shape[-1], group_size)),
-        )
+        qk = quantize_keys(k, bits, balanced_group(end - start, group_size))
+        qv = quantize_values(v, bits, balanced_group(v.shape[-1], group_size))
+        lk, lv = lift(qk), lift(qv)
+        layout = slab_layout(lk, lv)
+        # a chunk whose codes end in a partial byte cannot be concatenated byte-wise: a slab of its own
+        slab = next((s for s in self.slabs if s.exact and slab_layout(s.keys, s.values) == layout), None)
+        if slab is not None:
+            slab.append(start, qk, qv)
+        else:
+            self.slabs.append(QuantSlab(torch.tensor([start]), lk, lv))
         self.keys = torch.cat([self.keys[:, :, :da], self.keys[:, :, db:]], dim=-2)
         self.values = torch.cat([self.values[:, :, :da], self.values[:, :, db:]], dim=-2)
-        self._is_low[start:end] = True
-        self.segments.append(seg)
-        self.segments.sort(key=lambda s: s.start)
+        self._bits[start:end] = bits
+        self._dense_cols = None
         return before - self.nbytes()
 
     def is_low_precision(self, start: int, end: int) -> bool:
         """Whether every column of ``[start, end)`` is stored at low precision."""
-        return end > start and bool(self._is_low[start:end].all())
+        return end > start and bool((self._bits[start:end] > 0).all())
 
     def stored_bits(self, start: int, end: int) -> int:
-        """Bit width columns ``[start, end)`` are stored at: 16 (model dtype) or a segment's bits.
+        """Bit width columns ``[start, end)`` are stored at: 16 (model dtype) or its chunk's bits.
 
-        The range is one chunk, so it lies either wholly in the dense part or in one segment.
+        The range is one chunk, so it lies either wholly in the dense part or in one chunk.
         """
-        if end <= start or self.keys is None or not bool(self._is_low[start:end].any()):
+        if end <= start or self.keys is None:
             return 16
-        for s in self.segments:
-            if s.start <= start < s.start + s.length:
-                return s.keys.bits
-        return 16
+        return int(self.chunk_bits(torch.tensor([start]))[0])
+
+    def chunk_bits(self, starts: torch.Tensor) -> torch.Tensor:
+        """Bit width of the chunks starting at logical columns ``starts`` (16: model dtype), one lookup."""
+        if starts.numel() == 0 or self.keys is None:
+            return torch.full((int(starts.numel()),), 16, dtype=torch.long)
+        bits = self._bits[starts].long()
+        return torch.where(bits > 0, bits, torch.full_like(bits, 16))
 
     def nbytes(self) -> int:
-        return super().nbytes() + sum(s.nbytes for s in self.segments)
+        return super().nbytes() + sum(s.nbytes for s in self.slabs)
 
     def reset(self) -> None:
         super().reset()

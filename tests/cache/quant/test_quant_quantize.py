@@ -162,18 +162,6 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
         assert ((got - want).abs() <= ulp).all()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("shape", [(1, 2, 16, 8), (1, 1, 3, 5)])  # the second leaves partial bytes
-def test_dequantize_many_equals_stacked_dequantize(bits: int, shape: tuple[int, ...]) -> None:
-    from kv_vla.cache.quant.quantize import dequantize_many
-
-    g = torch.Generator().manual_seed(bits)
-    qs = [quantize_keys(torch.randn(shape, generator=g), bits, 4) for _ in range(3)]
-    assert torch.equal(dequantize_many(qs), torch.stack([dequantize(q) for q in qs]))
-    with pytest.raises(ValueError):
-        dequantize_many([qs[0], quantize_keys(torch.randn(1, 1, 8, 8), bits, 4)])
-
-
 def test_values_beyond_float16_range_fall_back_to_float32_scales() -> None:
     x = torch.randn(1, 1, 16, 8, generator=torch.Generator().manual_seed(9)) * 1e5
     q = quantize_keys(x, 4, 16)

@@ -132,3 +132,79 @@ def test_adopt_keeps_data_and_attention_scores_are_normalised():
     assert torch.allclose(scores[33:], torch.tensor([4 / 3, 2.0, 4.0]) / 36)
     mixed.reset_attention()
     assert mixed.normalized_scores() is None
+
+
+def _reference(
+    k: torch.Tensor, v: torch.Tensor, low: dict[int, int], chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k``/``v`` with the chunks in ``low`` (start column -> bits) replaced by their round trip."""
+    rk, rv = k.clone(), v.clone()
+    for a, bits in low.items():
+        sl = slice(a, a + chunk)
+        rk[:, :, sl] = dequantize(quantize_keys(k[:, :, sl], bits, chunk))
+        rv[:, :, sl] = dequantize(quantize_values(v[:, :, sl], bits, 32))
+    return rk, rv
+
+
+def test_chunks_of_one_layout_share_one_slab_through_eviction():
+    cache = _cache()
+    k, v = _fill(cache, 8, torch.float32, seed=5)
+    layer = cache.layers[0]
+    low = {c * CHUNK: 4 for c in (1, 2, 4, 6)}
+    for a in (4 * CHUNK, CHUNK, 6 * CHUNK, 2 * CHUNK):  # quantised out of position order
+        layer.quantize_columns(a, a + CHUNK, 4, 32)
+    assert len(layer.slabs) == 1 and layer.slabs[0].starts.numel() == 4  # one dequantisation per step
+    got_k, got_v = layer.columns(0, 8 * CHUNK)
+    ref_k, ref_v = _reference(k, v, low, CHUNK)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+    # Evict chunk 2 (low) and chunk 3 (dense): the slab keeps three chunks at their new columns.
+    keep = torch.cat([torch.arange(0, 2 * CHUNK), torch.arange(4 * CHUNK, 8 * CHUNK)])
+    layer.select(keep)
+    assert layer.slabs[0].starts.tolist() == [2 * CHUNK, CHUNK, 4 * CHUNK]  # order of quantisation
+    got_k, got_v = layer.columns(0, 6 * CHUNK)
+    assert torch.equal(got_k, ref_k[:, :, keep]) and torch.equal(got_v, ref_v[:, :, keep])
+    assert [s.start for s in layer.segments] == [CHUNK, 2 * CHUNK, 4 * CHUNK]
+    shape = (1, HEADS, CHUNK, DIM)
+    per_chunk = quantized_nbytes(shape, 4, CHUNK, KEY_AXIS) + quantized_nbytes(shape, 4, 32, VALUE_AXIS)
+    dense = 3 * CHUNK * 2 * HEADS * DIM * 4
+    assert layer.nbytes() == 3 * per_chunk + dense
+
+
+def test_a_refused_eviction_changes_nothing():
+    cache = _cache()
+    _fill(cache, 4, torch.float32, seed=6)
+    layer = cache.layers[0]
+    layer.quantize_columns(CHUNK, 2 * CHUNK, 8, 32)
+    layer.quantize_columns(2 * CHUNK, 3 * CHUNK, 8, 32)
+    before = [t.clone() for t in layer.columns(0, 4 * CHUNK)]
+    starts = layer.slabs[0].starts.clone()
+    with pytest.raises(ValueError, match="as a whole"):
+        layer.select(torch.cat([torch.arange(0, CHUNK), torch.arange(2 * CHUNK + 1, 4 * CHUNK)]))
+    assert torch.equal(layer.slabs[0].starts, starts) and layer.held_tokens() == 4 * CHUNK
+    after = layer.columns(0, 4 * CHUNK)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_chunks_ending_in_a_partial_byte_stay_exact(bits):
+    """A chunk of 15 codes (5 tokens, 1 head, 3 channels) ends in a partial byte: no byte-wise stacking."""
+    cache = _cache()
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(1, 1, 15, 3, generator=g)
+    v = torch.randn(1, 1, 15, 3, generator=g)
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    layer.quantize_columns(0, 5, bits, 5)
+    layer.quantize_columns(10, 15, bits, 5)
+    assert len(layer.slabs) == 2  # one slab each
+    ref_k, ref_v = k.clone(), v.clone()
+    for a in (0, 10):
+        ref_k[:, :, a : a + 5] = dequantize(quantize_keys(k[:, :, a : a + 5], bits, 5))
+        ref_v[:, :, a : a + 5] = dequantize(quantize_values(v[:, :, a : a + 5], bits, 3))
+    got = layer.columns(0, 15)
+    assert torch.equal(got[0], ref_k) and torch.equal(got[1], ref_v)
+    layer.batch_index(torch.tensor([0, 0, 0]))  # batch repeat repacks the shared bytes
+    got = layer.columns(0, 15)
+    assert torch.equal(got[0], ref_k.expand(3, -1, -1, -1)) and torch.equal(
+        got[1], ref_v.expand(3, -1, -1, -1)
+    )
