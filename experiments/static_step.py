@@ -35,9 +35,12 @@ VARIANTS = {
 }
 
 
-def _runtime(model_dir: str, storage: str, compiled: bool, max_tokens: int) -> EpisodeRuntime:
+def _runtime(
+    model_dir: str, storage: str, compiled: bool, max_tokens: int, policy: str = "gated", **options: object
+) -> EpisodeRuntime:
+    """The shipped model and gate with ``policy`` (2 recent chunks of 8 tokens) over ``storage``."""
     cfg = EpisodeCacheConfig(
-        policy="gated", chunk_size=8, recent_chunks=2, max_tokens=max_tokens, storage=storage
+        policy=policy, chunk_size=8, recent_chunks=2, max_tokens=max_tokens, storage=storage, **options
     )
     return EpisodeRuntime.from_pretrained(
         model_dir, cache_config=cfg, gate_path=Path(model_dir) / "gate.safetensors", compile=compiled

@@ -5,7 +5,13 @@ step" of an issue), measured side by side? Each variant runs in its own worker p
 versions of ``kv_vla`` can be imported), all on the same frames; the workers take turns every
 ``--block`` steps, so the machine's drift (this VM's speed moves ~30% between runs) falls on every
 variant alike. Prints and writes per-variant p50 and the ratio to the first variant, and whether
-the action bins agree (near ties excepted).
+the action bins agree (near ties excepted). ``--policy`` and ``--options`` choose the cache policy
+(default ``gated``), e.g. the 8-bit tier of ``gated_tiered`` at 480 tokens:
+
+    git worktree add /tmp/base 28e9086
+    OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/step_vs_checkout.py --policy gated_tiered \\
+        --options '{"low_bits": 8, "positions": "episode"}' --max-tokens 480 --steps 1000 \\
+        --variant base=/tmp/base:dynamic --variant this=.:dynamic --json docs/bench/tiered_step_vs_28e9086.json
 
     git worktree add /tmp/base f8c4ea9
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/step_vs_checkout.py \\
@@ -29,7 +35,9 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve()
 
 
-def _worker(model: str, storage: str, compiled: bool, max_tokens: int, steps: int) -> None:
+def _worker(
+    model: str, storage: str, compiled: bool, max_tokens: int, steps: int, policy: str, options: dict
+) -> None:
     """Step on command: reads ``a b`` lines, steps frames ``[a, b)``, answers a JSON line."""
     import torch
 
@@ -37,7 +45,7 @@ def _worker(model: str, storage: str, compiled: bool, max_tokens: int, steps: in
     from static_step import _runtime  # the same runtime the in-process bench builds
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rt = _runtime(model, storage, compiled, max_tokens)
+    rt = _runtime(model, storage, compiled, max_tokens, policy, **options)
     warm = getattr(rt, "warm_up", None)
     warmup_s = warm() if compiled and callable(warm) else 0.0
     frames = np.random.default_rng(0).integers(0, 256, (steps, 64, 64, 3), dtype=np.uint8)
@@ -73,12 +81,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--max-tokens", type=int, default=80)
     ap.add_argument("--block", type=int, default=25, help="steps each worker runs per turn")
+    ap.add_argument("--policy", default="gated", help="cache policy of every variant")
+    ap.add_argument("--options", default="{}", help="JSON object of further cache settings, e.g. low_bits")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+
     args = ap.parse_args()
+    options = json.loads(args.options)
     if args.worker:
         storage, compiled, max_tokens, steps = args.worker
-        _worker(args.model, storage, compiled == "1", int(max_tokens), int(steps))
+        _worker(args.model, storage, compiled == "1", int(max_tokens), int(steps), args.policy, options)
         return
     model = str(Path(args.model).resolve())
     workers = {}
@@ -88,7 +100,8 @@ def main() -> None:
         storage, _, flag = kind.partition("+")
         label = f"{name} {storage}{' compiled' if flag else ' eager'}"
         env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()))
-        cmd = [sys.executable, str(HERE), "--model", model, "--json", "-", "--variant", spec, "--worker"]
+        cmd = [sys.executable, str(HERE), "--model", model, "--json", "-", "--variant", spec]
+        cmd += ["--policy", args.policy, "--options", args.options, "--worker"]
         cmd += [storage, "1" if flag else "0", str(args.max_tokens), str(args.steps)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         ready = json.loads(proc.stdout.readline())
@@ -110,7 +123,8 @@ def main() -> None:
     base = statistics.median(r["ms"] for r in ref[10:])
     report = {
         "model": args.model,
-        "policy": "gated",
+        "policy": args.policy,
+        "options": options,
         "max_tokens": args.max_tokens,
         "steps": args.steps,
         "block": args.block,

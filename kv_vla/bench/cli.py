@@ -12,7 +12,9 @@ from kv_vla import settings
 # rclpy inside ``run``).
 NODE_BENCH = "kv_vla_node.bench"
 #: cache knobs ``kv-vla bench soak`` takes as flags (``kv_vla.settings`` names); ``--positions`` is a list
-SOAK_KNOBS = ("chunk_size", "recent_chunks", "sink_tokens", "max_tokens", "gate_threshold", "storage")
+#: the cache knobs of ``kv-vla eval`` but the policy and positions (soak takes lists of both) and the
+#: ``random`` policy's seed (soak's ``--seed`` seeds its frame stream)
+SOAK_KNOBS = tuple(n for n in settings.CACHE_SETTINGS if n not in ("policy", "positions", "seed"))
 FRAMES_BENCH = "kv_vla_node.bench_frames"
 
 
