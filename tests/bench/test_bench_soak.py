@@ -35,7 +35,17 @@ def test_bench_soak_reports_growth_and_bounded_positions(tmp_path):
     CompactVLA(CompactVLAConfig.tiny(pool=4, action_decoding="parallel")).save_pretrained(model)
     out = tmp_path / "soak.json"
     common = ["--model", str(model), "--no-progress", "--plot-steps", "30"]
-    argv = ["soak", "--json", str(out), "--steps", "30", "--policies", "window,full", "--max-steps-full", "12"]
+    argv = [
+        "soak",
+        "--json",
+        str(out),
+        "--steps",
+        "30",
+        "--policies",
+        "window,full",
+        "--max-steps-full",
+        "12",
+    ]
     assert _run([*argv, "--positions", "episode,cache", "--recent-chunks", "2", *common]) == 0
     runs = {(r["policy"], r["positions"]): r for r in json.loads(out.read_text())["runs"]}
     assert set(runs) == {(p, m) for p in ("window", "full") for m in ("episode", "cache")}
@@ -62,7 +72,9 @@ def test_bench_soak_runs_bounded_policies_compiled_over_static_storage(tmp_path,
     ``full`` stays eager on the dynamic storage, and each run says which step it took."""
     from kv_vla.cache.storage import compiled
 
-    monkeypatch.setattr(compiled, "AHEAD_OF_TIME_ON_CPU", False)  # torch.compile: the same wiring, faster to build
+    monkeypatch.setattr(
+        compiled, "AHEAD_OF_TIME_ON_CPU", False
+    )  # torch.compile: the same wiring, faster to build
     torch.manual_seed(0)
     model = tmp_path / "tiny-vla"
     CompactVLA(CompactVLAConfig.tiny(pool=4, action_decoding="parallel")).save_pretrained(model)
@@ -81,3 +93,31 @@ def test_bench_soak_runs_bounded_policies_compiled_over_static_storage(tmp_path,
         assert full["kv_bytes_max"] > window["kv_bytes_max"]
     # the first compiled run compiles its shapes; the second (same shapes) reuses them
     assert runs[("window", "episode")]["warmup_s"] > 2 * runs[("window", "cache")]["warmup_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_soak_passes_the_quantisation_knobs_to_the_cache(tmp_path):
+    """``--low-bits`` reaches the cache as in ``kv-vla eval``: fewer bits, fewer KV bytes held."""
+    torch.manual_seed(0)
+    model = tmp_path / "tiny-vla"
+    CompactVLA(CompactVLAConfig.tiny(pool=4, action_decoding="parallel")).save_pretrained(model)
+    held = {}
+    for bits in (8, 2):
+        out = tmp_path / f"soak{bits}.json"
+        argv = ["soak", "--json", str(out), "--steps", "20", "--policies", "zipvl", "--positions", "episode"]
+        argv += [
+            "--model",
+            str(model),
+            "--no-progress",
+            "--recent-chunks",
+            "1",
+            "--tau",
+            "0.1",
+            "--low-bits",
+            str(bits),
+        ]
+        assert _run(argv) == 0
+        report = json.loads(out.read_text())
+        assert report["config"]["cache_options"]["low_bits"] == bits
+        held[bits] = report["runs"][0]["kv_bytes_max"]
+    assert held[2] < held[8]
