@@ -200,6 +200,8 @@ class TieredGatedPolicy(_MixedPrecisionMixin, GatedPolicy):
             )
 
     def keep(self, candidates: list[Chunk], utilities: list[float], ctx: PolicyContext) -> list[bool]:
+        from kv_vla.cache.quant.store import quantize_chunk_in_layers
+
         cache = self._cache_or_raise()
         evict_below = float(self.gate_threshold)
         full_from = float(self.full_threshold)
@@ -209,8 +211,11 @@ class TieredGatedPolicy(_MixedPrecisionMixin, GatedPolicy):
         for i, (chunk, u, c) in enumerate(zip(candidates, utilities, cols)):
             keep.append(u >= evict_below)
             if evict_below <= u < full_from and 16 in bits[i]:
-                for layer in cache.layers:
-                    self._store_low(layer, chunk, c)
+                # the same chunk in every layer still at full precision: one quantisation for all
+                layers = [ly for ly, w in zip(cache.layers, bits[i]) if w == 16 and ly.keys is not None]
+                quantize_chunk_in_layers(
+                    layers, [c] * len(layers), int(self.low_bits), int(self.quant_group_size)
+                )
                 bits[i] = [ly.stored_bits(*c) for ly in cache.layers]
             self._mark(chunk, bits[i])
         return keep

@@ -67,6 +67,19 @@ class QuantizedTensor:
             n *= s
         return n
 
+    def clone(self) -> QuantizedTensor:
+        """A copy whose tensors own their memory (a view into a larger batch would keep it alive)."""
+        return QuantizedTensor(
+            self.data.clone(),
+            self.scale.clone(),
+            self.zero.clone(),
+            self.shape,
+            self.dtype,
+            self.bits,
+            self.group_size,
+            self.axis,
+        )
+
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """A copy on ``device`` (the codes are not touched)."""
         return QuantizedTensor(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kv_vla.cache.quant.quantize import quantize_keys, quantize_values
+from kv_vla.cache.quant.quantize import QuantizedTensor, _padded_numel, quantize_keys, quantize_values
 from kv_vla.cache.quant.ratio import visible_query_counts
 from kv_vla.cache.quant.slab import QuantSegment, QuantSlab, lift, slab_layout, take_rows
 from kv_vla.cache.storage.dynamic import EpisodeLayer
@@ -182,26 +182,43 @@ class MixedPrecisionLayer(EpisodeLayer):
         """
         if end <= start:
             return 0
-        if bool((self._bits[start:end] > 0).any()):
-            raise ValueError(f"columns [{start}, {end}) of layer {self.layer_idx} are already low-precision")
         before = self.nbytes()
-        da, db = self._dense_index(start, end)
-        k, v = self.keys[:, :, da:db], self.values[:, :, da:db]
+        k, v = self._dense_chunk(start, end)
         qk = quantize_keys(k, bits, balanced_group(end - start, group_size))
         qv = quantize_values(v, bits, balanced_group(v.shape[-1], group_size))
+        self._store_quantized(start, end, qk, qv, own=True)
+        return before - self.nbytes()
+
+    def _dense_chunk(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the full-precision columns ``[start, end)``; low-precision ones raise."""
+        if bool((self._bits[start:end] > 0).any()):
+            raise ValueError(f"columns [{start}, {end}) of layer {self.layer_idx} are already low-precision")
+        da, db = self._dense_index(start, end)
+        return self.keys[:, :, da:db], self.values[:, :, da:db]
+
+    def _store_quantized(
+        self, start: int, end: int, qk: QuantizedTensor, qv: QuantizedTensor, own: bool
+    ) -> None:
+        """Hold ``qk``/``qv`` for columns ``[start, end)`` in place of their dense columns.
+
+        ``own=False``: the codes are views into a larger batch (:func:`quantize_chunk_in_layers`); a
+        new slab copies them so that it does not keep the whole batch alive.
+        """
         lk, lv = lift(qk), lift(qv)
         layout = slab_layout(lk, lv)
         # a chunk whose codes end in a partial byte cannot be concatenated byte-wise: a slab of its own
         slab = next((s for s in self.slabs if s.exact and slab_layout(s.keys, s.values) == layout), None)
         if slab is not None:
-            slab.append(start, qk, qv)
+            slab.append(start, qk, qv)  # concatenates: a copy
         else:
+            if not own:
+                lk, lv = lk.clone(), lv.clone()
             self.slabs.append(QuantSlab(torch.tensor([start]), lk, lv))
+        da, db = self._dense_index(start, end)
         self.keys = torch.cat([self.keys[:, :, :da], self.keys[:, :, db:]], dim=-2)
         self.values = torch.cat([self.values[:, :, :da], self.values[:, :, db:]], dim=-2)
-        self._bits[start:end] = bits
+        self._bits[start:end] = qk.bits
         self._dense_cols = None
-        return before - self.nbytes()
 
     def is_low_precision(self, start: int, end: int) -> bool:
         """Whether every column of ``[start, end)`` is stored at low precision."""
@@ -260,3 +277,47 @@ class MixedPrecisionLayer(EpisodeLayer):
     def reset_attention(self) -> None:
         """Start a new probe window (after a decision)."""
         self._recv = self._vis = None
+
+
+def quantize_chunk_in_layers(
+    layers: list[MixedPrecisionLayer], cols: list[tuple[int, int]], bits: int, group_size: int
+) -> None:
+    """``layer.quantize_columns(*cols[i], bits, group_size)`` for every layer, in one quantisation.
+
+    The layers' chunks are stacked on a new leading axis and quantised together: groups never span
+    that axis, so every layer gets exactly the codes, scales and zero points it would get alone,
+    for two quantisations per step instead of two per layer. Layers whose chunks differ in shape,
+    dtype or device, and batches whose scales fall back to float32 (which is decided per tensor)
+    or whose layers would share a packed byte, are quantised one by one.
+    """
+    todo = [(ly, c) for ly, c in zip(layers, cols) if c[1] > c[0]]
+    if len(todo) < 2:
+        for ly, (a, b) in todo:
+            ly.quantize_columns(a, b, bits, group_size)
+        return
+    chunks = [ly._dense_chunk(a, b) for ly, (a, b) in todo]
+    k0, v0 = chunks[0]
+    same = all(
+        k.shape == k0.shape and v.shape == v0.shape and k.dtype == k0.dtype and k.device == k0.device
+        for k, v in chunks
+    )
+    if same:
+        n = len(todo)
+        kgroup, vgroup = balanced_group(k0.shape[-2], group_size), balanced_group(v0.shape[-1], group_size)
+        qk = quantize_keys(torch.stack([k for k, _ in chunks]), bits, kgroup)
+        qv = quantize_values(torch.stack([v for _, v in chunks]), bits, vgroup)
+        per_k = _padded_numel(qk.shape[1:], kgroup, qk.axis) * bits
+        per_v = _padded_numel(qv.shape[1:], vgroup, qv.axis) * bits
+        if qk.scale.dtype == torch.float16 == qv.scale.dtype and per_k % 8 == 0 and per_v % 8 == 0:
+            for i, (ly, (a, b)) in enumerate(todo):
+                ly._store_quantized(a, b, _entry(qk, i, n), _entry(qv, i, n), own=False)
+            return
+    for ly, (a, b) in todo:
+        ly.quantize_columns(a, b, bits, group_size)
+
+
+def _entry(q: QuantizedTensor, i: int, n: int) -> QuantizedTensor:
+    """Entry ``i`` of ``q``'s leading axis of ``n`` whole-byte entries, as views."""
+    return QuantizedTensor(
+        q.data.view(n, -1)[i], q.scale[i], q.zero[i], q.shape[1:], q.dtype, q.bits, q.group_size, q.axis
+    )

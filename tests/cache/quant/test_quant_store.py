@@ -208,3 +208,38 @@ def test_chunks_ending_in_a_partial_byte_stay_exact(bits):
     assert torch.equal(got[0], ref_k.expand(3, -1, -1, -1)) and torch.equal(
         got[1], ref_v.expand(3, -1, -1, -1)
     )
+
+
+def _layers_pair(n_layers: int, scale: list[float], seed: int) -> tuple[EpisodeCache, EpisodeCache]:
+    """Two caches holding the same 3 chunks per layer; layer ``i``'s values are scaled by ``scale[i]``."""
+    caches = (_cache(n_layers), _cache(n_layers))
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n_layers):
+        k = torch.randn(1, HEADS, 3 * CHUNK, DIM, generator=g) * scale[i]
+        v = torch.randn(1, HEADS, 3 * CHUNK, DIM, generator=g) * scale[i]
+        for c in caches:
+            c.update(k, v, i)
+    return caches
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("scale", [[1.0, 1.0, 1.0], [1.0, 1e5, 1.0]])  # 1e5: float32 scales in one layer
+def test_one_quantisation_for_all_layers_equals_one_per_layer(bits, scale):
+    from kv_vla.cache.quant.store import quantize_chunk_in_layers
+
+    batched, alone = _layers_pair(3, scale, seed=bits)
+    for a in (CHUNK, 0):  # the second chunk joins the first one's slab
+        quantize_chunk_in_layers(batched.layers, [(a, a + CHUNK)] * 3, bits, 32)
+        for layer in alone.layers:
+            layer.quantize_columns(a, a + CHUNK, bits, 32)
+        for s in (slab for layer in batched.layers for slab in layer.slabs):
+            # a slab owns its codes: no view into the batch keeps the other layers' codes alive
+            assert s.keys.data.untyped_storage().nbytes() == s.keys.data.numel()
+            assert s.values.scale.untyped_storage().nbytes() == s.values.scale.nbytes
+    for got, want in zip(batched.layers, alone.layers):
+        assert got.nbytes() == want.nbytes()
+        assert [s.start for s in got.segments] == [s.start for s in want.segments] == [0, CHUNK]
+        for x, y in zip(got.columns(0, 3 * CHUNK), want.columns(0, 3 * CHUNK)):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="already low-precision"):
+        quantize_chunk_in_layers(batched.layers, [(0, CHUNK)] * 3, bits, 32)
