@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from kv_vla.atomic import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_cells import compare  # the paired counts, shared with paired_cells.py
 
 #: screen cell -> (full's folder, label)
 CELLS = {
@@ -22,12 +26,6 @@ CELLS = {
     "reach288": ("reach", "long_cued_reach, 288 tokens"),
     "pick288": ("pick", "long_cued_pick, 288 tokens"),
 }
-
-
-def successes(path: Path) -> dict[int, bool]:
-    """Evaluation seed -> success, from one ``kv-vla eval`` folder."""
-    episodes = json.loads((path / "eval_info.json").read_text())["episodes"]
-    return {int(e["seed"]): bool(e["success"]) for e in episodes}
 
 
 def main() -> None:
@@ -41,18 +39,17 @@ def main() -> None:
     print("| cell | full | " + " | ".join(gates) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in gates) + " |")
     for cell, (full_dir, label) in CELLS.items():
-        full = successes(args.full / full_dir)
-        row = {"full": 100 * sum(full.values()) // len(full)}
+        row: dict = {}
         texts = []
         for gate in gates:
-            got = successes(args.screen / gate / cell)
-            if got.keys() != full.keys():  # the paired counts need the same episodes
-                raise SystemExit(f"{gate}/{cell}: other evaluation seeds than {args.full / full_dir}")
-            only_full = sum(full[s] and not got[s] for s in full)
-            only_gate = sum(got[s] and not full[s] for s in full)
-            pct = 100 * sum(got.values()) // len(got)
-            row[gate] = {"success_pct": pct, "only_full": only_full, "only_gated": only_gate}
-            texts.append(f"{pct} (-{only_full} / +{only_gate})")
+            c = compare(args.full / full_dir, args.screen / gate / cell)  # refuses other seeds
+            row["full"] = c["full_success_pct"]
+            row[gate] = {
+                "success_pct": c["success_pct"],
+                "only_full": c["only_full"],
+                "only_gated": c["only_cache"],
+            }
+            texts.append(f"{c['success_pct']} (-{c['only_full']} / +{c['only_cache']})")
         report[label] = row
         print(f"| {label} | {row['full']} | " + " | ".join(texts) + " |")
     if args.out:
