@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON report (written atomically)")
     args = parser.parse_args()
     gates = sorted(p.name for p in args.screen.iterdir() if (p / "late80" / "eval_info.json").exists())
+    if not gates:
+        raise SystemExit(f"{args.screen}: no NAME/late80/eval_info.json (one folder per gate)")
     report: dict[str, dict] = {}
     print("| cell | full | " + " | ".join(gates) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in gates) + " |")

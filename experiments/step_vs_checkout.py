@@ -8,10 +8,11 @@ variant alike. Prints and writes per-variant p50 and the ratio to the first vari
 the action bins agree (near ties excepted). ``--policy`` and ``--options`` choose the cache policy
 (default ``gated``), e.g. the 8-bit tier of ``gated_tiered`` at 480 tokens:
 
-    git worktree add /tmp/base 28e9086
+    git worktree add /tmp/base 28e9086 && git worktree add /tmp/slab ed74aae
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/step_vs_checkout.py --policy gated_tiered \\
         --options '{"low_bits": 8, "positions": "episode"}' --max-tokens 480 --steps 1000 \\
-        --variant base=/tmp/base:dynamic --variant this=.:dynamic --json docs/bench/tiered_step_vs_28e9086.json
+        --variant base=/tmp/base:dynamic --variant slab=/tmp/slab:dynamic --variant this=.:dynamic \\
+        --json docs/bench/tiered8_step_vs_28e9086.json
 
     git worktree add /tmp/base f8c4ea9
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/step_vs_checkout.py \\
@@ -85,7 +86,6 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="JSON object of further cache settings, e.g. low_bits")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-
     args = ap.parse_args()
     options = json.loads(args.options)
     if args.worker:

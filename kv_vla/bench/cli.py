@@ -11,9 +11,9 @@ from kv_vla import settings
 # The ROS layer's benchmark, named here only (the core never imports kv_vla_node; its module keeps
 # rclpy inside ``run``).
 NODE_BENCH = "kv_vla_node.bench"
-#: cache knobs ``kv-vla bench soak`` takes as flags (``kv_vla.settings`` names); ``--positions`` is a list
-#: the cache knobs of ``kv-vla eval`` but the policy and positions (soak takes lists of both) and the
-#: ``random`` policy's seed (soak's ``--seed`` seeds its frame stream)
+#: cache knobs ``kv-vla bench soak`` takes as flags (``kv_vla.settings`` names): those of ``kv-vla eval``
+#: but the policy and positions (soak takes lists of both) and the ``random`` policy's seed (soak's
+#: ``--seed`` seeds its frame stream)
 SOAK_KNOBS = tuple(n for n in settings.CACHE_SETTINGS if n not in ("policy", "positions", "seed"))
 FRAMES_BENCH = "kv_vla_node.bench_frames"
 

@@ -73,9 +73,13 @@ class _MixedPrecisionMixin:
         return [tuple(ab) for ab in torch.searchsorted(positions, bounds).tolist()]
 
     @staticmethod
-    def _chunk_bits(layers: list[Any], cols: list[tuple[int, int]]) -> list[list[int]]:
+    def _starts(cols: list[tuple[int, int]]) -> torch.Tensor:
+        """The first column of each chunk range, for ``layer.chunk_bits``."""
+        return torch.tensor([a for a, _ in cols], dtype=torch.long)
+
+    def _chunk_bits(self, layers: list[Any], cols: list[tuple[int, int]]) -> list[list[int]]:
         """``[chunk][layer]`` bit widths of the chunks at ``cols`` (16: full precision)."""
-        starts = torch.tensor([a for a, _ in cols], dtype=torch.long)
+        starts = self._starts(cols)
         return torch.stack([layer.chunk_bits(starts) for layer in layers], dim=1).tolist()
 
     def _store_low(self, layer: Any, chunk: Chunk, cols: tuple[int, int]) -> bool:
@@ -159,16 +163,17 @@ class ZipVLPolicy(_MixedPrecisionMixin, ChunkPolicy):
         n_tokens = max(1.0, float(lengths.sum()))
         bits_per_chunk = [[16] * len(cache.layers) for _ in candidates]
         ratios, full_fractions = [], []
+        starts = self._starts(cols)
         for li, layer in enumerate(cache.layers):
             mass = self._layer_chunk_mass(layer, cols)
-            is_low = layer.chunk_bits(torch.tensor([a for a, _ in cols], dtype=torch.long)) != 16
+            is_low = layer.chunk_bits(starts) != 16
             if mass is None or float(mass.sum()) <= 0:
                 ratios.append(1.0)  # no evidence in this window: change nothing
             else:
                 ratios.append(float(lengths[select_important(mass, tau).indices].sum()) / n_tokens)
                 for i in demote_within_allowance(mass, is_low, tau).tolist():
                     self._store_low(layer, candidates[i], cols[i])
-            layer_bits = layer.chunk_bits(torch.tensor([a for a, _ in cols], dtype=torch.long))
+            layer_bits = layer.chunk_bits(starts)  # after this layer's demotions
             for i, bits in enumerate(layer_bits.tolist()):
                 bits_per_chunk[i][li] = bits
             full = layer_bits == 16

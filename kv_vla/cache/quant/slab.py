@@ -30,6 +30,12 @@ class QuantSegment:
         return self.keys.nbytes + self.values.nbytes
 
 
+def entries_fill_bytes(q: QuantizedTensor, entries: int) -> bool:
+    """Whether each of ``entries`` equal parts of ``q``'s codes (its leading axes) packs into whole
+    bytes, so that parts can be selected or concatenated byte-wise without repacking."""
+    return _padded_numel(q.shape, q.group_size, q.axis) // entries * q.bits % 8 == 0
+
+
 def take_rows(q: QuantizedTensor, dim: int, index: torch.Tensor) -> QuantizedTensor:
     """``q`` with only entries ``index`` (in that order) of its leading axis ``dim`` (0 or 1).
 
@@ -41,11 +47,11 @@ def take_rows(q: QuantizedTensor, dim: int, index: torch.Tensor) -> QuantizedTen
     for s in q.shape[:dim]:
         lead *= s
     entries = lead * q.shape[dim]
-    codes_per_entry = _padded_numel(q.shape, q.group_size, q.axis) // entries
-    if codes_per_entry * q.bits % 8 == 0 and q.data.numel() * 8 == codes_per_entry * entries * q.bits:
+    n_codes = _padded_numel(q.shape, q.group_size, q.axis)
+    if entries_fill_bytes(q, entries) and q.data.numel() * 8 == n_codes * q.bits:
         rows = q.data.view(lead, q.shape[dim], -1).index_select(1, idx).reshape(-1)  # whole bytes
     else:  # entries share packed bytes: unpack, select, repack
-        codes = unpack_codes(q.data, q.bits, codes_per_entry * entries).view(lead, q.shape[dim], -1)
+        codes = unpack_codes(q.data, q.bits, n_codes).view(lead, q.shape[dim], -1)
         rows = pack_codes(codes.index_select(1, idx).reshape(-1), q.bits, check=False)
     shape = list(q.shape)
     shape[dim] = int(idx.numel())
@@ -111,9 +117,8 @@ class QuantSlab:
     @property
     def exact(self) -> bool:
         """Whether each chunk's codes fill whole bytes (then chunks can be appended byte-wise)."""
-        per = _padded_numel(self.keys.shape[1:], self.keys.group_size, self.keys.axis)
-        per_v = _padded_numel(self.values.shape[1:], self.values.group_size, self.values.axis)
-        return per * self.keys.bits % 8 == 0 and per_v * self.values.bits % 8 == 0
+        n = int(self.starts.numel())
+        return entries_fill_bytes(self.keys, n) and entries_fill_bytes(self.values, n)
 
     @property
     def nbytes(self) -> int:
@@ -134,8 +139,9 @@ class QuantSlab:
         self._cols = None
 
     def take(self, rows: torch.Tensor, starts: torch.Tensor) -> None:
-        """Keep chunks ``rows`` (ascending) and give them new logical ``starts``."""
-        self.keys, self.values = take_rows(self.keys, 0, rows), take_rows(self.values, 0, rows)
+        """Keep chunks ``rows`` (ascending) and give them new logical ``starts`` (no copy if all stay)."""
+        if rows.numel() != self.starts.numel():
+            self.keys, self.values = take_rows(self.keys, 0, rows), take_rows(self.values, 0, rows)
         self.starts = starts
         self._cols = None
 
@@ -157,16 +163,25 @@ class QuantSlab:
                 QuantSegment(
                     int(self.starts[i]),
                     self.length,
-                    _drop_lead(take_rows(self.keys, 0, row)),
-                    _drop_lead(take_rows(self.values, 0, row)),
+                    entry(take_rows(self.keys, 0, row), 0),
+                    entry(take_rows(self.values, 0, row), 0),
                 )
             )
         return out
 
 
-def _drop_lead(q: QuantizedTensor) -> QuantizedTensor:
+def entry(q: QuantizedTensor, i: int) -> QuantizedTensor:
+    """Entry ``i`` of ``q``'s leading axis as views (the inverse of :func:`lift`); its entries must fill
+    whole bytes, as one entry always does."""
     return QuantizedTensor(
-        q.data, q.scale.squeeze(0), q.zero.squeeze(0), q.shape[1:], q.dtype, q.bits, q.group_size, q.axis
+        q.data.view(q.shape[0], -1)[i],
+        q.scale[i],
+        q.zero[i],
+        q.shape[1:],
+        q.dtype,
+        q.bits,
+        q.group_size,
+        q.axis,
     )
 
 

@@ -20,9 +20,17 @@ from __future__ import annotations
 
 import torch
 
-from kv_vla.cache.quant.quantize import QuantizedTensor, _padded_numel, quantize_keys, quantize_values
+from kv_vla.cache.quant.quantize import QuantizedTensor, quantize_keys, quantize_values
 from kv_vla.cache.quant.ratio import visible_query_counts
-from kv_vla.cache.quant.slab import QuantSegment, QuantSlab, lift, slab_layout, take_rows
+from kv_vla.cache.quant.slab import (
+    QuantSegment,
+    QuantSlab,
+    entries_fill_bytes,
+    entry,
+    lift,
+    slab_layout,
+    take_rows,
+)
 from kv_vla.cache.storage.dynamic import EpisodeLayer
 
 
@@ -34,6 +42,17 @@ def balanced_group(n: int, group_size: int) -> int:
     """
     groups = -(-n // group_size)
     return -(-n // groups)
+
+
+def quantize_chunk(
+    k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int
+) -> tuple[QuantizedTensor, QuantizedTensor]:
+    """A chunk's keys (per channel) and values (per token) at ``bits``, groups balanced by
+    :func:`balanced_group`; leading axes (batch, heads, or a stack of layers) never share a group."""
+    return (
+        quantize_keys(k, bits, balanced_group(k.shape[-2], group_size)),
+        quantize_values(v, bits, balanced_group(v.shape[-1], group_size)),
+    )
 
 
 class MixedPrecisionLayer(EpisodeLayer):
@@ -145,10 +164,7 @@ class MixedPrecisionLayer(EpisodeLayer):
         for slab, rows in zip(self.slabs, kept_rows):
             if rows.numel() == 0:
                 continue
-            if rows.numel() != slab.starts.numel():
-                slab.take(rows, torch.searchsorted(idx, slab.starts[rows]))
-            else:
-                slab.starts, slab._cols = torch.searchsorted(idx, slab.starts), None
+            slab.take(rows, torch.searchsorted(idx, slab.starts[rows]))
             slabs.append(slab)
         dense_keep = keep[self._bits == 0].nonzero().squeeze(1).to(self.keys.device)
         self.keys = self.keys.index_select(2, dense_keep)
@@ -183,9 +199,7 @@ class MixedPrecisionLayer(EpisodeLayer):
         if end <= start:
             return 0
         before = self.nbytes()
-        k, v = self._dense_chunk(start, end)
-        qk = quantize_keys(k, bits, balanced_group(end - start, group_size))
-        qv = quantize_values(v, bits, balanced_group(v.shape[-1], group_size))
+        qk, qv = quantize_chunk(*self._dense_chunk(start, end), bits, group_size)
         self._store_quantized(start, end, qk, qv, own=True)
         return before - self.nbytes()
 
@@ -303,21 +317,13 @@ def quantize_chunk_in_layers(
     )
     if same:
         n = len(todo)
-        kgroup, vgroup = balanced_group(k0.shape[-2], group_size), balanced_group(v0.shape[-1], group_size)
-        qk = quantize_keys(torch.stack([k for k, _ in chunks]), bits, kgroup)
-        qv = quantize_values(torch.stack([v for _, v in chunks]), bits, vgroup)
-        per_k = _padded_numel(qk.shape[1:], kgroup, qk.axis) * bits
-        per_v = _padded_numel(qv.shape[1:], vgroup, qv.axis) * bits
-        if qk.scale.dtype == torch.float16 == qv.scale.dtype and per_k % 8 == 0 and per_v % 8 == 0:
+        qk, qv = quantize_chunk(
+            torch.stack([k for k, _ in chunks]), torch.stack([v for _, v in chunks]), bits, group_size
+        )
+        fills = entries_fill_bytes(qk, n) and entries_fill_bytes(qv, n)
+        if qk.scale.dtype == torch.float16 == qv.scale.dtype and fills:
             for i, (ly, (a, b)) in enumerate(todo):
-                ly._store_quantized(a, b, _entry(qk, i, n), _entry(qv, i, n), own=False)
+                ly._store_quantized(a, b, entry(qk, i), entry(qv, i), own=False)
             return
     for ly, (a, b) in todo:
         ly.quantize_columns(a, b, bits, group_size)
-
-
-def _entry(q: QuantizedTensor, i: int, n: int) -> QuantizedTensor:
-    """Entry ``i`` of ``q``'s leading axis of ``n`` whole-byte entries, as views."""
-    return QuantizedTensor(
-        q.data.view(n, -1)[i], q.scale[i], q.zero[i], q.shape[1:], q.dtype, q.bits, q.group_size, q.axis
-    )
