@@ -21,6 +21,7 @@ Per-step token layout (what one chunk of the default size holds)::
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from kv_vla import settings
+from kv_vla.cache.positions import PositionRangeWarning, position_limit, position_range_note
 from kv_vla.model.action_tokenizer import action_stats, unnormalize_actions
 from kv_vla.model.base import VLABackbone
 from kv_vla.model.image import validate_image
@@ -47,6 +49,8 @@ class StepResult:
         action_token_ids: int64 ``[action_dim]`` vocabulary ids that were decoded.
         normalized_action: float32 ``[action_dim]`` bin centres in ``[-1, 1]`` before un-normalisation.
         step_index: 0-based index of this step in the episode.
+        max_position_id: the largest position id the model has seen this episode (with the
+            backbone's own offset): compare it with ``max_position_embeddings``.
     """
 
     action: np.ndarray
@@ -55,6 +59,7 @@ class StepResult:
     action_token_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     normalized_action: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     step_index: int = 0
+    max_position_id: int = -1
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -146,6 +151,10 @@ class EpisodeRuntime:
         self.last_action_logits: torch.Tensor | None = None
         self._act_begin = tok.action_token_begin_idx
         self._act_end = tok.vocab_size
+        #: warn (PositionRangeWarning) once per episode when positions pass max_position_embeddings;
+        #: the ROS node turns this off and reports it through its logger and diagnostics instead
+        self.warn_positions = True
+        self.position_note: str | None = None  # why this episode's positions are out of range
         self.compile = False
         self._decoder: Any = None  # CompiledDecoder when compiled
         self._embed_image = model.embed_image
@@ -404,6 +413,7 @@ class EpisodeRuntime:
         self._step_text = step_text
         self.instruction = instruction
         self.step_index = 0
+        self.position_note = None
         self.last_action_logits = None
         self._broken = None
 
@@ -474,16 +484,35 @@ class EpisodeRuntime:
             cache=(t4 - t3) * 1e3,
             total=(time.perf_counter() - t0) * 1e3,
         )
+        stats = self.cache.stats()
+        max_position_id = int(self.model.position_offset + getattr(stats, "max_position", -1))
         res = StepResult(
             action=action,
             timings_ms=timings,
-            cache_stats=self.cache.stats(),
+            cache_stats=stats,
             action_token_ids=ids.numpy(),
             normalized_action=normalized,
             step_index=self.step_index,
+            max_position_id=max_position_id,
         )
         self.step_index += 1
+        if self.position_note is None:
+            self._check_position_range(max_position_id)
         return res
+
+    @property
+    def position_limit(self) -> int | None:
+        """The language model's ``max_position_embeddings`` (None where its config states none)."""
+        return position_limit(self.model.language_model.config)
+
+    def _check_position_range(self, max_position_id: int) -> None:
+        """Note (and warn, once per episode) when positions leave the range the model was trained on."""
+        note = position_range_note(max_position_id, self.position_limit, str(self.requested_config.positions))
+        if note is None:
+            return
+        self.position_note = note
+        if self.warn_positions:
+            warnings.warn(note, PositionRangeWarning, stacklevel=4)  # the caller of step()
 
     def _action_queries(self) -> torch.Tensor | None:
         """The backbone's parallel-decoding slot embeddings, or None for autoregressive decoding."""

@@ -69,14 +69,24 @@ def status_values(
     counters: Counters,
     last_refusal: str,
     last_error: str,
+    max_position_id: int = -1,
+    max_position_embeddings: int | None = None,
+    position_note: str = "",
 ) -> dict[str, str]:
-    """The key/values of the diagnostics status (strings, as DiagnosticStatus carries them)."""
+    """The key/values of the diagnostics status (strings, as DiagnosticStatus carries them).
+
+    ``max_position_embeddings`` is ``-1`` where the model's config states none; ``position_note``
+    says why this episode's positions are out of that range (empty while inside it).
+    """
     out: dict[str, str] = {
         "episode": str(episode),
         "episode_step": str(episode_step),
         "instruction": instruction or "",
         "kv_bytes": str(int(getattr(stats, "kv_bytes", 0) or 0)),
         "peak_kv_bytes": str(peak_kv_bytes),
+        "max_position_id": str(max_position_id),
+        "max_position_embeddings": str(-1 if max_position_embeddings is None else max_position_embeddings),
+        "position_note": position_note,
     }
     for key in STATS_KEYS:
         out[key] = str(int(getattr(stats, key, 0) or 0))
@@ -101,13 +111,19 @@ def status_values(
 def status_level(
     values: dict[str, str], episode: int, episode_step: int, error_in_this_episode: bool
 ) -> tuple[bytes, str]:
-    """(level, message): ERROR for a fault in this episode, WARN once recovered, else OK."""
+    """(level, message): ERROR for a fault in this episode, WARN once recovered or while positions
+    are out of the model's range, else OK."""
     if values["last_error"] and error_in_this_episode:
         return DiagnosticStatus.ERROR, values["last_error"][:200]
     if values["last_error"]:
         return (
             DiagnosticStatus.WARN,
             f"episode {episode} step {episode_step}; recovered from: {values['last_error'][:150]}",
+        )
+    if values.get("position_note"):
+        return (
+            DiagnosticStatus.WARN,
+            f"episode {episode} step {episode_step}; {values['position_note'][:150]}",
         )
     if not values["instruction"]:
         return DiagnosticStatus.OK, "idle: waiting for an instruction"

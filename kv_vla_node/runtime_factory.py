@@ -69,6 +69,7 @@ def build_runtime(settings: RuntimeSettings) -> Any:
         gate_path=gate_path,
         trust_remote_code=settings.trust_remote_code,
     )
+    runtime.warn_positions = False  # the node reports out-of-range positions itself (logger, /diagnostics)
     # Every field, so the node's values replace the runtime's defaults (validated, ValueError if not).
     runtime.update_cache_config(**cache_kwargs(settings.cache))
     if settings.compile:

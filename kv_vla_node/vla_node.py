@@ -148,6 +148,8 @@ class VLANode(LifecycleNode):
         self._peak_kv_bytes = 0
         self._last_timings: dict[str, float] = {}
         self._last_stats: Any = None
+        self._max_position_id = -1
+        self._position_note = ""  # why this episode's positions left the model's range ("" inside it)
         self._last_action: np.ndarray | None = None
         self._holding = False
         self._next_step_t = 0.0
@@ -587,6 +589,11 @@ class VLANode(LifecycleNode):
         self._last_timings = dict(result.timings_ms or {})
         self._last_stats = result.cache_stats
         self._peak_kv_bytes = max(self._peak_kv_bytes, int(getattr(result.cache_stats, "kv_bytes", 0) or 0))
+        self._max_position_id = max(self._max_position_id, int(getattr(result, "max_position_id", -1)))
+        note = getattr(self._runtime, "position_note", None)
+        if note and not self._position_note:
+            self._position_note = note
+            self.get_logger().warning(f"episode {self._episode} step {self._episode_step}: {note}")
         with self._lock:
             self._counters.steps_total += 1
             if not dry_run:
@@ -618,6 +625,9 @@ class VLANode(LifecycleNode):
             instruction=self._instruction,
             stats=self._last_stats,
             peak_kv_bytes=self._peak_kv_bytes,
+            max_position_id=self._max_position_id,
+            max_position_embeddings=getattr(self._runtime, "position_limit", None),
+            position_note=self._position_note,
             timings=self._last_timings,
             active_cache=self._active_cache,
             cache_config=getattr(self._runtime, "cache_config", None),

@@ -66,3 +66,58 @@ def test_without_eviction_both_modes_give_the_same_actions(model):
     for (r1, l1), (r2, l2) in zip(ep, ca):
         assert torch.equal(l1, l2)  # nothing evicted: the same kernels on the same tensors
         assert np.array_equal(r1.action_token_ids, r2.action_token_ids)
+
+
+def test_step_result_reports_the_largest_position_the_model_saw(model):
+    cfg = EpisodeCacheConfig(policy="window", chunk_size=STEP, recent_chunks=2, max_tokens=None)
+    rt = EpisodeRuntime(model, cache_config=cfg)
+    seen: list[int] = []
+
+    def hook(module, args, kwargs):
+        seen.append(int(kwargs["position_ids"].max()))
+
+    handle = model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        rt.reset(INSTR)
+        for f in _frames(5):
+            assert rt.step(f).max_position_id == max(seen)
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def short_range_model() -> CompactVLA:
+    """A model whose ``max_position_embeddings`` an episode passes within a few steps."""
+    torch.manual_seed(0)
+    return CompactVLA(CompactVLAConfig.tiny(max_position_embeddings=128)).eval()
+
+
+def test_episode_positions_past_the_model_range_warn_once_per_episode(short_range_model):
+    from kv_vla.cache.positions import PositionRangeWarning
+
+    cfg = EpisodeCacheConfig(policy="window", chunk_size=STEP, recent_chunks=2, max_tokens=None)
+    rt = EpisodeRuntime(short_range_model, cache_config=cfg)
+    assert rt.position_limit == 128
+    for _ in range(2):  # the note is per episode: a new episode warns again
+        rt.reset(INSTR)
+        with pytest.warns(PositionRangeWarning, match="max_position_embeddings 128") as caught:
+            results = [rt.step(f) for f in _frames(10)]
+        assert len([w for w in caught if w.category is PositionRangeWarning]) == 1
+        first_out = next(r.step_index for r in results if r.max_position_id >= 128)
+        assert "positions:=cache" in rt.position_note and results[first_out - 1].max_position_id < 128
+
+
+def test_cache_positions_stay_in_range_and_do_not_warn(short_range_model):
+    import warnings
+
+    from kv_vla.cache.positions import PositionRangeWarning
+
+    cfg = EpisodeCacheConfig(
+        policy="window", chunk_size=STEP, recent_chunks=2, max_tokens=None, positions="cache"
+    )
+    rt = EpisodeRuntime(short_range_model, cache_config=cfg)
+    rt.reset(INSTR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PositionRangeWarning)
+        results = [rt.step(f) for f in _frames(10)]
+    assert max(r.max_position_id for r in results) < 128 and rt.position_note is None

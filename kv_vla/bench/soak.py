@@ -98,7 +98,6 @@ def run_one(runtime: Any, policy: str, positions: str, cfg: SoakConfig, progress
         warmup_s = runtime.warm_up(cfg.instruction)
     runtime.reset(cfg.instruction)
     frames = frame_stream(cfg)
-    offset = int(runtime.model.position_offset)
     # preallocated and written through (np.full touches every page) so the recording itself adds
     # nothing to RSS while the episode runs
     step_ms, cpu_ms, kv_bytes, max_pos = (np.full(steps, np.nan) for _ in range(4))
@@ -117,13 +116,12 @@ def run_one(runtime: Any, policy: str, positions: str, cfg: SoakConfig, progress
         stats = res.cache_stats
         step_ms[t] = res.timings_ms["total"]
         kv_bytes[t] = stats.kv_bytes
-        max_pos[t] = offset + stats.max_position
+        max_pos[t] = res.max_position_id
         if k < len(rss_steps) and rss_steps[k] == t:
             rss[k] = rss_mib()
             k += 1
     window = min(WINDOW, steps)
     after = [(s, float(r)) for s, r in zip(rss_steps, rss) if s >= min(cfg.warmup, steps // 2)]
-    lm_cfg = runtime.model.language_model.config
     first, last = float(np.median(step_ms[:window])), float(np.median(step_ms[-window:]))
     return {
         "policy": policy,
@@ -142,7 +140,7 @@ def run_one(runtime: Any, policy: str, positions: str, cfg: SoakConfig, progress
         "rss_mib_start": float(rss[0]),
         "rss_mib_end": float(rss[-1]),
         "max_position_id": int(max_pos.max()),
-        "max_position_embeddings": int(getattr(lm_cfg, "max_position_embeddings", -1)),
+        "max_position_embeddings": runtime.position_limit or -1,
         "kv_bytes_max": int(kv_bytes.max()),
         "kv_bytes_last": int(kv_bytes[-1]),
         "kept_chunk_records": len(runtime.cache.chunks),

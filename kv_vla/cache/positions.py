@@ -49,6 +49,35 @@ def check_mode(mode: Any) -> str:
     return mode
 
 
+class PositionRangeWarning(UserWarning):
+    """An episode's position ids reached the model's ``max_position_embeddings``.
+
+    RoPE still computes such positions, but the model was never trained on them; it happens in
+    ``episode`` positions after about ``max_position_embeddings / tokens_per_step`` control steps.
+    """
+
+
+def position_limit(cfg: Any) -> int | None:
+    """The decoder's ``max_position_embeddings`` (None where its config states none)."""
+    limit = getattr(cfg, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def position_range_note(max_position_id: int, limit: int | None, mode: str) -> str | None:
+    """Why the largest position id so far lies outside the model's range, or None while inside it."""
+    if limit is None or max_position_id < limit:
+        return None
+    fix = (
+        "positions:=cache keeps them below pinned + budget + one step"
+        if mode == "episode"
+        else "lower max_tokens so that pinned + budget + one step fits"
+    )
+    return (
+        f"position id {max_position_id} reached the model's max_position_embeddings {limit} "
+        f"({mode} positions): the model was not trained on such positions; {fix}"
+    )
+
+
 def _rope_parameters(cfg: Any) -> dict | None:
     params = getattr(cfg, "rope_parameters", None)
     if isinstance(params, dict) and params:

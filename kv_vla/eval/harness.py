@@ -77,6 +77,7 @@ def run_episode(env: TabletopEnv, agent: Agent, seed: int, record_actions: bool 
     margins: list[float] = []
     rewards: list[float] = []
     peak_kv: int | None = None
+    max_position: int | None = None
     success = failure = False
     steps = 0
     for _ in range(info["max_steps"]):
@@ -87,6 +88,9 @@ def run_episode(env: TabletopEnv, agent: Agent, seed: int, record_actions: bool 
         if stats is not None:
             kv = int(stats.kv_bytes)
             peak_kv = kv if peak_kv is None else max(peak_kv, kv)
+        position = getattr(res, "max_position_id", None)
+        if position is not None:
+            max_position = int(position) if max_position is None else max(max_position, int(position))
         action = np.asarray(res.action, dtype=np.float32)[:4]
         if record_actions:
             actions.append(action.tolist())
@@ -112,6 +116,7 @@ def run_episode(env: TabletopEnv, agent: Agent, seed: int, record_actions: bool 
         "step_ms_p50": float(np.percentile(step_ms, 50)),
         "step_ms_p95": float(np.percentile(step_ms, 95)),
         "peak_kv_bytes": peak_kv,
+        "max_position_id": max_position,
         "eval_s": time.perf_counter() - t_start,
         "_step_ms": step_ms,
     }

@@ -97,3 +97,27 @@ def test_bad_configuration_fails_the_configure_transition_with_the_reason(
         node.destroy_node()
     finally:
         rclpy.try_shutdown(context=ctx)
+
+
+def test_positions_past_the_model_range_are_reported_once_per_episode(tmp_path, monkeypatch):
+    """``episode`` positions outgrow a model whose ``max_position_embeddings`` is 64 within a few
+    steps: the node says so on /diagnostics (and warns in its log) instead of running on silently."""
+    monkeypatch.setenv("ROS_LOG_DIR", str(tmp_path / "ros_log"))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    model = save_random_model(tmp_path / "tiny-vla", max_position_embeddings=64)
+    rng = np.random.default_rng(0)
+    with in_process_node(free_domain_id(), {"model_path": str(model), "step_mode": "event"}) as (
+        _node,
+        client,
+    ):
+        client.publish_instruction("touch the green cube")
+        assert client.wait_diag(lambda d: d["episode"] == "1")
+        for _ in range(12):
+            assert client.exchange(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) is not None
+        diag = client.wait_diag(lambda d: d["episode_step"] == "12")
+        assert diag["max_position_embeddings"] == "64" and int(diag["max_position_id"]) >= 64
+        assert "reached the model's max_position_embeddings 64" in diag["position_note"]
+        assert "positions:=cache" in diag["position_note"]
+        client.publish_instruction("touch the red cube")  # a new episode starts inside the range
+        fresh = client.wait_diag(lambda d: d["episode"] == "2")
+        assert fresh["position_note"] == "" and int(fresh["max_position_id"]) < 64
