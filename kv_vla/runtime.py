@@ -485,7 +485,7 @@ class EpisodeRuntime:
             total=(time.perf_counter() - t0) * 1e3,
         )
         stats = self.cache.stats()
-        max_position_id = int(self.model.position_offset + getattr(stats, "max_position", -1))
+        max_position_id = int(self.model.position_offset + stats.max_position)  # a running max
         res = StepResult(
             action=action,
             timings_ms=timings,

@@ -589,7 +589,7 @@ class VLANode(LifecycleNode):
         self._last_timings = dict(result.timings_ms or {})
         self._last_stats = result.cache_stats
         self._peak_kv_bytes = max(self._peak_kv_bytes, int(getattr(result.cache_stats, "kv_bytes", 0) or 0))
-        self._max_position_id = max(self._max_position_id, int(getattr(result, "max_position_id", -1)))
+        self._max_position_id = int(getattr(result, "max_position_id", -1))  # the episode's running max
         note = getattr(self._runtime, "position_note", None)
         if note and not self._position_note:
             self._position_note = note

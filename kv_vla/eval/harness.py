@@ -88,9 +88,7 @@ def run_episode(env: TabletopEnv, agent: Agent, seed: int, record_actions: bool 
         if stats is not None:
             kv = int(stats.kv_bytes)
             peak_kv = kv if peak_kv is None else max(peak_kv, kv)
-        position = getattr(res, "max_position_id", None)
-        if position is not None:
-            max_position = int(position) if max_position is None else max(max_position, int(position))
+        max_position = getattr(res, "max_position_id", None)  # the episode's running max (None: no cache)
         action = np.asarray(res.action, dtype=np.float32)[:4]
         if record_actions:
             actions.append(action.tolist())
